@@ -1,0 +1,1 @@
+"""Model export, checks and Triton repository generation for samserve."""

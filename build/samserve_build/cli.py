@@ -1,0 +1,114 @@
+"""``samserve-build``: export SAM to ONNX, write seeded random checkpoints, render the Triton repository.
+
+    samserve-build export --variant vit_b --checkpoint sam_vit_b_01ec64.pth --out models/vit_b
+    samserve-build export --variant tiny --random-weights --seed 0 --out models/tiny
+    samserve-build repository --model models/vit_b --out repository
+    samserve-build prepare          # what `make up` runs: the configured model, exported once, + repository
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+import warnings
+from pathlib import Path
+
+from samserve import model_spec
+from samserve.settings import Settings
+from samserve_build import architectures, export, repository
+
+LOG = logging.getLogger("samserve_build")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text)
+
+
+def export_from_args(variant: str, checkpoint: Path | None, random_seed: int | None, out: Path, model_id: str | None,
+                     external_data: bool = False) -> export.ExportResult:
+    """Export a checkpoint, or seeded random weights written as a checkpoint beside the exported model."""
+    if checkpoint is None:
+        if random_seed is None:
+            raise SystemExit("give --checkpoint PATH or --random-weights --seed N")
+        checkpoint = architectures.write_random_checkpoint(
+            variant, random_seed, out.with_name(out.name + "-checkpoint") / f"{variant}-seed{random_seed}.pth"
+        )
+        model_id = model_id or f"{variant}-random-seed{random_seed}"
+    result = export.export_model(variant, checkpoint, out, model_id=model_id, force_external_data=external_data)
+    LOG.info(
+        "exported %s to %s in %.1f s (max relative error vs PyTorch: encoder %.2g, decoder %.2g)",
+        result.metadata.model_id, result.directory, result.seconds, result.encoder_error, result.decoder_error,
+    )
+    return result
+
+
+def prepare(settings: Settings) -> Path:
+    """Export the configured model unless an export of the same weights exists; render the repository."""
+    model_dir = settings.workdir / "models" / _slug(settings.model_id)
+    checkpoint = settings.checkpoint
+    if checkpoint is None:
+        LOG.warning(
+            "SAMSERVE_CHECKPOINT is not set: serving %s with seeded RANDOM weights (masks are noise). "
+            "Set SAMSERVE_CHECKPOINT=/path/to/sam_vit_b_01ec64.pth and SAMSERVE_MODEL_VARIANT=vit_b for real masks.",
+            settings.model_variant,
+        )
+    current = None
+    if (model_dir / model_spec.METADATA_FILE).exists():
+        current = model_spec.ModelMetadata.read(model_dir)
+    wanted_digest = architectures.sha256_file(checkpoint) if checkpoint is not None else None
+    up_to_date = current is not None and (
+        wanted_digest == current.weights_sha256 if wanted_digest else current.model_id == settings.model_id
+    ) and current.preprocessing_version == model_spec.PREPROCESSING_VERSION
+    if up_to_date:
+        LOG.info("model %s already exported in %s", settings.model_id, model_dir)
+    else:
+        export_from_args(settings.model_variant, checkpoint, settings.random_seed, model_dir, settings.model_id)
+    return repository.write_repository(model_dir, settings.workdir / "repository")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="samserve-build", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p_export = commands.add_parser("export", help="export encoder + decoder ONNX with metadata, checked vs PyTorch")
+    p_export.add_argument("--variant", required=True, choices=[*architectures.ARCHITECTURES, "custom"])
+    weights = p_export.add_mutually_exclusive_group(required=True)
+    weights.add_argument("--checkpoint", type=Path, help="checkpoint in Meta's format (state dict)")
+    weights.add_argument("--random-weights", action="store_true", help="seeded random weights (tests)")
+    p_export.add_argument("--seed", type=int, default=0)
+    p_export.add_argument("--out", type=Path, required=True)
+    p_export.add_argument("--model-id", help="identifier served to clients (default: the variant)")
+    p_export.add_argument("--external-data", action="store_true",
+                          help="store encoder weights in encoder.onnx.data (automatic above 1 GiB)")
+
+    p_random = commands.add_parser("random-checkpoint", help="write seeded random weights in Meta's format")
+    p_random.add_argument("--variant", required=True, choices=list(architectures.ARCHITECTURES))
+    p_random.add_argument("--seed", type=int, default=0)
+    p_random.add_argument("--out", type=Path, required=True)
+
+    p_repo = commands.add_parser("repository", help="render a Triton model repository for an exported model")
+    p_repo.add_argument("--model", type=Path, required=True, help="folder written by `export`")
+    p_repo.add_argument("--out", type=Path, required=True)
+
+    commands.add_parser("prepare", help="export the configured model (SAMSERVE_* settings) once and render the repository")
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    warnings.filterwarnings("ignore", category=Warning, module=r"torch\..*|segment_anything\..*")
+    if args.command == "export":
+        export_from_args(args.variant, args.checkpoint, args.seed if args.random_weights else None, args.out,
+                         args.model_id, args.external_data)
+    elif args.command == "random-checkpoint":
+        print(architectures.write_random_checkpoint(args.variant, args.seed, args.out))
+    elif args.command == "repository":
+        print(repository.write_repository(args.model, args.out))
+    elif args.command == "prepare":
+        print(prepare(Settings()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

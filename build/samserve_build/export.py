@@ -1,0 +1,321 @@
+"""Export SAM's image encoder and prompt decoder to ONNX, check them against PyTorch, write metadata.
+
+Graphs (tensor names and layouts: :mod:`samserve.model_spec`):
+
+* encoder: ``image`` uint8 B x S x S x 3 + ``input_size`` int64 B x 2 -> ``image_embeddings`` B x C x h x w.
+  Normalization by pixel mean/std and zeroing of the padding (after normalization, as ``Sam.preprocess``) are
+  inside the graph; B is dynamic.
+* decoder: one ``image_embeddings`` 1 x C x h x w and N prompts of P tokens -> ``low_res_masks`` N x 4 x 4h x 4w
+  and ``iou_predictions`` N x 4 for all mask tokens. N and P are dynamic. No upscaling in the graph.
+
+After export each graph runs in ONNX Runtime (the session the CPU target serves with) on fresh random inputs
+and must match PyTorch to a relative error below ``RELATIVE_TOLERANCE``; otherwise the export fails.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from segment_anything.modeling import Sam
+from torch import nn
+
+from samserve import model_spec, onnx_backend
+from samserve_build import architectures
+
+LOG = logging.getLogger(__name__)
+EXPORTER_VERSION = "samserve-export/1"
+OPSET = 17
+RELATIVE_TOLERANCE = 1e-4
+EXTERNAL_DATA_THRESHOLD_BYTES = 1 << 30
+"""Graphs whose weights exceed this are saved with external data (protobuf's hard limit is 2 GiB; ViT-H's
+encoder is 2.5 GB)."""
+
+
+class ExportCheckError(RuntimeError):
+    """An exported graph disagrees with PyTorch."""
+
+
+class EncoderGraph(nn.Module):
+    """Normalization + padding + ViT image encoder, as ``Sam.preprocess`` followed by ``image_encoder``."""
+
+    def __init__(self, sam: Sam) -> None:
+        super().__init__()
+        self.image_encoder = sam.image_encoder
+        self.image_size = sam.image_encoder.img_size
+        self.register_buffer("pixel_mean", sam.pixel_mean.reshape(1, -1, 1, 1).clone(), persistent=False)
+        self.register_buffer("pixel_std", sam.pixel_std.reshape(1, -1, 1, 1).clone(), persistent=False)
+
+    def forward(self, image: torch.Tensor, input_size: torch.Tensor) -> torch.Tensor:
+        """image: uint8 B x S x S x 3; input_size: int64 B x 2 (h, w). Returns B x C x h' x w'."""
+        x = image.permute(0, 3, 1, 2).to(torch.float32)
+        x = (x - self.pixel_mean) / self.pixel_std
+        positions = torch.arange(self.image_size, device=image.device).unsqueeze(0)  # 1 x S
+        valid_rows = positions < input_size[:, 0:1]  # B x S
+        valid_cols = positions < input_size[:, 1:2]  # B x S
+        valid = valid_rows.unsqueeze(2) & valid_cols.unsqueeze(1)  # B x S x S
+        x = x * valid.unsqueeze(1).to(x.dtype)
+        return self.image_encoder(x)
+
+
+class DecoderGraph(nn.Module):
+    """Prompt encoder + mask decoder for one embedding and N prompts; all mask tokens, no upscaling.
+
+    Point embedding follows the official ``SamOnnxModel`` (labels -1/0/1/2/3 select the learned embeddings),
+    which equals ``PromptEncoder`` for points, padding and box corners; ``has_mask_input`` is per prompt.
+    """
+
+    def __init__(self, sam: Sam) -> None:
+        super().__init__()
+        self.prompt_encoder = sam.prompt_encoder
+        self.mask_decoder = sam.mask_decoder
+        self.image_size = sam.image_encoder.img_size
+
+    def _embed_points(self, point_coords: torch.Tensor, point_labels: torch.Tensor) -> torch.Tensor:
+        coords = (point_coords + 0.5) / self.image_size
+        embedding = self.prompt_encoder.pe_layer._pe_encoding(coords)  # N x P x D
+        labels = point_labels.unsqueeze(-1).expand_as(embedding)
+        embedding = embedding * (labels != model_spec.LABEL_PADDING)
+        embedding = embedding + self.prompt_encoder.not_a_point_embed.weight * (labels == model_spec.LABEL_PADDING)
+        for label in range(self.prompt_encoder.num_point_embeddings):
+            embedding = embedding + self.prompt_encoder.point_embeddings[label].weight * (labels == label)
+        return embedding
+
+    def _embed_masks(self, mask_input: torch.Tensor, has_mask_input: torch.Tensor) -> torch.Tensor:
+        has_mask = has_mask_input.reshape(-1, 1, 1, 1)
+        no_mask = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        return has_mask * self.prompt_encoder.mask_downscaling(mask_input) + (1 - has_mask) * no_mask
+
+    def forward(
+        self,
+        image_embeddings: torch.Tensor,
+        point_coords: torch.Tensor,
+        point_labels: torch.Tensor,
+        mask_input: torch.Tensor,
+        has_mask_input: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        masks, iou_predictions = self.mask_decoder.predict_masks(
+            image_embeddings=image_embeddings,
+            image_pe=self.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=self._embed_points(point_coords, point_labels),
+            dense_prompt_embeddings=self._embed_masks(mask_input, has_mask_input),
+        )
+        return masks, iou_predictions
+
+
+def model_metadata(sam: Sam, variant: str, weights_sha256: str, model_id: str, arch: dict) -> model_spec.ModelMetadata:
+    """Metadata of ``sam`` (sizes measured from the modules, never assumed)."""
+    image_size = int(sam.image_encoder.img_size)
+    embed_h, embed_w = sam.prompt_encoder.image_embedding_size
+    channels = int(sam.prompt_encoder.embed_dim)
+    return model_spec.ModelMetadata(
+        model_id=model_id,
+        variant=variant,
+        weights_sha256=weights_sha256,
+        image_size=image_size,
+        embedding_shape=(channels, int(embed_h), int(embed_w)),
+        low_res_mask_size=tuple(int(v) for v in sam.prompt_encoder.mask_input_size),
+        num_mask_tokens=int(sam.mask_decoder.num_mask_tokens),
+        mask_threshold=float(sam.mask_threshold),
+        pixel_mean=tuple(round(float(v), 4) for v in sam.pixel_mean.flatten()),
+        pixel_std=tuple(round(float(v), 4) for v in sam.pixel_std.flatten()),
+        preprocessing_version=model_spec.PREPROCESSING_VERSION,
+        exporter_version=f"{EXPORTER_VERSION} torch-{torch.__version__} onnx-opset-{OPSET}",
+        architecture=arch,
+    )
+
+
+def encoder_inputs(meta: model_spec.ModelMetadata, batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Random encoder inputs: B images with random resized sizes (longest side S), zero padding."""
+    size = meta.image_size
+    image = np.zeros((batch, size, size, 3), dtype=np.uint8)
+    input_size = np.zeros((batch, 2), dtype=np.int64)
+    for b in range(batch):
+        short = int(rng.integers(1, size + 1))
+        h, w = (size, short) if rng.random() < 0.5 else (short, size)
+        image[b, :h, :w] = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+        input_size[b] = (h, w)
+    return {model_spec.ENC_IMAGE: image, model_spec.ENC_INPUT_SIZE: input_size}
+
+
+def decoder_inputs(
+    meta: model_spec.ModelMetadata, prompts: int, tokens: int, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
+    """Random decoder inputs: N prompts of P tokens with every label kind, half of them with a mask input."""
+    labels = rng.choice(
+        [model_spec.LABEL_PADDING, model_spec.LABEL_BACKGROUND, model_spec.LABEL_FOREGROUND,
+         model_spec.LABEL_BOX_TOP_LEFT, model_spec.LABEL_BOX_BOTTOM_RIGHT],
+        size=(prompts, tokens),
+    ).astype(np.float32)
+    return {
+        model_spec.DEC_EMBEDDING: rng.standard_normal((1, *meta.embedding_shape), dtype=np.float32),
+        model_spec.DEC_POINT_COORDS: rng.uniform(0, meta.image_size, size=(prompts, tokens, 2)).astype(np.float32),
+        model_spec.DEC_POINT_LABELS: labels,
+        model_spec.DEC_MASK_INPUT: rng.standard_normal((prompts, 1, *meta.low_res_mask_size), dtype=np.float32) * 5,
+        model_spec.DEC_HAS_MASK_INPUT: (np.arange(prompts) % 2).astype(np.float32),
+    }
+
+
+def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
+    """max |actual - expected| / max |expected| (0 when both are zero)."""
+    scale = float(np.max(np.abs(expected))) or 1.0
+    return float(np.max(np.abs(actual.astype(np.float64) - expected.astype(np.float64)))) / scale
+
+
+def check_graph(
+    path: Path,
+    module: nn.Module,
+    inputs: list[dict[str, np.ndarray]],
+    input_names: tuple[str, ...],
+    output_names: tuple[str, ...],
+) -> dict[str, float]:
+    """Run ``path`` in ONNX Runtime and ``module`` in PyTorch on each input set; raise if they disagree."""
+    session = onnx_backend.create_session(path)
+    worst: dict[str, float] = {name: 0.0 for name in output_names}
+    for feeds in inputs:
+        got = onnx_backend.run(session, feeds)
+        with torch.no_grad():
+            expected = module(*(torch.from_numpy(feeds[name]) for name in input_names))
+        if isinstance(expected, torch.Tensor):
+            expected = (expected,)
+        for name, reference in zip(output_names, expected):
+            if got[name].shape != tuple(reference.shape):
+                raise ExportCheckError(f"{path.name}: {name} shape {got[name].shape} != PyTorch {tuple(reference.shape)}")
+            worst[name] = max(worst[name], relative_error(got[name], reference.numpy()))
+    for name, error in worst.items():
+        if not error < RELATIVE_TOLERANCE:
+            raise ExportCheckError(f"{path.name}: {name} relative error {error:.3g} >= {RELATIVE_TOLERANCE} vs PyTorch")
+    return worst
+
+
+def _save_onnx(export: Callable[[Path], None], path: Path, parameter_bytes: int, force_external: bool) -> None:
+    """Export to ``path``; large graphs are re-saved with their weights in ``<path>.data``."""
+    export(path)
+    if parameter_bytes > EXTERNAL_DATA_THRESHOLD_BYTES or force_external:
+        model = onnx.load(str(path), load_external_data=True)
+        for stale in path.parent.glob(path.name + "*"):
+            stale.unlink()
+        onnx.save_model(
+            model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+            location=path.name + ".data", size_threshold=1024,
+        )
+
+
+def export_encoder(sam: Sam, path: Path, meta: model_spec.ModelMetadata, force_external: bool = False) -> EncoderGraph:
+    graph = EncoderGraph(sam).eval()
+    example = encoder_inputs(meta, 1, np.random.default_rng(0))
+
+    def export(target: Path) -> None:
+        torch.onnx.export(
+            graph,
+            tuple(torch.from_numpy(example[name]) for name in model_spec.ENCODER_INPUTS),
+            str(target),
+            input_names=list(model_spec.ENCODER_INPUTS),
+            output_names=list(model_spec.ENCODER_OUTPUTS),
+            dynamic_axes={name: {0: "batch"} for name in (*model_spec.ENCODER_INPUTS, *model_spec.ENCODER_OUTPUTS)},
+            opset_version=OPSET,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+
+    parameter_bytes = sum(p.numel() * p.element_size() for p in graph.parameters())
+    _save_onnx(export, path, parameter_bytes, force_external)
+    return graph
+
+
+def export_decoder(sam: Sam, path: Path, meta: model_spec.ModelMetadata) -> DecoderGraph:
+    graph = DecoderGraph(sam).eval()
+    example = decoder_inputs(meta, 2, 3, np.random.default_rng(0))
+    prompt_axes = {0: "prompts", 1: "tokens"}
+    dynamic_axes = {
+        model_spec.DEC_POINT_COORDS: prompt_axes,
+        model_spec.DEC_POINT_LABELS: prompt_axes,
+        model_spec.DEC_MASK_INPUT: {0: "prompts"},
+        model_spec.DEC_HAS_MASK_INPUT: {0: "prompts"},
+        model_spec.DEC_LOW_RES_MASKS: {0: "prompts"},
+        model_spec.DEC_IOU_PREDICTIONS: {0: "prompts"},
+    }
+
+    def export(target: Path) -> None:
+        torch.onnx.export(
+            graph,
+            tuple(torch.from_numpy(example[name]) for name in model_spec.DECODER_INPUTS),
+            str(target),
+            input_names=list(model_spec.DECODER_INPUTS),
+            output_names=list(model_spec.DECODER_OUTPUTS),
+            dynamic_axes=dynamic_axes,
+            opset_version=OPSET,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+
+    _save_onnx(export, path, 0, False)
+    return graph
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportResult:
+    directory: Path
+    metadata: model_spec.ModelMetadata
+    encoder_error: float
+    decoder_error: float
+    seconds: float
+
+
+def export_model(
+    variant: str,
+    checkpoint: Path,
+    out_dir: Path,
+    model_id: str | None = None,
+    force_external_data: bool = False,
+) -> ExportResult:
+    """Export ``checkpoint`` (Meta's state-dict format) to ``out_dir``/{encoder,decoder}.onnx + metadata.json.
+
+    Writes into a temporary folder first and renames it into place only after both checks pass, so a failed
+    or interrupted export never leaves a half-written model behind.
+    """
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    staging = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    torch.set_grad_enabled(False)
+    arch = architectures.architecture_for(variant, checkpoint)
+    LOG.info("loading %s checkpoint %s", variant, checkpoint)
+    sam = architectures.load_sam(variant, checkpoint)
+    weights_sha256 = architectures.sha256_file(checkpoint)
+    meta = model_metadata(sam, variant, weights_sha256, model_id or variant, arch.to_dict())
+
+    rng = np.random.default_rng(int(weights_sha256[:8], 16))
+    LOG.info("exporting encoder (image size %d)", meta.image_size)
+    encoder = export_encoder(sam, staging / model_spec.ENCODER_FILE, meta, force_external_data)
+    encoder_error = check_graph(
+        staging / model_spec.ENCODER_FILE, encoder, [encoder_inputs(meta, 2, rng)],
+        model_spec.ENCODER_INPUTS, model_spec.ENCODER_OUTPUTS,
+    )
+    LOG.info("encoder matches PyTorch: relative error %s", encoder_error)
+    LOG.info("exporting decoder")
+    decoder = export_decoder(sam, staging / model_spec.DECODER_FILE, meta)
+    decoder_error = check_graph(
+        staging / model_spec.DECODER_FILE, decoder,
+        [decoder_inputs(meta, n, p, rng) for n, p in ((1, 1), (3, 2), (5, 4))],
+        model_spec.DECODER_INPUTS, model_spec.DECODER_OUTPUTS,
+    )
+    LOG.info("decoder matches PyTorch: relative error %s", decoder_error)
+    meta.write(staging)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    staging.rename(out_dir)
+    return ExportResult(
+        directory=out_dir,
+        metadata=meta,
+        encoder_error=max(encoder_error.values()),
+        decoder_error=max(decoder_error.values()),
+        seconds=time.perf_counter() - started,
+    )

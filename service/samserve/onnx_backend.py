@@ -1,0 +1,32 @@
+"""ONNX Runtime sessions: one definition of how the CPU target runs the exported graphs.
+
+Used by the Triton python-backend models and by the exporter's post-export check, so the check verifies exactly
+what is served.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+
+def create_session(path: Path | str, intra_op_threads: int = 0) -> ort.InferenceSession:
+    """A CPU inference session for ``path`` (external data is resolved beside it).
+
+    ``intra_op_threads``: 0 lets ONNX Runtime use every core.
+    """
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = intra_op_threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def run(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run ``session`` and return its outputs by name."""
+    names = [output.name for output in session.get_outputs()]
+    return dict(zip(names, session.run(names, dict(feeds))))

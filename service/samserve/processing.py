@@ -1,0 +1,201 @@
+"""SAM pre- and post-processing: the ONE implementation used by gateway, exporter checks, tests and benchmarks.
+
+It reproduces ``segment_anything.utils.transforms.ResizeLongestSide`` and ``SamPredictor`` exactly:
+
+* resize so the longest side equals S (``new = int(old * S / max(H, W) + 0.5)``), PIL bilinear (what torchvision's
+  ``resize`` does on a PIL image), keep aspect, place top-left in an S x S canvas (the encoder graph normalizes
+  and zeroes the padding after normalization, see :mod:`samserve.model_spec`);
+* prompt coordinates scale by ``new_w / old_w`` and ``new_h / old_h``;
+* a prompt without a box gets one padding point (label -1); a box becomes two corner points (labels 2, 3) placed
+  after the points;
+* mask logits (N x M x 4h x 4w) are bilinearly resized (align_corners=False) to S x S, cropped to the resized
+  image, resized to the original size, and thresholded at the model's ``mask_threshold`` (0.0 for SAM).
+
+Numpy, Pillow and OpenCV only: the gateway does not import torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from samserve import model_spec
+
+cv2.setNumThreads(0)  # OpenCV's own pool would compete with ONNX Runtime/Triton for the same cores.
+
+
+def resized_size(original_hw: tuple[int, int], image_size: int) -> tuple[int, int]:
+    """(height, width) after resizing the longest side to ``image_size`` (official ``get_preprocess_shape``)."""
+    old_h, old_w = original_hw
+    scale = image_size * 1.0 / max(old_h, old_w)
+    return int(old_h * scale + 0.5), int(old_w * scale + 0.5)
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedImage:
+    """An image ready for the encoder."""
+
+    padded: np.ndarray
+    """uint8, S x S x 3 (HWC, RGB), resized image top-left, zeros elsewhere."""
+    input_size: tuple[int, int]
+    """(h, w) of the resized image inside ``padded``."""
+    original_size: tuple[int, int]
+    """(H, W) of the original image."""
+
+
+def prepare_image(image: np.ndarray, image_size: int) -> PreparedImage:
+    """Resize (longest side = ``image_size``) and pad an H x W x 3 uint8 RGB image."""
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected an H x W x 3 uint8 RGB image, got {image.dtype} {image.shape}")
+    original = (int(image.shape[0]), int(image.shape[1]))
+    h, w = resized_size(original, image_size)
+    resized = np.asarray(Image.fromarray(image).resize((w, h), Image.Resampling.BILINEAR))
+    padded = np.zeros((image_size, image_size, 3), dtype=np.uint8)
+    padded[:h, :w] = resized
+    return PreparedImage(padded=padded, input_size=(h, w), original_size=original)
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+    """One prompt in original-image pixel coordinates.
+
+    ``points``: K x 2 float (x, y); ``labels``: K ints (1 foreground, 0 background); ``box``: 4 floats XYXY or
+    None; ``mask_input``: 4h x 4w float32 low-res logits from an earlier answer or None.
+    """
+
+    points: np.ndarray | None = None
+    labels: np.ndarray | None = None
+    box: np.ndarray | None = None
+    mask_input: np.ndarray | None = None
+    multimask_output: bool = True
+
+
+def scale_coords(coords: np.ndarray, original_hw: tuple[int, int], input_hw: tuple[int, int]) -> np.ndarray:
+    """Map ... x 2 (x, y) original-pixel coordinates into resized-image pixels (official ``apply_coords``)."""
+    (old_h, old_w), (new_h, new_w) = original_hw, input_hw
+    out = np.array(coords, dtype=np.float64, copy=True)
+    out[..., 0] *= new_w / old_w
+    out[..., 1] *= new_h / old_h
+    return out
+
+
+def prompt_tokens(prompt: Prompt, original_hw: tuple[int, int], input_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """The decoder's point tokens for one prompt: (P x 2 float32 coords in resized pixels, P float32 labels).
+
+    Points come first, then the two box corners (labels 2, 3); without a box one padding point (0, 0) with
+    label -1 is appended, exactly as the official prompt encoder does.
+    """
+    coords: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    if prompt.points is not None and len(prompt.points):
+        coords.append(scale_coords(np.asarray(prompt.points, dtype=np.float64).reshape(-1, 2), original_hw, input_hw))
+        labels.append(np.asarray(prompt.labels, dtype=np.float64).reshape(-1))
+    if prompt.box is not None:
+        corners = np.asarray(prompt.box, dtype=np.float64).reshape(2, 2)
+        coords.append(scale_coords(corners, original_hw, input_hw))
+        labels.append(np.array([model_spec.LABEL_BOX_TOP_LEFT, model_spec.LABEL_BOX_BOTTOM_RIGHT], dtype=np.float64))
+    else:
+        coords.append(np.zeros((1, 2)))
+        labels.append(np.array([model_spec.LABEL_PADDING], dtype=np.float64))
+    return np.concatenate(coords).astype(np.float32), np.concatenate(labels).astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderBatch:
+    """Decoder inputs for N prompts that share one image and one token count P (see :mod:`model_spec`)."""
+
+    prompt_indices: list[int]
+    """Positions of these prompts in the caller's list."""
+    point_coords: np.ndarray
+    """float32, N x P x 2, resized-image pixels."""
+    point_labels: np.ndarray
+    """float32, N x P."""
+    mask_input: np.ndarray
+    """float32, N x 1 x 4h x 4w."""
+    has_mask_input: np.ndarray
+    """float32, N."""
+
+
+def decoder_batches(
+    prompts: Sequence[Prompt],
+    original_hw: tuple[int, int],
+    input_hw: tuple[int, int],
+    low_res_mask_size: tuple[int, int],
+) -> list[DecoderBatch]:
+    """Group prompts by token count so each group is one decoder call that equals the official predictor.
+
+    Prompts with different token counts are never padded to a common length: an extra padding token changes
+    SAM's output, so grouping keeps every prompt's answer identical to decoding it alone.
+    """
+    groups: dict[int, list[tuple[int, np.ndarray, np.ndarray]]] = {}
+    for index, prompt in enumerate(prompts):
+        coords, labels = prompt_tokens(prompt, original_hw, input_hw)
+        groups.setdefault(len(labels), []).append((index, coords, labels))
+    batches = []
+    for members in groups.values():
+        n = len(members)
+        mask_input = np.zeros((n, 1, *low_res_mask_size), dtype=np.float32)
+        has_mask = np.zeros((n,), dtype=np.float32)
+        for row, (index, _, _) in enumerate(members):
+            given = prompts[index].mask_input
+            if given is not None:
+                given = np.asarray(given, dtype=np.float32)
+                if given.shape[-2:] != tuple(low_res_mask_size):
+                    raise ValueError(f"mask_input must be {low_res_mask_size}, got {given.shape}")
+                mask_input[row, 0] = given.reshape(low_res_mask_size)
+                has_mask[row] = 1.0
+        batches.append(
+            DecoderBatch(
+                prompt_indices=[m[0] for m in members],
+                point_coords=np.stack([m[1] for m in members]),
+                point_labels=np.stack([m[2] for m in members]),
+                mask_input=mask_input,
+                has_mask_input=has_mask,
+            )
+        )
+    return batches
+
+
+def select_masks(multimask_output: bool, num_mask_tokens: int) -> slice:
+    """Which mask tokens a prompt returns: 1..M-1 for multimask output, token 0 otherwise (official predictor)."""
+    return slice(1, num_mask_tokens) if multimask_output else slice(0, 1)
+
+
+def upscale_logits(
+    low_res: np.ndarray, input_hw: tuple[int, int], original_hw: tuple[int, int], image_size: int
+) -> np.ndarray:
+    """Mask logits at the original image size, as the official ``Sam.postprocess_masks``.
+
+    ``low_res``: float32, ... x 4h x 4w (any leading axes). Returns float32, ... x H x W.
+    Bilinear, align_corners=False semantics (OpenCV's INTER_LINEAR uses the same half-pixel mapping).
+    """
+    lead = low_res.shape[:-2]
+    planes = np.ascontiguousarray(low_res.reshape(-1, *low_res.shape[-2:]).transpose(1, 2, 0))  # L x L x K
+    h, w = input_hw
+    out_h, out_w = original_hw
+    chunks = []
+    # OpenCV resizes at most 512 channels at once.
+    for start in range(0, planes.shape[2], 512):
+        part = planes[:, :, start : start + 512]
+        padded = cv2.resize(part, (image_size, image_size), interpolation=cv2.INTER_LINEAR)
+        cropped = np.ascontiguousarray(padded.reshape(image_size, image_size, -1)[:h, :w])
+        full = cv2.resize(cropped, (out_w, out_h), interpolation=cv2.INTER_LINEAR)
+        chunks.append(full.reshape(out_h, out_w, -1))
+    full = np.concatenate(chunks, axis=2) if len(chunks) > 1 else chunks[0]
+    return full.transpose(2, 0, 1).reshape(*lead, out_h, out_w)
+
+
+def binarize(logits: np.ndarray, mask_threshold: float) -> np.ndarray:
+    """Boolean masks: logits strictly above the model's threshold (0.0 for SAM, never 0.5)."""
+    return logits > mask_threshold
+
+
+def stability_score(logits: np.ndarray, mask_threshold: float, offset: float = 1.0) -> np.ndarray:
+    """IoU of (logits > threshold + offset) and (logits > threshold - offset) over the last two axes."""
+    inner = (logits > mask_threshold + offset).sum(axis=(-2, -1), dtype=np.int64)
+    outer = (logits > mask_threshold - offset).sum(axis=(-2, -1), dtype=np.int64)
+    return np.where(outer > 0, inner / np.maximum(outer, 1), 1.0).astype(np.float32)

@@ -1,0 +1,181 @@
+"""The SAM encoder and decoder as Triton python-backend models (CPU target, ONNX Runtime).
+
+``model_repository/sam_*/1/model.py`` import these classes. Each request is validated on its own: a bad request
+gets its own ``InferenceResponse(error=...)`` and never fails the rest of the batch. Valid encoder requests of
+one ``execute`` call are stacked into one ONNX Runtime run (Triton's dynamic batching); decoder requests run per
+image, all of that image's prompts in one run.
+
+``triton_python_backend_utils`` exists only inside Triton's python-backend stub, so it is imported lazily.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from samserve import model_spec, onnx_backend
+
+VALID_LABELS = np.array(
+    [
+        model_spec.LABEL_PADDING,
+        model_spec.LABEL_BACKGROUND,
+        model_spec.LABEL_FOREGROUND,
+        model_spec.LABEL_BOX_TOP_LEFT,
+        model_spec.LABEL_BOX_BOTTOM_RIGHT,
+    ],
+    dtype=np.float32,
+)
+
+
+class InvalidRequest(ValueError):
+    """A request that this model answers with an error response."""
+
+
+def _pb_utils() -> Any:
+    import triton_python_backend_utils as pb_utils  # provided by the python-backend stub
+
+    return pb_utils
+
+
+def _expect_shape(name: str, array: np.ndarray, expected: tuple[int | None, ...]) -> None:
+    """Raise InvalidRequest unless ``array.shape`` matches ``expected`` (None = any size)."""
+    ok = array.ndim == len(expected) and all(e is None or e == s for s, e in zip(array.shape, expected))
+    if not ok:
+        layout = " x ".join("*" if e is None else str(e) for e in expected)
+        raise InvalidRequest(f"{name} must be {layout}, got {' x '.join(map(str, array.shape))}")
+
+
+class _OnnxModel:
+    """Shared set-up: config parameters, metadata, the ONNX Runtime session of this model version."""
+
+    onnx_file: str
+
+    def initialize(self, args: dict[str, str]) -> None:
+        config = json.loads(args["model_config"])
+        parameters = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
+        if model_spec.METADATA_PARAMETER not in parameters:
+            raise RuntimeError(f"{config['name']}: config lacks the {model_spec.METADATA_PARAMETER} parameter")
+        self.metadata = model_spec.ModelMetadata.from_json(parameters[model_spec.METADATA_PARAMETER])
+        threads = int(parameters.get("intra_op_threads", "0"))
+        path = Path(args["model_repository"]) / args["model_version"] / self.onnx_file
+        self.session = onnx_backend.create_session(path, intra_op_threads=threads)
+
+    def _error(self, message: str, invalid_argument: bool = True) -> Any:
+        """An error response for one request: INVALID_ARG for a bad request, INTERNAL for a runtime failure."""
+        pb_utils = _pb_utils()
+        code = pb_utils.TritonError.INVALID_ARG if invalid_argument else pb_utils.TritonError.INTERNAL
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
+
+    def finalize(self) -> None:
+        self.session = None
+
+
+class EncoderModel(_OnnxModel):
+    """image (uint8 B x S x S x 3) + input_size (int64 B x 2) -> image_embeddings (float32 B x C x h x w)."""
+
+    onnx_file = model_spec.ENCODER_FILE
+
+    def _inputs(self, request: Any) -> tuple[np.ndarray, np.ndarray]:
+        pb_utils = _pb_utils()
+        size = self.metadata.image_size
+        image = pb_utils.get_input_tensor_by_name(request, model_spec.ENC_IMAGE).as_numpy()
+        input_size = pb_utils.get_input_tensor_by_name(request, model_spec.ENC_INPUT_SIZE).as_numpy()
+        _expect_shape(model_spec.ENC_IMAGE, image, (None, size, size, 3))
+        _expect_shape(model_spec.ENC_INPUT_SIZE, input_size, (image.shape[0], 2))
+        if np.any(input_size < 1) or np.any(input_size > size):
+            raise InvalidRequest(f"{model_spec.ENC_INPUT_SIZE} must lie in [1, {size}], got {input_size.tolist()}")
+        return image, input_size.astype(np.int64)
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        pb_utils = _pb_utils()
+        responses: list[Any] = [None] * len(requests)
+        valid: list[tuple[int, np.ndarray, np.ndarray]] = []
+        for index, request in enumerate(requests):
+            try:
+                valid.append((index, *self._inputs(request)))
+            except InvalidRequest as error:
+                responses[index] = self._error(str(error))
+        if valid:
+            images = np.concatenate([item[1] for item in valid])
+            sizes = np.concatenate([item[2] for item in valid])
+            try:
+                embeddings = onnx_backend.run(
+                    self.session, {model_spec.ENC_IMAGE: images, model_spec.ENC_INPUT_SIZE: sizes}
+                )[model_spec.ENC_EMBEDDING]
+            except Exception as error:  # noqa: BLE001 - the runtime's failure becomes each request's error
+                for index, _, _ in valid:
+                    responses[index] = self._error(f"encoder failed: {error}", invalid_argument=False)
+                return responses
+            start = 0
+            for index, image, _ in valid:
+                part = embeddings[start : start + image.shape[0]]
+                start += image.shape[0]
+                tensor = pb_utils.Tensor(model_spec.ENC_EMBEDDING, np.ascontiguousarray(part))
+                responses[index] = pb_utils.InferenceResponse(output_tensors=[tensor])
+        return responses
+
+
+class DecoderModel(_OnnxModel):
+    """B x (one embedding + N prompts) -> low_res_masks (B x N x M x 4h x 4w), iou_predictions (B x N x M)."""
+
+    onnx_file = model_spec.DECODER_FILE
+
+    def _inputs(self, request: Any) -> dict[str, np.ndarray]:
+        pb_utils = _pb_utils()
+        feeds = {
+            name: pb_utils.get_input_tensor_by_name(request, name).as_numpy() for name in model_spec.DECODER_INPUTS
+        }
+        meta = self.metadata
+        embeddings = feeds[model_spec.DEC_EMBEDDING]
+        _expect_shape(model_spec.DEC_EMBEDDING, embeddings, (None, *meta.embedding_shape))
+        batch = embeddings.shape[0]
+        coords = feeds[model_spec.DEC_POINT_COORDS]
+        _expect_shape(model_spec.DEC_POINT_COORDS, coords, (batch, None, None, 2))
+        prompts, tokens = coords.shape[1], coords.shape[2]
+        if prompts < 1 or tokens < 1:
+            raise InvalidRequest("a decoder request needs at least one prompt with at least one point token")
+        labels = feeds[model_spec.DEC_POINT_LABELS]
+        _expect_shape(model_spec.DEC_POINT_LABELS, labels, (batch, prompts, tokens))
+        _expect_shape(model_spec.DEC_MASK_INPUT, feeds[model_spec.DEC_MASK_INPUT], (batch, prompts, 1, *meta.low_res_mask_size))
+        has_mask = feeds[model_spec.DEC_HAS_MASK_INPUT]
+        _expect_shape(model_spec.DEC_HAS_MASK_INPUT, has_mask, (batch, prompts))
+        if not np.all(np.isfinite(coords)):
+            raise InvalidRequest(f"{model_spec.DEC_POINT_COORDS} must be finite")
+        if not np.all(np.isin(labels, VALID_LABELS)):
+            raise InvalidRequest(f"{model_spec.DEC_POINT_LABELS} must be one of {VALID_LABELS.tolist()}")
+        if not np.all((has_mask == 0) | (has_mask == 1)):
+            raise InvalidRequest(f"{model_spec.DEC_HAS_MASK_INPUT} must be 0 or 1")
+        return feeds
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        pb_utils = _pb_utils()
+        responses = []
+        for request in requests:
+            try:
+                feeds = self._inputs(request)
+            except InvalidRequest as error:
+                responses.append(self._error(str(error)))
+                continue
+            try:
+                per_image = [
+                    onnx_backend.run(
+                        self.session,
+                        {
+                            name: (feeds[name][b : b + 1] if name == model_spec.DEC_EMBEDDING else feeds[name][b])
+                            for name in model_spec.DECODER_INPUTS
+                        },
+                    )
+                    for b in range(feeds[model_spec.DEC_EMBEDDING].shape[0])
+                ]
+            except Exception as error:  # noqa: BLE001 - the runtime's failure becomes this request's error
+                responses.append(self._error(f"decoder failed: {error}", invalid_argument=False))
+                continue
+            outputs = [
+                pb_utils.Tensor(name, np.stack([result[name] for result in per_image]))
+                for name in model_spec.DECODER_OUTPUTS
+            ]
+            responses.append(pb_utils.InferenceResponse(output_tensors=outputs))
+        return responses

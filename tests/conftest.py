@@ -1,0 +1,106 @@
+"""Shared fixtures: exported models (seeded random weights), a real Triton server per model, the official
+``SamPredictor`` on the same weights, and synthetic images."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import socket
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from samserve import model_spec, triton_server
+
+warnings.filterwarnings("ignore", module=r"torch\..*|segment_anything\..*")
+
+TRITON_START_TIMEOUT_S = 300.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportedModel:
+    variant: str
+    checkpoint: Path
+    directory: Path
+    metadata: model_spec.ModelMetadata
+
+
+@dataclasses.dataclass(frozen=True)
+class ServedModel:
+    model: ExportedModel
+    server: triton_server.TritonServer
+
+    @property
+    def url(self) -> str:
+        return self.server.grpc_url
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def export_random(variant: str, seed: int, root: Path) -> ExportedModel:
+    from samserve_build import architectures, export
+
+    checkpoint = architectures.write_random_checkpoint(variant, seed, root / f"{variant}-seed{seed}.pth")
+    result = export.export_model(variant, checkpoint, root / "model", model_id=f"{variant}-random-seed{seed}")
+    return ExportedModel(variant, checkpoint, result.directory, result.metadata)
+
+
+def serve(model: ExportedModel, root: Path) -> Iterator[ServedModel]:
+    from samserve_build import repository
+
+    repo = repository.write_repository(model.directory, root / "repository")
+    server = triton_server.TritonServer(repo, root / "work", free_port(), free_port(), free_port())
+    with triton_server.running_triton(
+        server, TRITON_START_TIMEOUT_S, (model_spec.ENCODER_MODEL, model_spec.DECODER_MODEL)
+    ):
+        yield ServedModel(model, server)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> ExportedModel:
+    return export_random("tiny", 0, tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def vit_b_model(tmp_path_factory: pytest.TempPathFactory) -> ExportedModel:
+    return export_random("vit_b", 0, tmp_path_factory.mktemp("vit_b"))
+
+
+@pytest.fixture(scope="session")
+def tiny_triton(tiny_model: ExportedModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedModel]:
+    yield from serve(tiny_model, tmp_path_factory.mktemp("tiny-triton"))
+
+
+@pytest.fixture(scope="session")
+def vit_b_triton(vit_b_model: ExportedModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedModel]:
+    yield from serve(vit_b_model, tmp_path_factory.mktemp("vit_b-triton"))
+
+
+@pytest.fixture(scope="session")
+def event_loop_runner() -> Iterator[asyncio.Runner]:
+    """One event loop for the session's async Triton clients."""
+    with asyncio.Runner() as runner:
+        yield runner
+
+
+def synthetic_image(height: int, width: int, seed: int) -> np.ndarray:
+    """H x W x 3 uint8 RGB: a smooth gradient with a few filled ellipses and rectangles (seeded)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    image = np.stack(
+        [255 * xx / max(width - 1, 1), 255 * yy / max(height - 1, 1), np.full_like(xx, 96.0)], axis=-1
+    )
+    for _ in range(4):
+        color = rng.integers(0, 256, size=3)
+        cy, cx = rng.uniform(0, height), rng.uniform(0, width)
+        ry, rx = rng.uniform(0.1, 0.4) * height, rng.uniform(0.1, 0.4) * width
+        image[((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1] = color
+    image += rng.normal(0, 6, size=image.shape)
+    return np.clip(image, 0, 255).astype(np.uint8)
