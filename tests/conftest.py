@@ -5,17 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import socket
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from samserve import model_spec, triton_server
+from samserve import model_spec, triton_server  # noqa: F401
+from samserve_build import export, repository
+from samserve_build.repository import free_port  # noqa: F401  (re-exported for tests)
 
-warnings.filterwarnings("ignore", module=r"torch\..*|segment_anything\..*")
 
 TRITON_START_TIMEOUT_S = 300.0
 
@@ -38,28 +37,13 @@ class ServedModel:
         return self.server.grpc_url
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def export_random(variant: str, seed: int, root: Path) -> ExportedModel:
-    from samserve_build import architectures, export
-
-    checkpoint = architectures.write_random_checkpoint(variant, seed, root / f"{variant}-seed{seed}.pth")
-    result = export.export_model(variant, checkpoint, root / "model", model_id=f"{variant}-random-seed{seed}")
-    return ExportedModel(variant, checkpoint, result.directory, result.metadata)
+    result = export.export_random_weights(variant, seed, root / "model")
+    return ExportedModel(variant, result.checkpoint, result.directory, result.metadata)
 
 
 def serve(model: ExportedModel, root: Path) -> Iterator[ServedModel]:
-    from samserve_build import repository
-
-    repo = repository.write_repository(model.directory, root / "repository")
-    server = triton_server.TritonServer(repo, root / "work", free_port(), free_port(), free_port())
-    with triton_server.running_triton(
-        server, TRITON_START_TIMEOUT_S, (model_spec.ENCODER_MODEL, model_spec.DECODER_MODEL)
-    ):
+    with repository.serve_locally(model.directory, root, TRITON_START_TIMEOUT_S) as server:
         yield ServedModel(model, server)
 
 

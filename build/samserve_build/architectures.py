@@ -47,7 +47,10 @@ class SamArchitecture:
         return self.image_size // self.patch_size
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """JSON-ready (lists, not tuples), so it equals what a metadata file reads back."""
+        raw = dataclasses.asdict(self)
+        raw["encoder_global_attn_indexes"] = list(self.encoder_global_attn_indexes)
+        return raw
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "SamArchitecture":

@@ -29,14 +29,12 @@ def _slug(text: str) -> str:
 def export_from_args(variant: str, checkpoint: Path | None, random_seed: int | None, out: Path, model_id: str | None,
                      external_data: bool = False) -> export.ExportResult:
     """Export a checkpoint, or seeded random weights written as a checkpoint beside the exported model."""
-    if checkpoint is None:
-        if random_seed is None:
-            raise SystemExit("give --checkpoint PATH or --random-weights --seed N")
-        checkpoint = architectures.write_random_checkpoint(
-            variant, random_seed, out.with_name(out.name + "-checkpoint") / f"{variant}-seed{random_seed}.pth"
-        )
-        model_id = model_id or f"{variant}-random-seed{random_seed}"
-    result = export.export_model(variant, checkpoint, out, model_id=model_id, force_external_data=external_data)
+    if checkpoint is not None:
+        result = export.export_model(variant, checkpoint, out, model_id=model_id, force_external_data=external_data)
+    elif random_seed is not None:
+        result = export.export_random_weights(variant, random_seed, out, model_id)
+    else:
+        raise SystemExit("give --checkpoint PATH or --random-weights --seed N")
     LOG.info(
         "exported %s to %s in %.1f s (max relative error vs PyTorch: encoder %.2g, decoder %.2g)",
         result.metadata.model_id, result.directory, result.seconds, result.encoder_error, result.decoder_error,

@@ -263,6 +263,7 @@ def export_decoder(sam: Sam, path: Path, meta: model_spec.ModelMetadata) -> Deco
 @dataclasses.dataclass(frozen=True)
 class ExportResult:
     directory: Path
+    checkpoint: Path
     metadata: model_spec.ModelMetadata
     encoder_error: float
     decoder_error: float
@@ -314,8 +315,18 @@ def export_model(
     staging.rename(out_dir)
     return ExportResult(
         directory=out_dir,
+        checkpoint=Path(checkpoint),
         metadata=meta,
         encoder_error=max(encoder_error.values()),
         decoder_error=max(decoder_error.values()),
         seconds=time.perf_counter() - started,
     )
+
+
+def export_random_weights(variant: str, seed: int, out_dir: Path, model_id: str | None = None) -> ExportResult:
+    """Write seeded random weights as a Meta-format checkpoint beside ``out_dir`` and export them."""
+    out_dir = Path(out_dir)
+    checkpoint = architectures.write_random_checkpoint(
+        variant, seed, out_dir.with_name(out_dir.name + "-checkpoint") / f"{variant}-seed{seed}.pth"
+    )
+    return export_model(variant, checkpoint, out_dir, model_id=model_id or f"{variant}-random-seed{seed}")

@@ -1,0 +1,155 @@
+"""The real Triton server: launcher, metadata via the model-config API, per-request errors inside a batch."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as aioclient
+from tritonclient.utils import InferenceServerException
+
+from samserve import model_spec, onnx_backend, processing, triton_server
+from samserve.triton_models import TritonSam
+from samserve_build import repository
+from tests.conftest import free_port, synthetic_image
+
+
+def test_served_metadata_equals_exported(tiny_triton, event_loop_runner):
+    async def read():
+        client = TritonSam(tiny_triton.url)
+        try:
+            return await client.metadata()
+        finally:
+            await client.close()
+
+    assert event_loop_runner.run(read()) == tiny_triton.model.metadata
+
+
+def _encoder_inputs(image: np.ndarray, input_size) -> list[aioclient.InferInput]:
+    first = aioclient.InferInput(model_spec.ENC_IMAGE, list(image.shape), "UINT8")
+    first.set_data_from_numpy(image)
+    sizes = np.asarray([input_size], dtype=np.int64)
+    second = aioclient.InferInput(model_spec.ENC_INPUT_SIZE, list(sizes.shape), "INT64")
+    second.set_data_from_numpy(sizes)
+    return [first, second]
+
+
+def test_a_bad_request_fails_alone_inside_a_dynamic_batch(tiny_triton, event_loop_runner):
+    meta = tiny_triton.model.metadata
+    prepared = [processing.prepare_image(synthetic_image(60 + 10 * i, 80, seed=i), meta.image_size) for i in range(5)]
+    bad_index = 2
+
+    async def fire():
+        client = aioclient.InferenceServerClient(tiny_triton.url)
+        try:
+            calls = []
+            for i, item in enumerate(prepared):
+                size = (meta.image_size + 1, 5) if i == bad_index else item.input_size
+                calls.append(client.infer(model_spec.ENCODER_MODEL, _encoder_inputs(item.padded[None], size)))
+            return await asyncio.gather(*calls, return_exceptions=True)
+        finally:
+            await client.close()
+
+    results = event_loop_runner.run(fire())
+    error = results[bad_index]
+    assert isinstance(error, InferenceServerException)
+    assert error.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "input_size must lie in" in error.message()
+    session = onnx_backend.create_session(tiny_triton.model.directory / model_spec.ENCODER_FILE)
+    for i, (item, result) in enumerate(zip(prepared, results)):
+        if i == bad_index:
+            continue
+        expected = onnx_backend.run(session, {
+            model_spec.ENC_IMAGE: item.padded[None], model_spec.ENC_INPUT_SIZE: np.asarray([item.input_size]),
+        })[model_spec.ENC_EMBEDDING]
+        np.testing.assert_allclose(result.as_numpy(model_spec.ENC_EMBEDDING), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        (model_spec.DEC_POINT_LABELS, 7.0, "point_labels must be one of"),
+        (model_spec.DEC_POINT_COORDS, np.nan, "point_coords must be finite"),
+        (model_spec.DEC_HAS_MASK_INPUT, 0.5, "has_mask_input must be 0 or 1"),
+    ],
+)
+def test_decoder_rejects_invalid_prompts(tiny_triton, field, value, message):
+    meta = tiny_triton.model.metadata
+    feeds = {
+        model_spec.DEC_EMBEDDING: np.zeros((1, *meta.embedding_shape), np.float32),
+        model_spec.DEC_POINT_COORDS: np.ones((1, 1, 2, 2), np.float32),
+        model_spec.DEC_POINT_LABELS: np.array([[[1, -1]]], np.float32),
+        model_spec.DEC_MASK_INPUT: np.zeros((1, 1, 1, *meta.low_res_mask_size), np.float32),
+        model_spec.DEC_HAS_MASK_INPUT: np.zeros((1, 1), np.float32),
+    }
+    feeds[field] = np.full_like(feeds[field], value)
+    client = grpcclient.InferenceServerClient(tiny_triton.url)
+    inputs = []
+    for name, array in feeds.items():
+        tensor = grpcclient.InferInput(name, list(array.shape), "FP32")
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    with pytest.raises(InferenceServerException) as caught:
+        client.infer(model_spec.DECODER_MODEL, inputs)
+    assert caught.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert message in caught.value.message()
+    # Wrong embedding size for this model: rejected with the expected layout in the message.
+    feeds = {**feeds, field: np.ones_like(feeds[field]) if field != model_spec.DEC_HAS_MASK_INPUT else np.zeros_like(feeds[field])}
+    feeds[model_spec.DEC_EMBEDDING] = np.zeros((1, meta.embedding_shape[0], 8, 8), np.float32)
+    inputs[0] = grpcclient.InferInput(model_spec.DEC_EMBEDDING, [1, meta.embedding_shape[0], 8, 8], "FP32")
+    inputs[0].set_data_from_numpy(feeds[model_spec.DEC_EMBEDDING])
+    with pytest.raises(InferenceServerException, match="image_embeddings must be"):
+        client.infer(model_spec.DECODER_MODEL, inputs)
+    client.close()
+
+
+def test_launcher_reports_a_model_that_cannot_load(tiny_model, tmp_path):
+    repo = repository.write_repository(tiny_model.directory, tmp_path / "repo")
+    config = repo / model_spec.DECODER_MODEL / "config.pbtxt"
+    config.write_text(config.read_text().split("# Appended by samserve-build")[0])  # drop the metadata
+    server = triton_server.TritonServer(repo, tmp_path / "work", free_port(), free_port(), free_port())
+    with pytest.raises(triton_server.TritonStartError, match=model_spec.METADATA_PARAMETER):
+        with triton_server.running_triton(server, 120, (model_spec.ENCODER_MODEL, model_spec.DECODER_MODEL)):
+            pass
+    assert server.process is not None and server.process.poll() is not None
+
+
+def test_prepare_then_up_serves_and_stops_cleanly(tmp_path):
+    """What `make up` runs: `samserve-build prepare` then `samserve up`, here with the tiny model."""
+    env = dict(os.environ, SAMSERVE_WORKDIR=str(tmp_path), SAMSERVE_MODEL_VARIANT="tiny", SAMSERVE_RANDOM_SEED="4")
+    ports = {"SAMSERVE_TRITON_HTTP_PORT": free_port(), "SAMSERVE_TRITON_GRPC_PORT": free_port(),
+             "SAMSERVE_TRITON_METRICS_PORT": free_port()}
+    env.update({k: str(v) for k, v in ports.items()})
+    bin_dir = os.path.dirname(sys.executable)
+    prepared = subprocess.run([f"{bin_dir}/samserve-build", "prepare"], env=env, capture_output=True, text=True, timeout=300)
+    assert prepared.returncode == 0, prepared.stderr
+    assert "RANDOM weights" in prepared.stderr
+    # A second prepare reuses the export.
+    again = subprocess.run([f"{bin_dir}/samserve-build", "prepare"], env=env, capture_output=True, text=True, timeout=300)
+    assert "already exported" in again.stderr
+
+    process = subprocess.Popen([f"{bin_dir}/samserve", "up"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{ports['SAMSERVE_TRITON_GRPC_PORT']}")
+        deadline = time.monotonic() + 120
+        ready = False
+        while time.monotonic() < deadline and not ready:
+            try:
+                ready = client.is_model_ready(model_spec.ENCODER_MODEL) and client.is_model_ready(model_spec.DECODER_MODEL)
+            except InferenceServerException:
+                time.sleep(0.25)
+        assert ready
+        meta = model_spec.ModelMetadata.read(tmp_path / "models" / "tiny-random-seed4")
+        assert meta.model_id == "tiny-random-seed4"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=60)[0].decode()
+    assert process.returncode == 0, output
+    assert "ready: Triton gRPC" in output and "stopping" in output
