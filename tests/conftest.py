@@ -8,12 +8,12 @@ import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from samserve import model_spec, triton_server  # noqa: F401
 from samserve_build import export, repository
 from samserve_build.repository import free_port  # noqa: F401  (re-exported for tests)
+from samserve_build.synthetic import synthetic_image  # noqa: F401  (re-exported for tests)
 
 
 TRITON_START_TIMEOUT_S = 300.0
@@ -72,19 +72,3 @@ def event_loop_runner() -> Iterator[asyncio.Runner]:
     """One event loop for the session's async Triton clients."""
     with asyncio.Runner() as runner:
         yield runner
-
-
-def synthetic_image(height: int, width: int, seed: int) -> np.ndarray:
-    """H x W x 3 uint8 RGB: a smooth gradient with a few filled ellipses and rectangles (seeded)."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    image = np.stack(
-        [255 * xx / max(width - 1, 1), 255 * yy / max(height - 1, 1), np.full_like(xx, 96.0)], axis=-1
-    )
-    for _ in range(4):
-        color = rng.integers(0, 256, size=3)
-        cy, cx = rng.uniform(0, height), rng.uniform(0, width)
-        ry, rx = rng.uniform(0.1, 0.4) * height, rng.uniform(0.1, 0.4) * width
-        image[((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1] = color
-    image += rng.normal(0, 6, size=image.shape)
-    return np.clip(image, 0, 255).astype(np.uint8)

@@ -23,6 +23,9 @@ def create_session(path: Path | str, intra_op_threads: int = 0) -> ort.Inference
     options.intra_op_num_threads = intra_op_threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # No busy-waiting between runs: on a small CPU the spinning threads would steal the cores that the
+    # gateway and the other model need.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 
 

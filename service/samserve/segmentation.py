@@ -9,15 +9,15 @@ from collections.abc import Sequence
 import numpy as np
 
 from samserve import model_spec, processing
-from samserve.triton_models import TritonSam
+from samserve.triton_models import StagedEmbedding, TritonSam
 
 
 @dataclasses.dataclass(frozen=True)
 class EmbeddedImage:
     """An image's embedding and the sizes needed to post-process masks for it."""
 
-    embedding: np.ndarray
-    """float32, C x h x w."""
+    embedding: StagedEmbedding
+    """float32, C x h x w, staged for the decoder (see TritonSam.stage_embedding)."""
     original_size: tuple[int, int]
     """(H, W) of the original image."""
     input_size: tuple[int, int]
@@ -37,9 +37,9 @@ class PromptMasks:
 
 
 async def embed(triton: TritonSam, meta: model_spec.ModelMetadata, image: np.ndarray) -> EmbeddedImage:
-    """Encode an H x W x 3 uint8 RGB image."""
+    """Encode an H x W x 3 uint8 RGB image and stage its embedding for decoder calls."""
     prepared = processing.prepare_image(image, meta.image_size)
-    embedding = await triton.encode(prepared)
+    embedding = await triton.stage_embedding(await triton.encode(prepared))
     return EmbeddedImage(embedding=embedding, original_size=prepared.original_size, input_size=prepared.input_size)
 
 

@@ -1,9 +1,21 @@
-"""Async client of the ``sam_encoder`` and ``sam_decoder`` Triton models (tensor contract: model_spec)."""
+"""Async client of the ``sam_encoder`` and ``sam_decoder`` Triton models (tensor contract: model_spec).
+
+Embedding transport: every decoder call needs the image embedding (4 MiB in fp32 for the released models).
+``shm`` stages it once in a Triton system shared-memory region that later decoder calls reference by name
+(gateway and Triton on one host); ``grpc`` sends it inside every request. Measured on the 2-core CPU with vit_b
+(bench/results/models_cpu.json): shm saves 4-9 ms per decoder call, so it is the default where possible.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import enum
+import uuid
+from typing import Any
+
 import numpy as np
 import tritonclient.grpc.aio as grpcclient
+import tritonclient.utils.shared_memory as system_shm
 from tritonclient.utils import np_to_triton_dtype
 
 from samserve import model_spec
@@ -20,12 +32,30 @@ def _input(name: str, array: np.ndarray) -> grpcclient.InferInput:
     return tensor
 
 
+class EmbeddingTransport(str, enum.Enum):
+    GRPC = "grpc"
+    SHM = "shm"
+
+
+@dataclasses.dataclass(eq=False)
+class StagedEmbedding:
+    """An image embedding ready for decoder calls."""
+
+    array: np.ndarray
+    """float32, C x h x w."""
+    region: str | None = None
+    """Name of the Triton system shared-memory region holding ``array`` (None: sent inline over gRPC)."""
+    handle: Any = None
+
+
 class TritonSam:
     """Encoder and decoder calls on one Triton server (gRPC)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, embedding_transport: EmbeddingTransport | str = EmbeddingTransport.SHM) -> None:
         self.url = url
         self.client = grpcclient.InferenceServerClient(url)
+        self.embedding_transport = EmbeddingTransport(embedding_transport)
+        self._staged: dict[str, StagedEmbedding] = {}
 
     async def metadata(self) -> model_spec.ModelMetadata:
         """The served model's metadata, read from both model configs; they must agree."""
@@ -48,13 +78,46 @@ class TritonSam:
         result = await self.client.infer(model_spec.ENCODER_MODEL, inputs, outputs=outputs)
         return result.as_numpy(model_spec.ENC_EMBEDDING)[0]
 
-    async def decode(self, embedding: np.ndarray, batch: DecoderBatch) -> tuple[np.ndarray, np.ndarray]:
+    async def stage_embedding(self, embedding: np.ndarray) -> StagedEmbedding:
+        """Make ``embedding`` (float32 C x h x w) ready for decoder calls; release it with release_embedding."""
+        embedding = np.ascontiguousarray(embedding, dtype=np.float32)
+        if self.embedding_transport is EmbeddingTransport.GRPC:
+            return StagedEmbedding(embedding)
+        region = f"samserve-{uuid.uuid4().hex}"
+        handle = system_shm.create_shared_memory_region(region, f"/{region}", embedding.nbytes)
+        try:
+            system_shm.set_shared_memory_region(handle, [embedding])
+            await self.client.register_system_shared_memory(region, f"/{region}", embedding.nbytes)
+        except BaseException:
+            system_shm.destroy_shared_memory_region(handle)
+            raise
+        staged = StagedEmbedding(embedding, region, handle)
+        self._staged[region] = staged
+        return staged
+
+    async def release_embedding(self, staged: StagedEmbedding) -> None:
+        """Free the shared-memory region behind ``staged`` (no-op for gRPC transport)."""
+        if staged.region is None or self._staged.pop(staged.region, None) is None:
+            return
+        try:
+            await self.client.unregister_system_shared_memory(staged.region)
+        finally:
+            system_shm.destroy_shared_memory_region(staged.handle)
+
+    def _embedding_input(self, staged: StagedEmbedding) -> grpcclient.InferInput:
+        if staged.region is None:
+            return _input(model_spec.DEC_EMBEDDING, staged.array[None])
+        tensor = grpcclient.InferInput(model_spec.DEC_EMBEDDING, [1, *staged.array.shape], "FP32")
+        tensor.set_shared_memory(staged.region, staged.array.nbytes)
+        return tensor
+
+    async def decode(self, embedding: StagedEmbedding, batch: DecoderBatch) -> tuple[np.ndarray, np.ndarray]:
         """Decode N prompts of one image.
 
-        ``embedding``: float32 C x h x w. Returns (low-res logits float32 N x M x 4h x 4w, IoU float32 N x M).
+        Returns (low-res logits float32 N x M x 4h x 4w, predicted IoU float32 N x M).
         """
         inputs = [
-            _input(model_spec.DEC_EMBEDDING, embedding[None]),
+            self._embedding_input(embedding),
             _input(model_spec.DEC_POINT_COORDS, batch.point_coords[None]),
             _input(model_spec.DEC_POINT_LABELS, batch.point_labels[None]),
             _input(model_spec.DEC_MASK_INPUT, batch.mask_input[None]),
@@ -70,4 +133,7 @@ class TritonSam:
         return sum(int(entry.get("inference_count", 0)) for entry in stats.get("model_stats", []))
 
     async def close(self) -> None:
+        """Release every staged embedding, then close the channel."""
+        for staged in list(self._staged.values()):
+            await self.release_embedding(staged)
         await self.client.close()

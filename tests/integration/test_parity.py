@@ -154,7 +154,7 @@ def test_embedding_matches_official(harnesses, model):
     harness = harnesses(model)
     side = harness.side("landscape")
     official = side.official.features[0].numpy()
-    ours = side.ours.embedding
+    ours = side.ours.embedding.array
     assert ours.shape == official.shape == harness.meta.embedding_shape
     relative = np.abs(ours - official).max() / np.abs(official).max()
     assert relative < 1e-4

@@ -15,7 +15,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aioclient
 from tritonclient.utils import InferenceServerException
 
-from samserve import model_spec, onnx_backend, processing, triton_server
+from samserve import model_spec, onnx_backend, processing, segmentation, triton_server
 from samserve.triton_models import TritonSam
 from samserve_build import repository
 from tests.conftest import free_port, synthetic_image
@@ -153,3 +153,29 @@ def test_prepare_then_up_serves_and_stops_cleanly(tmp_path):
         output = process.communicate(timeout=60)[0].decode()
     assert process.returncode == 0, output
     assert "ready: Triton gRPC" in output and "stopping" in output
+
+
+def test_embedding_transports_give_identical_answers_and_release_their_memory(tiny_triton, event_loop_runner):
+    meta = tiny_triton.model.metadata
+    image = synthetic_image(90, 120, seed=11)
+    prompt = processing.Prompt(points=np.array([[60.0, 45.0]]), labels=np.array([1]))
+
+    async def run(transport: str):
+        client = TritonSam(tiny_triton.url, embedding_transport=transport)
+        try:
+            embedded = await segmentation.embed(client, meta, image)
+            answer = (await segmentation.segment(client, meta, embedded, [prompt]))[0]
+            regions_while_staged = await client.client.get_system_shared_memory_status(as_json=True)
+            await client.release_embedding(embedded.embedding)
+            regions_after = await client.client.get_system_shared_memory_status(as_json=True)
+            return embedded, answer, regions_while_staged, regions_after
+        finally:
+            await client.close()
+
+    grpc_embedded, grpc_answer, _, _ = event_loop_runner.run(run("grpc"))
+    shm_embedded, shm_answer, staged, after = event_loop_runner.run(run("shm"))
+    assert grpc_embedded.embedding.region is None
+    region = shm_embedded.embedding.region
+    assert region is not None and region in str(staged) and region not in str(after)
+    np.testing.assert_array_equal(grpc_answer.low_res_logits, shm_answer.low_res_logits)
+    np.testing.assert_array_equal(grpc_answer.iou_predictions, shm_answer.iou_predictions)

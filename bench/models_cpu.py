@@ -1,0 +1,125 @@
+"""Official SamPredictor vs the Triton models, side by side in one run (vit_b, seeded random weights).
+
+* encoder: ``SamPredictor.set_image`` vs samserve's preprocessing + the Triton ``sam_encoder`` call;
+* decoder: ``SamPredictor.predict`` (1 point, multimask, incl. its mask postprocessing) vs the Triton
+  ``sam_decoder`` call + samserve's postprocessing (upscale, threshold), and the bare decoder call for reference.
+
+Prints a table (median, p90, ratio ours/official) and writes bench/results/models_cpu.json.
+Targets on the 2-core CPU: encoder <= 0.5x official set_image; decoder path <= 0.7x official predict.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from common import WORK, environment, print_table, summary, time_calls, vit_b_model, write_results  # noqa: E402
+from segment_anything import SamPredictor  # noqa: E402
+
+from samserve import processing, segmentation  # noqa: E402
+from samserve.triton_models import EmbeddingTransport, TritonSam  # noqa: E402
+from samserve_build import architectures, repository  # noqa: E402
+from samserve_build.synthetic import synthetic_image  # noqa: E402
+
+ENCODER_TARGET = 0.5
+DECODER_TARGET = 0.7
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--encoder-repeats", type=int, default=5)
+    parser.add_argument("--decoder-repeats", type=int, default=50)
+    parser.add_argument("--height", type=int, default=768)
+    parser.add_argument("--width", type=int, default=1024)
+    args = parser.parse_args()
+
+    torch.set_num_threads(2)
+    torch.set_grad_enabled(False)
+    checkpoint, model_dir, meta = vit_b_model()
+    image = synthetic_image(args.height, args.width, seed=7)
+    point = np.array([[0.5 * args.width, 0.4 * args.height]])
+    label = np.array([1])
+    prompt = processing.Prompt(points=point, labels=label, multimask_output=True)
+    predictor = SamPredictor(architectures.load_sam("vit_b", checkpoint))
+
+    with repository.serve_locally(model_dir, WORK / "models_cpu") as server, asyncio.Runner() as runner:
+        async def connect() -> TritonSam:
+            return TritonSam(server.grpc_url)
+
+        triton = runner.run(connect())
+        async def connect_grpc() -> TritonSam:
+            return TritonSam(server.grpc_url, embedding_transport=EmbeddingTransport.GRPC)
+
+        triton_grpc = runner.run(connect_grpc())
+        official_encoder = time_calls(lambda: predictor.set_image(image), args.encoder_repeats)
+        ours_encoder = time_calls(lambda: runner.run(segmentation.embed(triton, meta, image)), args.encoder_repeats)
+        embedded = runner.run(segmentation.embed(triton, meta, image))
+        batch = processing.decoder_batches([prompt], embedded.original_size, embedded.input_size,
+                                           meta.low_res_mask_size)[0]
+        official_decoder = time_calls(lambda: predictor.predict(point, label, multimask_output=True),
+                                      args.decoder_repeats, warmup=3)
+        ours_decoder = time_calls(lambda: runner.run(segmentation.segment(triton, meta, embedded, [prompt])),
+                                  args.decoder_repeats, warmup=3)
+        bare_decoder = time_calls(lambda: runner.run(triton.decode(embedded.embedding, batch)),
+                                  args.decoder_repeats, warmup=3)
+        inline = runner.run(triton_grpc.stage_embedding(embedded.embedding.array))
+        bare_decoder_grpc = time_calls(lambda: runner.run(triton_grpc.decode(inline, batch)),
+                                       args.decoder_repeats, warmup=3)
+        # Same answer on both sides (the benchmark compares equal work).
+        masks, _, _ = predictor.predict(point, label, multimask_output=True)
+        ours = runner.run(segmentation.segment(triton, meta, embedded, [prompt]))[0]
+        agreement = [float((masks[k] == ours.masks[k]).mean()) for k in range(len(masks))]
+        runner.run(triton.close())
+        runner.run(triton_grpc.close())
+
+    results = {
+        "official_set_image": summary(official_encoder),
+        "triton_encoder": summary(ours_encoder),
+        "official_predict": summary(official_decoder),
+        "triton_decoder_plus_postprocessing": summary(ours_decoder),
+        "triton_decoder_bare": summary(bare_decoder),
+        "triton_decoder_bare_embedding_inline_grpc": summary(bare_decoder_grpc),
+    }
+    encoder_ratio = results["triton_encoder"]["median_ms"] / results["official_set_image"]["median_ms"]
+    decoder_ratio = (results["triton_decoder_plus_postprocessing"]["median_ms"]
+                     / results["official_predict"]["median_ms"])
+    rows = [
+        ["encoder", results["official_set_image"]["median_ms"], results["official_set_image"]["p90_ms"],
+         results["triton_encoder"]["median_ms"], results["triton_encoder"]["p90_ms"], encoder_ratio,
+         f"<= {ENCODER_TARGET}"],
+        ["decoder (1 pt, multimask, + postprocess)", results["official_predict"]["median_ms"],
+         results["official_predict"]["p90_ms"], results["triton_decoder_plus_postprocessing"]["median_ms"],
+         results["triton_decoder_plus_postprocessing"]["p90_ms"], decoder_ratio, f"<= {DECODER_TARGET}"],
+        ["bare Triton decoder call (embedding in shm)", "", "", results["triton_decoder_bare"]["median_ms"],
+         results["triton_decoder_bare"]["p90_ms"], "", ""],
+        ["bare Triton decoder call (embedding inline, gRPC)", "", "",
+         results["triton_decoder_bare_embedding_inline_grpc"]["median_ms"],
+         results["triton_decoder_bare_embedding_inline_grpc"]["p90_ms"], "", ""],
+    ]
+    print_table(
+        f"vit_b, seeded random weights, {args.height}x{args.width} image (ms)",
+        ["stage", "official p50", "official p90", "samserve p50", "samserve p90", "ratio", "target"], rows,
+    )
+    write_results("models_cpu.json", {
+        "benchmark": "bench/models_cpu.py",
+        "environment": environment(),
+        "model": {"variant": "vit_b", "weights": "seeded random (seed 0)", "model_id": meta.model_id},
+        "image": {"height": args.height, "width": args.width},
+        "backend": "ONNX Runtime (fp32) in Triton's python backend, tritonserver from nvidia-pytriton",
+        "embedding_transport": "Triton system shared memory (default); inline gRPC timed for comparison",
+        "results": results,
+        "ratios": {"encoder": encoder_ratio, "decoder_path": decoder_ratio},
+        "targets": {"encoder": ENCODER_TARGET, "decoder_path": DECODER_TARGET},
+        "targets_met": {"encoder": encoder_ratio <= ENCODER_TARGET, "decoder_path": decoder_ratio <= DECODER_TARGET},
+        "mask_pixel_agreement_with_official": agreement,
+    })
+
+
+if __name__ == "__main__":
+    main()
