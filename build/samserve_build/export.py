@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -196,16 +197,21 @@ def check_graph(
 
 
 def _save_onnx(export: Callable[[Path], None], path: Path, parameter_bytes: int, force_external: bool) -> None:
-    """Export to ``path``; large graphs are re-saved with their weights in ``<path>.data``."""
-    export(path)
-    if parameter_bytes > EXTERNAL_DATA_THRESHOLD_BYTES or force_external:
-        model = onnx.load(str(path), load_external_data=True)
-        for stale in path.parent.glob(path.name + "*"):
-            stale.unlink()
-        onnx.save_model(
-            model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-            location=path.name + ".data", size_threshold=1024,
-        )
+    """Export to ``path``; large graphs get their weights in one ``<path>.data`` file beside it.
+
+    The exporter writes into a scratch folder first (it may split large weights into many files itself).
+    """
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as scratch:
+        raw = Path(scratch) / path.name
+        export(raw)
+        if parameter_bytes > EXTERNAL_DATA_THRESHOLD_BYTES or force_external or len(list(Path(scratch).iterdir())) > 1:
+            model = onnx.load(str(raw), load_external_data=True)
+            onnx.save_model(
+                model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                location=path.name + ".data", size_threshold=1024,
+            )
+        else:
+            raw.replace(path)
 
 
 def export_encoder(sam: Sam, path: Path, meta: model_spec.ModelMetadata, force_external: bool = False) -> EncoderGraph:

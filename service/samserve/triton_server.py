@@ -8,6 +8,7 @@ running Python version, this interpreter's ``libpython`` and ``nvidia_pytriton.l
 from __future__ import annotations
 
 import contextlib
+import ctypes.util
 import importlib.util
 import logging
 import os
@@ -46,6 +47,7 @@ def prepare_backend_dir(workdir: Path) -> Path:
     stub = triton / "python_backend_stubs" / version / "triton_python_backend_stub"
     if not stub.exists():
         raise TritonStartError(f"nvidia-pytriton has no python backend stub for Python {version}")
+    _require_libpython(version)
     backend = Path(workdir) / "backends" / "python"
     backend.mkdir(parents=True, exist_ok=True)
     for source in (triton / "backends" / "python").iterdir():
@@ -53,6 +55,19 @@ def prepare_backend_dir(workdir: Path) -> Path:
             _symlink(source, backend / source.name)
     _symlink(stub, backend / "triton_python_backend_stub")
     return backend.parent
+
+
+def _require_libpython(version: str) -> None:
+    """The stub links against ``libpython<version>.so.1.0``: this interpreter's, or the system's."""
+    name = f"libpython{version}.so.1.0"
+    if (Path(sysconfig.get_config_var("LIBDIR") or "/nonexistent") / name).exists():
+        return
+    if ctypes.util.find_library(f"python{version}"):
+        return
+    raise TritonStartError(
+        f"Triton's python backend stub needs {name}: use a Python built with --enable-shared "
+        f"or install Debian's libpython{version}"
+    )
 
 
 def _symlink(source: Path, link: Path) -> None:

@@ -138,3 +138,25 @@ def test_metadata_roundtrip_and_strictness(tmp_path):
     with pytest.raises(ValueError, match="unknown"):
         model_spec.ModelMetadata.from_json(meta.to_json()[:-1] + ', "surprise": 1}')
     assert meta.cache_namespace == f"m:{'ab' * 32}:pp1"
+
+
+@pytest.mark.parametrize(
+    "model, inputs, outputs",
+    [
+        (model_spec.ENCODER_MODEL, model_spec.ENCODER_INPUTS, model_spec.ENCODER_OUTPUTS),
+        (model_spec.DECODER_MODEL, model_spec.DECODER_INPUTS, model_spec.DECODER_OUTPUTS),
+    ],
+)
+def test_triton_configs_declare_the_contract_names(model, inputs, outputs):
+    """config.pbtxt must name the tensors exactly as model_spec does, and batch (max_batch_size > 0)."""
+    import re
+
+    from samserve_build.repository import SOURCE_REPOSITORY
+
+    config = (SOURCE_REPOSITORY / model / "config.pbtxt").read_text()
+    sections = {key: re.findall(r'name: "(\w+)"', body) for key, body in re.findall(r"\n(input|output) \[(.*?)\n\]", config, re.S)}
+    assert sections["input"] == list(inputs)
+    assert sections["output"] == list(outputs)
+    assert f'name: "{model}"' in config
+    assert int(re.search(r"max_batch_size: (\d+)", config).group(1)) > 0
+    assert "dynamic_batching" in config
