@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -196,49 +196,57 @@ def check_graph(
     return worst
 
 
-def _save_onnx(export: Callable[[Path], None], path: Path, parameter_bytes: int, force_external: bool) -> None:
-    """Export to ``path``; large graphs get their weights in one ``<path>.data`` file beside it.
+def _save_onnx(
+    graph: nn.Module,
+    example: dict[str, np.ndarray],
+    input_names: tuple[str, ...],
+    output_names: tuple[str, ...],
+    dynamic_axes: dict[str, dict[int, str]],
+    path: Path,
+    force_external: bool = False,
+) -> None:
+    """Export ``graph`` (TorchScript exporter, opset 17) to ``path``.
 
-    The exporter writes into a scratch folder first (it may split large weights into many files itself).
+    Graphs whose weights exceed EXTERNAL_DATA_THRESHOLD_BYTES (or with ``force_external``) keep their weights in
+    one ``<path>.data`` file beside it. The exporter writes into a scratch folder first, since it may split
+    large weights into many files itself.
     """
+    parameter_bytes = sum(p.numel() * p.element_size() for p in graph.parameters())
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as scratch:
         raw = Path(scratch) / path.name
-        export(raw)
-        if parameter_bytes > EXTERNAL_DATA_THRESHOLD_BYTES or force_external or len(list(Path(scratch).iterdir())) > 1:
+        torch.onnx.export(
+            graph,
+            tuple(torch.from_numpy(example[name]) for name in input_names),
+            str(raw),
+            input_names=list(input_names),
+            output_names=list(output_names),
+            dynamic_axes=dynamic_axes,
+            opset_version=OPSET,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+        split = len(list(Path(scratch).iterdir())) > 1
+        if parameter_bytes > EXTERNAL_DATA_THRESHOLD_BYTES or force_external or split:
             model = onnx.load(str(raw), load_external_data=True)
             onnx.save_model(
                 model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                 location=path.name + ".data", size_threshold=1024,
             )
+            os.chmod(path.with_name(path.name + ".data"), 0o644)  # readable by a Triton running as another user
         else:
             raw.replace(path)
 
 
 def export_encoder(sam: Sam, path: Path, meta: model_spec.ModelMetadata, force_external: bool = False) -> EncoderGraph:
     graph = EncoderGraph(sam).eval()
-    example = encoder_inputs(meta, 1, np.random.default_rng(0))
-
-    def export(target: Path) -> None:
-        torch.onnx.export(
-            graph,
-            tuple(torch.from_numpy(example[name]) for name in model_spec.ENCODER_INPUTS),
-            str(target),
-            input_names=list(model_spec.ENCODER_INPUTS),
-            output_names=list(model_spec.ENCODER_OUTPUTS),
-            dynamic_axes={name: {0: "batch"} for name in (*model_spec.ENCODER_INPUTS, *model_spec.ENCODER_OUTPUTS)},
-            opset_version=OPSET,
-            do_constant_folding=True,
-            dynamo=False,
-        )
-
-    parameter_bytes = sum(p.numel() * p.element_size() for p in graph.parameters())
-    _save_onnx(export, path, parameter_bytes, force_external)
+    batch_axis = {name: {0: "batch"} for name in (*model_spec.ENCODER_INPUTS, *model_spec.ENCODER_OUTPUTS)}
+    _save_onnx(graph, encoder_inputs(meta, 1, np.random.default_rng(0)), model_spec.ENCODER_INPUTS,
+               model_spec.ENCODER_OUTPUTS, batch_axis, path, force_external)
     return graph
 
 
 def export_decoder(sam: Sam, path: Path, meta: model_spec.ModelMetadata) -> DecoderGraph:
     graph = DecoderGraph(sam).eval()
-    example = decoder_inputs(meta, 2, 3, np.random.default_rng(0))
     prompt_axes = {0: "prompts", 1: "tokens"}
     dynamic_axes = {
         model_spec.DEC_POINT_COORDS: prompt_axes,
@@ -248,21 +256,8 @@ def export_decoder(sam: Sam, path: Path, meta: model_spec.ModelMetadata) -> Deco
         model_spec.DEC_LOW_RES_MASKS: {0: "prompts"},
         model_spec.DEC_IOU_PREDICTIONS: {0: "prompts"},
     }
-
-    def export(target: Path) -> None:
-        torch.onnx.export(
-            graph,
-            tuple(torch.from_numpy(example[name]) for name in model_spec.DECODER_INPUTS),
-            str(target),
-            input_names=list(model_spec.DECODER_INPUTS),
-            output_names=list(model_spec.DECODER_OUTPUTS),
-            dynamic_axes=dynamic_axes,
-            opset_version=OPSET,
-            do_constant_folding=True,
-            dynamo=False,
-        )
-
-    _save_onnx(export, path, 0, False)
+    _save_onnx(graph, decoder_inputs(meta, 2, 3, np.random.default_rng(0)), model_spec.DECODER_INPUTS,
+               model_spec.DECODER_OUTPUTS, dynamic_axes, path)
     return graph
 
 

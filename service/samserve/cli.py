@@ -1,59 +1,114 @@
-"""``samserve``: run the stack.
+"""``samserve``: run the stack, or segment an image through it.
 
-    samserve up       # Triton on the rendered repository (SAMSERVE_WORKDIR/repository), in the foreground
+    samserve up                      # Redis (when installed) + Triton + gateway, in the foreground
+    samserve gateway                 # the gateway alone (Triton and Redis elsewhere; one per replica)
+    samserve segment photo.jpg --point 500,375 --out overlay.png
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import signal
 import sys
-import threading
+from pathlib import Path
+
+import numpy as np
 
 from samserve import model_spec
 from samserve.settings import Settings
-from samserve.triton_server import TritonServer, TritonStartError
 
 LOG = logging.getLogger("samserve")
 
 
+async def _serve_until_signal(settings: Settings, watch: object | None = None) -> None:
+    """Run the gateway until SIGINT/SIGTERM (or until the watched subprocess exits)."""
+    from samserve.gateway import serve
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+
+    async def watch_process() -> None:
+        while watch is not None and watch.poll() is None:  # type: ignore[attr-defined]
+            await asyncio.sleep(1.0)
+        if watch is not None:
+            LOG.error("tritonserver exited with %s", watch.returncode)  # type: ignore[attr-defined]
+            stop.set()
+
+    watcher = asyncio.create_task(watch_process())
+    try:
+        await serve(settings, stop)
+    finally:
+        watcher.cancel()
+
+
 def up(settings: Settings) -> int:
-    """Start Triton with the prepared repository and keep it in the foreground until SIGINT/SIGTERM."""
+    """Redis (if Debian's redis-server is installed and no SAMSERVE_REDIS_URL is set), Triton, gateway."""
+    from samserve.redis_server import RedisServer, redis_binary
+    from samserve.triton_server import TritonServer, TritonStartError
+
     repository = settings.workdir / "repository"
     if not (repository / model_spec.ENCODER_MODEL / "config.pbtxt").exists():
         LOG.error("no model repository at %s: run `samserve-build prepare` (or `make up`) first", repository)
         return 2
-    server = TritonServer(
-        repository=repository,
-        workdir=settings.workdir,
-        http_port=settings.triton_http_port,
-        grpc_port=settings.triton_grpc_port,
-        metrics_port=settings.triton_metrics_port,
-        host=settings.triton_host,
-        log_verbose=settings.triton_log_verbose,
+    redis = None
+    if settings.redis_url is None and redis_binary() is not None:
+        redis = RedisServer(settings.redis_server_port, settings.workdir / "redis").start()
+        settings = settings.model_copy(update={"redis_url": redis.url})
+        LOG.info("redis-server on %s (embedding cache tier 2)", redis.url)
+    triton = TritonServer(
+        repository=repository, workdir=settings.workdir, http_port=settings.triton_http_port,
+        grpc_port=settings.triton_grpc_port, metrics_port=settings.triton_metrics_port,
+        host=settings.triton_host, log_verbose=settings.triton_log_verbose,
     )
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
-    server.start()
     try:
-        server.wait_ready(settings.triton_start_timeout_s, (model_spec.ENCODER_MODEL, model_spec.DECODER_MODEL))
-        LOG.info(
-            "ready: Triton gRPC %s, HTTP %s:%d, metrics %s:%d/metrics (log: %s); Ctrl-C stops",
-            server.grpc_url, settings.triton_host, settings.triton_http_port,
-            settings.triton_host, settings.triton_metrics_port, server.log_path,
-        )
-        while not stop.wait(1.0):
-            if server.process is not None and server.process.poll() is not None:
-                LOG.error("tritonserver exited with %s:\n%s", server.process.returncode, server.log_tail())
-                return 1
+        triton.start()
+        triton.wait_ready(settings.triton_start_timeout_s, (model_spec.ENCODER_MODEL, model_spec.DECODER_MODEL))
+        LOG.info("ready: gateway %s:%d, Triton gRPC %s (log %s); Ctrl-C stops",
+                 settings.gateway_host, settings.gateway_port, triton.grpc_url, triton.log_path)
+        asyncio.run(_serve_until_signal(settings, triton.process))
     except TritonStartError as error:
         LOG.error("%s", error)
         return 1
     finally:
         LOG.info("stopping")
-        server.stop()
+        triton.stop()
+        if redis is not None:
+            redis.stop()
+    return 0
+
+
+def segment_command(args: argparse.Namespace) -> int:
+    """Segment an image through the gateway; print the masks and write an overlay PNG."""
+    from samserve.client import FOREGROUND, PromptSpec, SamServeClient
+    from samserve.images import decode_image
+    from samserve.overlay import draw_overlay
+
+    data = Path(args.image).read_bytes()
+    points, labels = [], []
+    for text in args.point or []:
+        parts = [float(v) for v in text.split(",")]
+        points.append((parts[0], parts[1]))
+        labels.append(int(parts[2]) if len(parts) > 2 else FOREGROUND)
+    box = tuple(float(v) for v in args.box.split(",")) if args.box else None
+    prompt = PromptSpec(points=points, labels=labels, box=box, multimask_output=not args.single)
+    with SamServeClient(args.target) as client:
+        embedded = client.embed(data)
+        (answer,) = client.segment(embedded.image_id, [prompt])
+    print(f"image {embedded.image_id[:16]}... {embedded.width}x{embedded.height}, model {embedded.model_id}, "
+          f"cached={embedded.cached}")
+    for k, token in enumerate(answer.token_index):
+        print(f"mask token {token}: predicted IoU {answer.predicted_iou[k]:.3f}, stability "
+              f"{answer.stability_score[k]:.3f}, area {int(answer.masks[k].sum())} px")
+    if args.out:
+        best = int(np.argmax(answer.predicted_iou))
+        image = decode_image(data, max_pixels=1 << 31)
+        overlay = draw_overlay(image, answer.masks[best], points, [l == FOREGROUND for l in labels], box)
+        Path(args.out).write_bytes(overlay)
+        print(f"wrote {args.out} (mask token {answer.token_index[best]}, the highest predicted IoU)")
     return 0
 
 
@@ -61,11 +116,28 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="samserve", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("up", help="run the stack in the foreground")
+    commands.add_parser("up", help="run Redis + Triton + gateway in the foreground")
+    commands.add_parser("gateway", help="run the gateway alone (SAMSERVE_TRITON_*, SAMSERVE_REDIS_URL)")
+    p_segment = commands.add_parser("segment", help="segment an image through a running gateway")
+    p_segment.add_argument("image", type=Path)
+    p_segment.add_argument("--point", action="append", help="x,y[,label] in image pixels; label 1 fg (default), 0 bg")
+    p_segment.add_argument("--box", help="x0,y0,x1,y1 in image pixels")
+    p_segment.add_argument("--single", action="store_true", help="single-mask output instead of 3 masks")
+    p_segment.add_argument("--target", default=None, help="gateway address (default from SAMSERVE_GATEWAY_*)")
+    p_segment.add_argument("--out", help="write an overlay PNG of the best mask and the prompt")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = Settings()
     if args.command == "up":
-        return up(Settings())
+        return up(settings)
+    if args.command == "gateway":
+        asyncio.run(_serve_until_signal(settings))
+        return 0
+    if args.command == "segment":
+        if not args.point and not args.box:
+            parser.error("segment needs --point and/or --box")
+        args.target = args.target or f"{settings.gateway_host}:{settings.gateway_port}"
+        return segment_command(args)
     return 2
 
 

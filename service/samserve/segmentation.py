@@ -34,12 +34,21 @@ class PromptMasks:
     """float32, K."""
     low_res_logits: np.ndarray
     """float32, K x 4h x 4w: feed one back as ``Prompt.mask_input`` to refine."""
+    stability_scores: np.ndarray
+    """float32, K: IoU of the full-size masks at logit thresholds +1 and -1."""
+    token_indices: list[int]
+    """The mask token of each mask (0: single-mask output, 1..3: multimask outputs)."""
 
 
-async def embed(triton: TritonSam, meta: model_spec.ModelMetadata, image: np.ndarray) -> EmbeddedImage:
+STABILITY_OFFSET = 1.0
+
+
+async def embed(
+    triton: TritonSam, meta: model_spec.ModelMetadata, image: np.ndarray, timeout_s: float | None = None
+) -> EmbeddedImage:
     """Encode an H x W x 3 uint8 RGB image and stage its embedding for decoder calls."""
     prepared = processing.prepare_image(image, meta.image_size)
-    embedding = await triton.stage_embedding(await triton.encode(prepared))
+    embedding = await triton.stage_embedding(await triton.encode(prepared, timeout_s))
     return EmbeddedImage(embedding=embedding, original_size=prepared.original_size, input_size=prepared.input_size)
 
 
@@ -48,10 +57,11 @@ async def segment(
     meta: model_spec.ModelMetadata,
     image: EmbeddedImage,
     prompts: Sequence[processing.Prompt],
+    timeout_s: float | None = None,
 ) -> list[PromptMasks]:
     """Masks for each prompt; prompts with the same token count go to the decoder as one batch."""
     batches = processing.decoder_batches(prompts, image.original_size, image.input_size, meta.low_res_mask_size)
-    decoded = await asyncio.gather(*(triton.decode(image.embedding, batch) for batch in batches))
+    decoded = await asyncio.gather(*(triton.decode(image.embedding, batch, timeout_s) for batch in batches))
     results: list[PromptMasks | None] = [None] * len(prompts)
     for batch, (low_res, iou) in zip(batches, decoded):
         for row, index in enumerate(batch.prompt_indices):
@@ -62,5 +72,7 @@ async def segment(
                 masks=processing.binarize(full, meta.mask_threshold),
                 iou_predictions=iou[row, chosen],
                 low_res_logits=logits,
+                stability_scores=processing.stability_score(full, meta.mask_threshold, STABILITY_OFFSET),
+                token_indices=list(range(meta.num_mask_tokens))[chosen],
             )
     return [result for result in results if result is not None]

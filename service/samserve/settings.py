@@ -29,6 +29,31 @@ class Settings(BaseSettings):
     triton_start_timeout_s: float = Field(300.0, description="how long to wait for Triton's models to be ready")
     triton_log_verbose: int = 0
 
+    # Gateway (gRPC API samserve.v1.SegmentAnything).
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = Field(50051, description="gateway gRPC port (0 = pick a free one)")
+    metrics_port: int = Field(9464, description="gateway Prometheus /metrics port")
+    embedding_transport: str = Field("shm", description="shm (Triton on this host) | grpc (embedding inline)")
+    triton_timeout_s: float = Field(600.0, description="upper bound of one Triton call (client deadlines cut it)")
+    max_request_bytes: int = Field(32 << 20, description="largest request message; larger -> RESOURCE_EXHAUSTED")
+    max_image_pixels: int = Field(64_000_000, description="largest image (width*height); larger -> INVALID_ARGUMENT")
+    max_prompts: int = Field(256, description="prompts per Segment request")
+    max_points_per_prompt: int = Field(64, description="points per prompt")
+    max_concurrent_encodes: int = Field(2, description="encoder calls in flight per gateway")
+    max_queued_encodes: int = Field(32, description="encodes waiting beyond that; more -> RESOURCE_EXHAUSTED")
+    shutdown_grace_s: float = Field(10.0, description="SIGTERM: seconds in-flight calls get to finish")
+    health_check_interval_s: float = Field(1.0, description="how often the gateway checks Triton's models")
+
+    # Embedding cache.
+    l1_cache_bytes: int = Field(512 << 20, description="tier 1 (in-process) capacity in bytes of fp32 embeddings")
+    redis_url: str | None = Field(None, description="tier 2, e.g. redis://127.0.0.1:6379/0; unset = tier 1 only")
+    redis_cluster: bool = Field(False, description="redis_url points at a Redis Cluster node")
+    redis_ttl_s: int = Field(24 * 3600, description="how long tier 2 keeps an embedding")
+    redis_timeout_s: float = Field(1.0, description="per Redis operation; slower counts as a failure")
+    redis_lock_ttl_s: float = Field(120.0, description="single-flight lock lifetime (a crashed holder's lock expires)")
+    redis_server_port: int = Field(6379, description="port of the redis-server that `samserve up` starts")
+    failure_log_interval_s: float = Field(30.0, description="Redis failures are logged at most once per interval")
+
     @property
     def triton_grpc_url(self) -> str:
         return f"{self.triton_host}:{self.triton_grpc_port}"

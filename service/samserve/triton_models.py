@@ -68,14 +68,14 @@ class TritonSam:
             raise ModelMismatchError(f"encoder {found[0].model_id} and decoder {found[1].model_id} differ")
         return found[0]
 
-    async def encode(self, image: PreparedImage) -> np.ndarray:
-        """The embedding of one prepared image: float32, C x h x w."""
+    async def encode(self, image: PreparedImage, timeout_s: float | None = None) -> np.ndarray:
+        """The embedding of one prepared image: float32, C x h x w. ``timeout_s`` bounds the call."""
         inputs = [
             _input(model_spec.ENC_IMAGE, image.padded[None]),
             _input(model_spec.ENC_INPUT_SIZE, np.asarray([image.input_size], dtype=np.int64)),
         ]
         outputs = [grpcclient.InferRequestedOutput(model_spec.ENC_EMBEDDING)]
-        result = await self.client.infer(model_spec.ENCODER_MODEL, inputs, outputs=outputs)
+        result = await self.client.infer(model_spec.ENCODER_MODEL, inputs, outputs=outputs, client_timeout=timeout_s)
         return result.as_numpy(model_spec.ENC_EMBEDDING)[0]
 
     async def stage_embedding(self, embedding: np.ndarray) -> StagedEmbedding:
@@ -111,7 +111,9 @@ class TritonSam:
         tensor.set_shared_memory(staged.region, staged.array.nbytes)
         return tensor
 
-    async def decode(self, embedding: StagedEmbedding, batch: DecoderBatch) -> tuple[np.ndarray, np.ndarray]:
+    async def decode(
+        self, embedding: StagedEmbedding, batch: DecoderBatch, timeout_s: float | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Decode N prompts of one image.
 
         Returns (low-res logits float32 N x M x 4h x 4w, predicted IoU float32 N x M).
@@ -124,8 +126,19 @@ class TritonSam:
             _input(model_spec.DEC_HAS_MASK_INPUT, batch.has_mask_input[None]),
         ]
         outputs = [grpcclient.InferRequestedOutput(name) for name in model_spec.DECODER_OUTPUTS]
-        result = await self.client.infer(model_spec.DECODER_MODEL, inputs, outputs=outputs)
+        result = await self.client.infer(model_spec.DECODER_MODEL, inputs, outputs=outputs, client_timeout=timeout_s)
         return result.as_numpy(model_spec.DEC_LOW_RES_MASKS)[0], result.as_numpy(model_spec.DEC_IOU_PREDICTIONS)[0]
+
+    async def models_ready(self) -> bool:
+        """Whether Triton is reachable and both SAM models are ready."""
+        try:
+            return bool(
+                await self.client.is_server_ready()
+                and await self.client.is_model_ready(model_spec.ENCODER_MODEL)
+                and await self.client.is_model_ready(model_spec.DECODER_MODEL)
+            )
+        except Exception:  # noqa: BLE001 - unreachable means not ready
+            return False
 
     async def inference_count(self, model: str) -> int:
         """How many inferences Triton has run for ``model`` (its own statistics)."""

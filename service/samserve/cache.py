@@ -1,0 +1,330 @@
+"""Two-tier embedding cache with single flight: encode each image once, across requests and replicas.
+
+* Key: ``<model id>:<weights sha256>:pp<preprocessing version>:<image sha256>`` (ModelMetadata.cache_namespace):
+  an embedding made by other weights or other preprocessing is never served.
+* Tier 1, in process: an LRU bounded in bytes whose entries are already staged for the decoder (in Triton
+  shared memory when that transport is used), so a hot prompt costs no copy of the embedding at all.
+* Tier 2, Redis (single node or Cluster): the embedding in fp16 in a compact binary record (see
+  :class:`EmbeddingCodec`), with a TTL.
+* Single flight: concurrent misses for one key wait for one encoder run — an in-process future within a
+  replica and a short-lived Redis lock across replicas (``SET NX PX``; a crashed holder's lock expires).
+* Redis unreachable, slow or returning a corrupt record: the request still succeeds (the embedding is
+  recomputed); the failure is counted and logged at most once per interval, never raised to the client.
+
+Every embedding is served from its fp16 form, whether it was just computed or read from Redis, so all
+replicas answer identically.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+import secrets
+import struct
+import time
+import zlib
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import numpy as np
+
+from samserve.triton_models import StagedEmbedding, TritonSam
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Embedding:
+    """An image embedding and the sizes needed to post-process masks for it."""
+
+    array: np.ndarray
+    """float32 (or float16 from the codec), C x h x w."""
+    original_size: tuple[int, int]
+    """(H, W) of the original image, EXIF orientation applied."""
+    input_size: tuple[int, int]
+    """(h, w) of the resized image inside the encoder's S x S input."""
+
+
+class _HolderCancelled(Exception):
+    """The request computing an embedding was cancelled; its single-flight waiters retry."""
+
+
+class CorruptRecord(ValueError):
+    """A tier-2 record that fails its version, length or checksum check."""
+
+
+class EmbeddingCodec:
+    """``magic "SAME" | version u8 | dtype u8 | C,h,w u16 | H,W,h_in,w_in u32 | fp16 payload | crc32 u32``.
+
+    Little-endian; the CRC-32 covers everything before it.
+    """
+
+    MAGIC = b"SAME"
+    VERSION = 1
+    FLOAT16 = 1
+    HEADER = struct.Struct("<4sBBHHHIIII")
+    TRAILER = struct.Struct("<I")
+
+    @classmethod
+    def encode(cls, embedding: Embedding) -> bytes:
+        channels, height, width = embedding.array.shape
+        header = cls.HEADER.pack(cls.MAGIC, cls.VERSION, cls.FLOAT16, channels, height, width,
+                                 *embedding.original_size, *embedding.input_size)
+        body = header + np.ascontiguousarray(embedding.array, dtype="<f2").tobytes()
+        return body + cls.TRAILER.pack(zlib.crc32(body))
+
+    @classmethod
+    def decode(cls, record: bytes) -> Embedding:
+        if len(record) < cls.HEADER.size + cls.TRAILER.size:
+            raise CorruptRecord(f"record of {len(record)} bytes is too short")
+        body, (crc,) = record[: -cls.TRAILER.size], cls.TRAILER.unpack(record[-cls.TRAILER.size :])
+        if zlib.crc32(body) != crc:
+            raise CorruptRecord("checksum mismatch")
+        magic, version, dtype, channels, height, width, oh, ow, ih, iw = cls.HEADER.unpack_from(body)
+        if magic != cls.MAGIC or version != cls.VERSION or dtype != cls.FLOAT16:
+            raise CorruptRecord(f"unknown record (magic {magic!r}, version {version}, dtype {dtype})")
+        payload = body[cls.HEADER.size :]
+        if len(payload) != channels * height * width * 2:
+            raise CorruptRecord("payload length does not match its shape")
+        array = np.frombuffer(payload, dtype="<f2").reshape(channels, height, width)
+        return Embedding(array=array, original_size=(oh, ow), input_size=(ih, iw))
+
+
+def round_trip_fp16(embedding: Embedding) -> Embedding:
+    """The embedding exactly as tier 2 stores it (fp16), back in float32."""
+    return dataclasses.replace(embedding, array=embedding.array.astype(np.float16).astype(np.float32))
+
+
+class CacheEntry:
+    """A tier-1 entry: the staged embedding plus a count of requests using it (released when unused)."""
+
+    def __init__(self, embedding: Embedding, staged: StagedEmbedding) -> None:
+        self.embedding = embedding
+        self.staged = staged
+        self.users = 0
+        self.evicted = False
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.staged.array.nbytes)
+
+
+class FailureLog:
+    """Counts tier-2 failures; logs the first and then at most one summary per interval."""
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self.count = 0
+        self._unlogged = 0
+        self._last_logged = float("-inf")
+
+    def record(self, what: str, error: BaseException) -> None:
+        self.count += 1
+        self._unlogged += 1
+        now = time.monotonic()
+        if now - self._last_logged >= self.interval_s:
+            LOG.warning("redis %s failed (%s: %s); %d failure(s) since the last report, serving without tier 2",
+                        what, type(error).__name__, error, self._unlogged)
+            self._last_logged, self._unlogged = now, 0
+
+
+@dataclasses.dataclass
+class CacheStats:
+    l1_hits: int = 0
+    l2_hits: int = 0
+    misses: int = 0
+    encodes: int = 0
+    single_flight_waits: int = 0
+
+
+class EmbeddingCache:
+    """Tier 1 + tier 2 + single flight. ``redis`` is a ``redis.asyncio`` client (or Cluster client) or None."""
+
+    LOCK_POLL_S = 0.05
+
+    def __init__(
+        self,
+        triton: TritonSam,
+        namespace: str,
+        l1_bytes: int,
+        redis: Any | None = None,
+        ttl_s: int = 86400,
+        redis_timeout_s: float = 1.0,
+        lock_ttl_s: float = 120.0,
+        failure_log_interval_s: float = 30.0,
+    ) -> None:
+        self.triton = triton
+        self.namespace = namespace
+        self.l1_bytes = l1_bytes
+        self.redis = redis
+        self.ttl_s = ttl_s
+        self.redis_timeout_s = redis_timeout_s
+        self.lock_ttl_ms = int(lock_ttl_s * 1000)
+        self.failures = FailureLog(failure_log_interval_s)
+        self.stats = CacheStats()
+        self._l1: collections.OrderedDict[str, CacheEntry] = collections.OrderedDict()
+        self._l1_used = 0
+        self._inflight: dict[str, asyncio.Future[CacheEntry]] = {}
+
+    # -- keys ---------------------------------------------------------------------------------------------
+    def key(self, image_id: str) -> str:
+        return f"samserve:emb:{self.namespace}:{image_id}"
+
+    @property
+    def l1_used_bytes(self) -> int:
+        return self._l1_used
+
+    # -- tier 1 -------------------------------------------------------------------------------------------
+    def _l1_get(self, key: str) -> CacheEntry | None:
+        entry = self._l1.get(key)
+        if entry is not None:
+            self._l1.move_to_end(key)
+        return entry
+
+    async def _l1_put(self, key: str, embedding: Embedding) -> CacheEntry:
+        staged = await self.triton.stage_embedding(embedding.array.astype(np.float32))
+        entry = CacheEntry(embedding, staged)
+        if entry.nbytes > self.l1_bytes:  # too big to keep: serve it once, release after use
+            entry.evicted = True
+            return entry
+        self._l1[key] = entry
+        self._l1_used += entry.nbytes
+        while self._l1_used > self.l1_bytes:
+            _, old = self._l1.popitem(last=False)
+            self._l1_used -= old.nbytes
+            old.evicted = True
+            if old.users == 0:
+                await self.triton.release_embedding(old.staged)
+        return entry
+
+    async def release(self, entry: CacheEntry) -> None:
+        """Done with ``entry`` (from :meth:`get` / :meth:`get_or_compute`)."""
+        entry.users -= 1
+        if entry.evicted and entry.users == 0:
+            await self.triton.release_embedding(entry.staged)
+
+    # -- tier 2 -------------------------------------------------------------------------------------------
+    async def _redis(self, what: str, call: Callable[[], Awaitable[Any]]) -> tuple[bool, Any]:
+        """(ok, result) of one Redis operation under the timeout; failures are counted, never raised."""
+        if self.redis is None:
+            return False, None
+        try:
+            return True, await asyncio.wait_for(call(), self.redis_timeout_s)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # noqa: BLE001 - any Redis trouble means "no tier 2 for this call"
+            self.failures.record(what, error)
+            return False, None
+
+    async def _l2_get(self, key: str) -> Embedding | None:
+        ok, record = await self._redis("GET", lambda: self.redis.get(key))
+        if not ok or record is None:
+            return None
+        try:
+            return EmbeddingCodec.decode(record)
+        except CorruptRecord as error:
+            self.failures.record("record decode", error)
+            await self._redis("DEL", lambda: self.redis.delete(key))
+            return None
+
+    async def _l2_put(self, key: str, embedding: Embedding) -> None:
+        record = EmbeddingCodec.encode(embedding)
+        await self._redis("SET", lambda: self.redis.set(key, record, ex=self.ttl_s))
+
+    # -- lookups ------------------------------------------------------------------------------------------
+    async def get(self, image_id: str) -> CacheEntry | None:
+        """The entry for ``image_id`` from tier 1 or tier 2, or None. Call :meth:`release` when done."""
+        key = self.key(image_id)
+        entry = self._l1_get(key)
+        if entry is not None:
+            self.stats.l1_hits += 1
+        else:
+            embedding = await self._l2_get(key)
+            if embedding is None:
+                self.stats.misses += 1
+                return None
+            self.stats.l2_hits += 1
+            entry = self._l1_get(key) or await self._l1_put(key, embedding)
+        entry.users += 1
+        return entry
+
+    async def get_or_compute(
+        self, image_id: str, compute: Callable[[], Awaitable[Embedding]]
+    ) -> tuple[CacheEntry, bool]:
+        """(entry, cached): cached is False only for the call whose ``compute`` ran. Call :meth:`release`."""
+        key = self.key(image_id)
+        entry = self._l1_get(key)
+        if entry is not None:
+            self.stats.l1_hits += 1
+            entry.users += 1
+            return entry, True
+        pending = self._inflight.get(key)
+        if pending is not None:
+            self.stats.single_flight_waits += 1
+            try:
+                entry = await asyncio.shield(pending)
+            except _HolderCancelled:  # the request that was encoding went away: try again ourselves
+                return await self.get_or_compute(image_id, compute)
+            entry.users += 1
+            return entry, True
+        future: asyncio.Future[CacheEntry] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = future
+        try:
+            entry, cached = await self._fill(key, compute)
+        except BaseException as error:
+            future.set_exception(error if isinstance(error, Exception) else _HolderCancelled())
+            future.exception()  # retrieved: waiters re-raise it, nobody warns about it
+            raise
+        finally:
+            self._inflight.pop(key, None)
+        future.set_result(entry)
+        entry.users += 1
+        return entry, cached
+
+    async def _fill(self, key: str, compute: Callable[[], Awaitable[Embedding]]) -> tuple[CacheEntry, bool]:
+        """Tier 2, else compute under the cross-replica lock (or without it when Redis fails)."""
+        embedding = await self._l2_get(key)
+        if embedding is not None:
+            self.stats.l2_hits += 1
+            return await self._l1_put(key, embedding), True
+        self.stats.misses += 1
+        lock_key, token = key + ":lock", secrets.token_hex(8)
+        while True:
+            ok, acquired = await self._redis(
+                "lock", lambda: self.redis.set(lock_key, token, nx=True, px=self.lock_ttl_ms)
+            )
+            if not ok or acquired:
+                break
+            # Another replica is encoding: take its result, or the lock once it is gone (holder crashed).
+            self.stats.single_flight_waits += 1
+            while True:
+                await asyncio.sleep(self.LOCK_POLL_S)
+                embedding = await self._l2_get(key)
+                if embedding is not None:
+                    return await self._l1_put(key, embedding), True
+                ok, held = await self._redis("lock check", lambda: self.redis.exists(lock_key))
+                if not ok or not held:
+                    break
+            if not ok:
+                break
+        try:
+            self.stats.encodes += 1
+            embedding = round_trip_fp16(await compute())
+            await self._l2_put(key, embedding)
+        finally:
+            if ok and acquired:
+                await self._redis("unlock", lambda: self._unlock(lock_key, token))
+        return await self._l1_put(key, embedding), False
+
+    UNLOCK_SCRIPT = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+
+    async def _unlock(self, lock_key: str, token: str) -> Any:
+        return await self.redis.eval(self.UNLOCK_SCRIPT, 1, lock_key, token)
+
+    async def close(self) -> None:
+        for entry in list(self._l1.values()):
+            await self.triton.release_embedding(entry.staged)
+        self._l1.clear()
+        self._l1_used = 0

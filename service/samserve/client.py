@@ -1,0 +1,140 @@
+"""Typed Python client of the samserve gateway (wraps the generated stubs; masks come back as numpy arrays).
+
+    from samserve.client import SamServeClient, PromptSpec
+    with SamServeClient("127.0.0.1:50051") as client:
+        embedded = client.embed(open("photo.jpg", "rb").read())
+        (answer,) = client.segment(embedded.image_id, [PromptSpec(points=[(500, 375)], labels=[1])])
+        best = answer.masks[answer.predicted_iou.argmax()]        # H x W bool
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import grpc
+import numpy as np
+
+from samserve import mask_encoding
+from samserve.api import pb, pb_grpc
+
+FOREGROUND, BACKGROUND = 1, 0
+_LABELS = {FOREGROUND: pb.POINT_LABEL_FOREGROUND, BACKGROUND: pb.POINT_LABEL_BACKGROUND}
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbedResult:
+    image_id: str
+    width: int
+    height: int
+    cached: bool
+    model_id: str
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptSpec:
+    """A prompt in original-image pixels: points (x, y) with labels 1 (foreground) / 0 (background), an
+    optional XYXY box, optional low-res logits (h x w float32) from an earlier answer."""
+
+    points: Sequence[tuple[float, float]] = ()
+    labels: Sequence[int] = ()
+    box: tuple[float, float, float, float] | None = None
+    mask_input: np.ndarray | None = None
+    multimask_output: bool = True
+
+    def to_proto(self) -> pb.Prompt:
+        if len(self.points) != len(self.labels):
+            raise ValueError("points and labels must have the same length")
+        message = pb.Prompt(
+            points=[pb.Point(x=x, y=y, label=_LABELS.get(label, pb.POINT_LABEL_UNSPECIFIED))
+                    for (x, y), label in zip(self.points, self.labels)],
+            multimask_output=self.multimask_output,
+        )
+        if self.box is not None:
+            message.box.CopyFrom(pb.Box(x0=self.box[0], y0=self.box[1], x1=self.box[2], y1=self.box[3]))
+        if self.mask_input is not None:
+            logits = np.asarray(self.mask_input, dtype="<f4")
+            message.mask_input.CopyFrom(pb.LowResLogits(height=logits.shape[0], width=logits.shape[1],
+                                                        data=logits.tobytes()))
+        return message
+
+
+@dataclasses.dataclass(frozen=True)
+class Masks:
+    """The answer to one prompt, in mask-token order."""
+
+    masks: np.ndarray
+    """bool, K x H x W."""
+    predicted_iou: np.ndarray
+    """float32, K."""
+    stability_score: np.ndarray
+    """float32, K."""
+    token_index: list[int]
+    low_res_logits: np.ndarray | None
+    """float32, K x h x w when asked for."""
+
+
+def masks_from_proto(result: pb.PromptResult, height: int, width: int) -> Masks:
+    decoded = []
+    for mask in result.masks:
+        if mask.HasField("rle"):
+            decoded.append(mask_encoding.decode_rle(list(mask.rle.size), mask.rle.counts))
+        else:
+            decoded.append(mask_encoding.decode_png(mask.png))
+    logits = None
+    if result.masks and result.masks[0].HasField("low_res_logits"):
+        logits = np.stack([
+            np.frombuffer(m.low_res_logits.data, "<f4").reshape(m.low_res_logits.height, m.low_res_logits.width)
+            for m in result.masks
+        ])
+    return Masks(
+        masks=np.stack(decoded) if decoded else np.zeros((0, height, width), bool),
+        predicted_iou=np.array([m.predicted_iou for m in result.masks], np.float32),
+        stability_score=np.array([m.stability_score for m in result.masks], np.float32),
+        token_index=[m.token_index for m in result.masks],
+        low_res_logits=logits,
+    )
+
+
+class SamServeClient:
+    """Blocking client; thread-safe (one channel). Errors raise ``grpc.RpcError`` with the API's status codes."""
+
+    def __init__(self, target: str, timeout_s: float | None = 600.0) -> None:
+        self.channel = grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", 1 << 30)])
+        self.stub = pb_grpc.SegmentAnythingStub(self.channel)
+        self.timeout_s = timeout_s
+
+    def embed(self, image: bytes) -> EmbedResult:
+        response = self.stub.Embed(pb.EmbedRequest(image=image), timeout=self.timeout_s)
+        return EmbedResult(response.image_id, response.width, response.height, response.cached, response.model_id)
+
+    def segment_raw(self, request: pb.SegmentRequest) -> pb.SegmentResponse:
+        return self.stub.Segment(request, timeout=self.timeout_s)
+
+    def segment(
+        self,
+        image: bytes | str,
+        prompts: Sequence[PromptSpec],
+        encoding: int = pb.MASK_ENCODING_RLE,
+        return_low_res_logits: bool = False,
+    ) -> list[Masks]:
+        """Masks per prompt. ``image``: encoded bytes, or an ``image_id`` string from :meth:`embed`."""
+        request = pb.SegmentRequest(
+            prompts=[p.to_proto() for p in prompts], mask_encoding=encoding,
+            return_low_res_logits=return_low_res_logits,
+        )
+        if isinstance(image, str):
+            request.image_id = image
+        else:
+            request.image_bytes = image
+        response = self.segment_raw(request)
+        return [masks_from_proto(r, response.height, response.width) for r in response.results]
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> "SamServeClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

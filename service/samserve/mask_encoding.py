@@ -1,0 +1,30 @@
+"""Mask encodings of the API: COCO RLE (as pycocotools writes it), PNG, and low-res logits."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+from pycocotools import mask as coco_mask
+
+
+def coco_rle(masks: np.ndarray) -> list[dict]:
+    """COCO compressed RLE of K x H x W bool masks: [{"size": [H, W], "counts": bytes}, ...]."""
+    return coco_mask.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
+
+
+def png(mask: np.ndarray) -> bytes:
+    """8-bit grayscale PNG of one H x W bool mask (255 = mask)."""
+    ok, encoded = cv2.imencode(".png", mask.astype(np.uint8) * 255)
+    if not ok:
+        raise RuntimeError("PNG encoding failed")
+    return encoded.tobytes()
+
+
+def decode_rle(size: list[int], counts: bytes) -> np.ndarray:
+    """H x W bool mask from a COCO compressed RLE."""
+    return coco_mask.decode({"size": list(size), "counts": counts}).astype(bool)
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    """H x W bool mask from the API's PNG."""
+    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE) > 127

@@ -1,0 +1,68 @@
+"""Start and stop Debian's ``redis-server`` on loopback (the stack's tier-2 cache; test fixtures use it too)."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import redis
+
+
+class RedisStartError(RuntimeError):
+    """redis-server is missing, exited, or did not answer PING in time."""
+
+
+def redis_binary() -> str | None:
+    return shutil.which("redis-server")
+
+
+class RedisServer:
+    """A throw-away redis-server: no persistence, bound to ``host``:``port``, data under ``workdir``."""
+
+    def __init__(self, port: int, workdir: Path, host: str = "127.0.0.1", extra_args: tuple[str, ...] = ()) -> None:
+        self.host, self.port = host, port
+        self.workdir = Path(workdir)
+        self.extra_args = extra_args
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.host}:{self.port}/0"
+
+    def start(self, timeout_s: float = 15.0) -> "RedisServer":
+        binary = redis_binary()
+        if binary is None:
+            raise RedisStartError("redis-server not found: install Debian's redis-server (make does, as root)")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        log = open(self.workdir / f"redis-{self.port}.log", "wb")
+        self.process = subprocess.Popen(
+            [binary, "--bind", self.host, "--port", str(self.port), "--save", "", "--appendonly", "no",
+             "--dir", str(self.workdir), "--protected-mode", "no", *self.extra_args],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + timeout_s
+        client = redis.Redis(host=self.host, port=self.port, socket_timeout=1)
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RedisStartError(f"redis-server exited with {self.process.returncode}")
+            try:
+                if client.ping():
+                    client.close()
+                    return self
+            except redis.RedisError:
+                time.sleep(0.05)
+        self.stop()
+        raise RedisStartError(f"redis-server on port {self.port} did not answer within {timeout_s} s")
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
