@@ -6,11 +6,11 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.samserve-installed
-# Debian packages the stack needs at run time (none yet beyond the base image; Redis/Prometheus join later).
-DEBIAN_PACKAGES ?=
+# Debian packages the stack needs at run time: Redis is the embedding cache's tier 2 (and the tests' Redis).
+DEBIAN_PACKAGES ?= redis-server
 PYTEST_ARGS ?=
 
-.PHONY: up test setup system-deps prepare bench clean
+.PHONY: up test setup system-deps stubs prepare bench clean
 
 up: setup prepare
 	$(BIN)/samserve up
@@ -18,7 +18,11 @@ up: setup prepare
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-setup: system-deps $(STAMP)
+setup: system-deps $(STAMP) stubs
+
+# The gRPC API stubs: generated from protos/ by grpcio-tools, never committed.
+stubs: $(STAMP)
+	$(BIN)/python -c "import samserve.api"
 
 system-deps:
 	@if [ -n "$(strip $(DEBIAN_PACKAGES))" ] && [ "$$(id -u)" = 0 ]; then \

@@ -11,12 +11,16 @@ from __future__ import annotations
 import dataclasses
 import enum
 import uuid
+import warnings
 from typing import Any
 
 import numpy as np
 import tritonclient.grpc.aio as grpcclient
-import tritonclient.utils.shared_memory as system_shm
 from tritonclient.utils import np_to_triton_dtype
+
+with warnings.catch_warnings():  # it imports the deprecated pkg_resources (hence setuptools<81)
+    warnings.simplefilter("ignore", UserWarning)
+    import tritonclient.utils.shared_memory as system_shm
 
 from samserve import model_spec
 from samserve.processing import DecoderBatch, PreparedImage

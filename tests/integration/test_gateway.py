@@ -1,0 +1,310 @@
+"""The gateway end to end: real `samserve gateway` processes, real Triton, real Redis, real gRPC channels."""
+
+from __future__ import annotations
+
+import io
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import pytest
+import torch
+import tritonclient.grpc as tritongrpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from PIL import Image
+from segment_anything import SamPredictor
+
+from samserve import model_spec
+from samserve.api import SERVICE_NAME, pb
+from samserve.client import PromptSpec, SamServeClient
+from samserve.redis_server import RedisServer
+from samserve_build import architectures
+from tests.conftest import free_port, synthetic_image
+from tests.integration.test_parity import mask_iou, prompt_for
+
+_image_seed = iter(range(1000, 100000))
+
+
+def png_bytes(image: np.ndarray, **options) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, "PNG", **options)
+    return buffer.getvalue()
+
+
+def new_image(height: int = 120, width: int = 160) -> bytes:
+    """A PNG no earlier call has sent (so its embedding is not cached anywhere)."""
+    return png_bytes(synthetic_image(height, width, seed=next(_image_seed)))
+
+
+def encoder_count(triton_url: str) -> int:
+    client = tritongrpc.InferenceServerClient(triton_url)
+    try:
+        stats = client.get_inference_statistics(model_spec.ENCODER_MODEL, as_json=True)
+        return sum(int(m.get("inference_count", 0)) for m in stats["model_stats"])
+    finally:
+        client.close()
+
+
+def spec(kwargs: dict) -> PromptSpec:
+    points = kwargs.get("point_coords")
+    return PromptSpec(
+        points=[tuple(p) for p in points] if points is not None else (),
+        labels=list(kwargs["point_labels"]) if points is not None else (),
+        box=tuple(kwargs["box"]) if kwargs.get("box") is not None else None,
+        mask_input=kwargs.get("mask_input"),
+        multimask_output=kwargs["multimask_output"],
+    )
+
+
+@pytest.fixture(scope="module")
+def official_tiny(tiny_triton):
+    return architectures.load_sam("tiny", tiny_triton.model.checkpoint)
+
+
+@pytest.fixture
+def gateway(gateway_factory, tiny_triton, redis_server):
+    return gateway_factory(tiny_triton.url, redis_server.url)
+
+
+@pytest.mark.parametrize("multimask", [True, False], ids=["multimask", "single"])
+def test_embed_then_segment_by_id_matches_official_predictor(gateway, official_tiny, multimask):
+    height, width = 300, 400
+    image = synthetic_image(height, width, seed=5)
+    predictor = SamPredictor(official_tiny)
+    with torch.no_grad():
+        predictor.set_image(image)
+    with SamServeClient(gateway.target) as client:
+        embedded = client.embed(png_bytes(image))
+        assert (embedded.width, embedded.height) == (width, height)
+        for case in ("point", "fg_bg", "box", "box_points", "refine"):
+            if case == "refine":
+                first = prompt_for("point", height, width, multimask)
+                with torch.no_grad():
+                    _, scores, low_res = predictor.predict(**first)
+                (ours_first,) = client.segment(embedded.image_id, [spec(first)], return_low_res_logits=True)
+                best = int(np.argmax(scores))
+                second = dict(point_coords=np.array([[0.5 * width, 0.4 * height], [0.2 * width, 0.8 * height]]),
+                              point_labels=np.array([1, 0]), multimask_output=multimask)
+                with torch.no_grad():
+                    masks, scores, _ = predictor.predict(**second, mask_input=low_res[best][None])
+                (got,) = client.segment(embedded.image_id, [spec(dict(second, mask_input=ours_first.low_res_logits[best]))])
+            else:
+                kwargs = prompt_for(case, height, width, multimask)
+                with torch.no_grad():
+                    masks, scores, _ = predictor.predict(**kwargs)
+                (got,) = client.segment(embedded.image_id, [spec(kwargs)])
+            assert got.masks.shape == masks.shape, case
+            ious = [mask_iou(masks[k], got.masks[k]) for k in range(len(masks))]
+            assert min(ious) >= 0.99, (case, ious)
+            # The served embedding is fp16 (the cache's format), so scores agree to fp16 precision.
+            np.testing.assert_allclose(got.predicted_iou, scores, atol=1e-2)
+            assert got.token_index == ([1, 2, 3] if multimask else [0])
+
+
+def test_segment_with_bytes_equals_segment_by_id_and_both_encodings(gateway):
+    data = new_image()
+    prompts = [PromptSpec(points=[(80, 60)], labels=[1]), PromptSpec(box=(10, 10, 120, 90), multimask_output=False)]
+    with SamServeClient(gateway.target) as client:
+        by_bytes = client.segment(data, prompts, encoding=pb.MASK_ENCODING_RLE_AND_PNG)
+        embedded = client.embed(data)
+        assert embedded.cached
+        by_id = client.segment(embedded.image_id, prompts, encoding=pb.MASK_ENCODING_PNG)
+        raw = client.segment_raw(pb.SegmentRequest(image_id=embedded.image_id, prompts=[p.to_proto() for p in prompts],
+                                                   mask_encoding=pb.MASK_ENCODING_RLE_AND_PNG))
+    for a, b in zip(by_bytes, by_id):
+        np.testing.assert_array_equal(a.masks, b.masks)
+        np.testing.assert_array_equal(a.predicted_iou, b.predicted_iou)
+    mask = raw.results[0].masks[0]
+    assert mask.rle.size == [120, 160] and mask.png  # both encodings present
+    assert mask.area == int(by_id[0].masks[0].sum())
+    assert raw.cached and raw.image_id == embedded.image_id
+
+
+def test_second_segment_runs_no_encoder_and_restart_finds_redis(gateway_factory, tiny_triton, redis_server):
+    data = new_image()
+    prompt = [PromptSpec(points=[(50, 50)], labels=[1])]
+    first = gateway_factory(tiny_triton.url, redis_server.url)
+    before = encoder_count(tiny_triton.url)
+    with SamServeClient(first.target) as client:
+        client.segment(data, prompt)
+        assert encoder_count(tiny_triton.url) == before + 1
+        client.segment(data, prompt)
+        image_id = client.embed(data).image_id
+    assert encoder_count(tiny_triton.url) == before + 1
+    assert first.stop() == 0  # graceful SIGTERM exit
+    restarted = gateway_factory(tiny_triton.url, redis_server.url)
+    with SamServeClient(restarted.target) as client:
+        (answer,) = client.segment(image_id, prompt)  # tier 1 is empty: found in Redis
+        assert answer.masks.shape == (3, 120, 160)
+        assert client.embed(data).cached
+    assert encoder_count(tiny_triton.url) == before + 1
+
+
+def _concurrent_segments(targets: list[str], data: bytes, calls: int) -> list:
+    barrier = threading.Barrier(calls)
+
+    def call(i: int):
+        with SamServeClient(targets[i % len(targets)]) as client:
+            barrier.wait()
+            return client.segment(data, [PromptSpec(points=[(40, 40)], labels=[1])])
+
+    with ThreadPoolExecutor(calls) as pool:
+        return list(pool.map(call, range(calls)))
+
+
+def test_sixteen_concurrent_segments_on_a_new_image_run_one_encoder(gateway, tiny_triton):
+    before = encoder_count(tiny_triton.url)
+    results = _concurrent_segments([gateway.target], new_image(), 16)
+    assert encoder_count(tiny_triton.url) == before + 1
+    assert all(np.array_equal(r[0].masks, results[0][0].masks) for r in results)
+
+
+def test_two_gateways_sharing_redis_run_one_encoder_between_them(gateway_factory, tiny_triton, redis_server):
+    first = gateway_factory(tiny_triton.url, redis_server.url)
+    second = gateway_factory(tiny_triton.url, redis_server.url)
+    before = encoder_count(tiny_triton.url)
+    results = _concurrent_segments([first.target, second.target], new_image(200, 260), 8)
+    assert encoder_count(tiny_triton.url) == before + 1
+    assert all(np.array_equal(r[0].masks, results[0][0].masks) for r in results)
+
+
+def test_redis_stopped_mid_test_segment_still_succeeds(gateway_factory, tiny_triton, tmp_path):
+    redis = RedisServer(free_port(), tmp_path / "redis").start()
+    gateway = gateway_factory(tiny_triton.url, redis.url, redis_timeout_s=0.5)
+    with SamServeClient(gateway.target) as client:
+        assert client.segment(new_image(), [PromptSpec(points=[(30, 30)], labels=[1])])
+        redis.stop()
+        data = new_image()
+        (answer,) = client.segment(data, [PromptSpec(points=[(30, 30)], labels=[1])])
+        assert answer.masks.shape == (3, 120, 160)
+        assert client.embed(data).cached  # tier 1 still serves it
+    assert "redis" in gateway.log().lower() and "failed" in gateway.log()
+
+
+def test_same_pixels_different_bytes_get_different_ids(gateway):
+    pixels = synthetic_image(64, 80, seed=77)
+    with SamServeClient(gateway.target) as client:
+        a = client.embed(png_bytes(pixels, compress_level=1))
+        b = client.embed(png_bytes(pixels, compress_level=9))
+    assert a.image_id != b.image_id and not b.cached
+
+
+def test_exif_orientation_is_applied(gateway):
+    """A phone JPEG stored landscape with 'rotate 90' EXIF is served in the orientation a person sees."""
+    stored = synthetic_image(60, 100, seed=3)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 CW to display
+    buffer = io.BytesIO()
+    Image.fromarray(stored).save(buffer, "JPEG", exif=exif.tobytes())
+    with SamServeClient(gateway.target) as client:
+        embedded = client.embed(buffer.getvalue())
+        (answer,) = client.segment(embedded.image_id, [PromptSpec(points=[(30, 90)], labels=[1])])
+    assert (embedded.width, embedded.height) == (60, 100)
+    assert answer.masks.shape[1:] == (100, 60)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "WEBP", "BMP", "TIFF"])
+def test_accepted_formats(gateway, fmt):
+    buffer = io.BytesIO()
+    Image.fromarray(synthetic_image(50, 70, seed=9)).save(buffer, fmt)
+    with SamServeClient(gateway.target) as client:
+        embedded = client.embed(buffer.getvalue())
+    assert (embedded.width, embedded.height) == (70, 50)
+
+
+def _code(call) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as caught:
+        call()
+    return caught.value.code(), caught.value.details()
+
+
+def test_errors_have_precise_status_codes(gateway, tiny_triton):
+    data = new_image()
+    low_res = tiny_triton.model.metadata.low_res_mask_size
+    with SamServeClient(gateway.target) as client:
+        image_id = client.embed(data).image_id
+        invalid = grpc.StatusCode.INVALID_ARGUMENT
+
+        def segment(*prompts: pb.Prompt):
+            return client.segment_raw(pb.SegmentRequest(image_id=image_id, prompts=list(prompts)))
+
+        def point(x, y, label=pb.POINT_LABEL_FOREGROUND):
+            return pb.Point(x=x, y=y, label=label)
+
+        cases = {
+            "empty image": (lambda: client.embed(b""), "empty image"),
+            "undecodable": (lambda: client.embed(b"definitely not an image"), "undecodable"),
+            "zero prompts": (lambda: segment(), "at least one prompt"),
+            "no points nor box": (lambda: segment(pb.Prompt(multimask_output=True)), "neither points nor a box"),
+            "nan": (lambda: segment(pb.Prompt(points=[point(float("nan"), 3)])), "not finite"),
+            "inf box": (lambda: segment(pb.Prompt(box=pb.Box(x0=0, y0=0, x1=float("inf"), y1=5))), "not finite"),
+            "outside": (lambda: segment(pb.Prompt(points=[point(161, 3)])), "outside"),
+            "negative": (lambda: segment(pb.Prompt(points=[point(-1, 3)])), "outside"),
+            "box outside": (lambda: segment(pb.Prompt(box=pb.Box(x0=0, y0=0, x1=10, y1=500))), "box must satisfy"),
+            "inverted box": (lambda: segment(pb.Prompt(box=pb.Box(x0=50, y0=0, x1=10, y1=5))), "box must satisfy"),
+            "bad label": (lambda: segment(pb.Prompt(points=[point(3, 3, pb.POINT_LABEL_UNSPECIFIED)])), "label"),
+            "unknown label": (lambda: segment(pb.Prompt(points=[point(3, 3, 7)])), "label"),
+            "too many points": (lambda: segment(pb.Prompt(points=[point(3, 3)] * 65)), "limit is 64"),
+            "mask size": (lambda: segment(pb.Prompt(points=[point(3, 3)], mask_input=pb.LowResLogits(
+                height=low_res[0] + 1, width=low_res[1], data=b"\0" * 4 * (low_res[0] + 1) * low_res[1]))), "mask_input"),
+            "no image": (lambda: client.segment_raw(pb.SegmentRequest(prompts=[pb.Prompt(points=[point(1, 1)])])),
+                         "image_bytes or image_id"),
+        }
+        for name, (call, message) in cases.items():
+            code, details = _code(call)
+            assert code == invalid, (name, code, details)
+            assert message in details, (name, details)
+        code, details = _code(lambda: client.segment("0" * 64, [PromptSpec(points=[(1, 1)], labels=[1])]))
+        assert code == grpc.StatusCode.NOT_FOUND and "send the image bytes again" in details
+
+
+def test_pixel_limit_request_size_and_encode_queue(gateway_factory, tiny_triton, redis_server):
+    gateway = gateway_factory(tiny_triton.url, redis_server.url, max_image_pixels=10_000, max_request_bytes=200_000,
+                              max_concurrent_encodes=1, max_queued_encodes=0)
+    with SamServeClient(gateway.target) as client:
+        code, details = _code(lambda: client.embed(new_image(101, 100)))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "over the limit" in details
+        big = np.random.default_rng(0).integers(0, 256, (300, 300, 3), dtype=np.uint8)
+        code, _ = _code(lambda: client.embed(png_bytes(big)))  # ~270 kB of incompressible PNG
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    images = [new_image(90, 100) for _ in range(12)]
+    barrier = threading.Barrier(len(images))
+
+    def embed(data: bytes):
+        with SamServeClient(gateway.target) as client:
+            barrier.wait()
+            try:
+                client.embed(data)
+                return grpc.StatusCode.OK
+            except grpc.RpcError as error:
+                return error.code()
+
+    with ThreadPoolExecutor(len(images)) as pool:
+        codes = list(pool.map(embed, images))
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+    assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes and grpc.StatusCode.OK in codes
+
+
+def test_deadline_exceeded(gateway):
+    with SamServeClient(gateway.target, timeout_s=0.001) as client:
+        code, _ = _code(lambda: client.embed(new_image(400, 500)))
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_unavailable_without_triton_and_health(gateway_factory, redis_server, gateway):
+    nowhere = gateway_factory(f"127.0.0.1:{free_port()}", redis_server.url, wait_serving=False)
+    assert nowhere.health() == "NOT_SERVING"
+    assert nowhere.health(SERVICE_NAME) == "NOT_SERVING"
+    with SamServeClient(nowhere.target) as client:
+        code, details = _code(lambda: client.embed(new_image()))
+    assert code == grpc.StatusCode.UNAVAILABLE and "not ready" in details
+    assert gateway.health() == "SERVING" and gateway.health(SERVICE_NAME) == "SERVING"
+
+
+def test_reflection_lists_the_service(gateway):
+    with grpc.insecure_channel(gateway.target) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        names = {s.name for r in responses for s in r.list_services_response.service}
+    assert SERVICE_NAME in names and "grpc.health.v1.Health" in names
