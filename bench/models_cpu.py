@@ -24,7 +24,7 @@ from segment_anything import SamPredictor  # noqa: E402
 
 from samserve import processing, segmentation  # noqa: E402
 from samserve.triton_models import EmbeddingTransport, TritonSam  # noqa: E402
-from samserve_build import architectures, repository  # noqa: E402
+from samserve_build import architectures, local_stack  # noqa: E402
 from samserve_build.synthetic import synthetic_image  # noqa: E402
 
 ENCODER_TARGET = 0.5
@@ -48,7 +48,7 @@ def main() -> None:
     prompt = processing.Prompt(points=point, labels=label, multimask_output=True)
     predictor = SamPredictor(architectures.load_sam("vit_b", checkpoint))
 
-    with repository.serve_locally(model_dir, WORK / "models_cpu") as server, asyncio.Runner() as runner:
+    with local_stack.serve_locally(model_dir, WORK / "models_cpu") as server, asyncio.Runner() as runner:
         async def connect() -> TritonSam:
             return TritonSam(server.grpc_url)
 

@@ -7,14 +7,11 @@ sizes from Triton's model-config API, wherever Triton runs) and places the expor
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import socket
-from collections.abc import Iterator
 from pathlib import Path
 
-from samserve import model_spec, triton_server
+from samserve import model_spec
 
 SOURCE_REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
 MODEL_FILES = {
@@ -58,18 +55,3 @@ def write_repository(model_dir: Path, out: Path, source: Path = SOURCE_REPOSITOR
     staging.rename(out)
     return out
 
-
-def free_port() -> int:
-    """A free TCP port on loopback (tests and benchmarks run their own Triton)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextlib.contextmanager
-def serve_locally(model_dir: Path, root: Path, timeout_s: float = 300.0) -> Iterator[triton_server.TritonServer]:
-    """Render a repository for ``model_dir`` under ``root`` and run Triton on free loopback ports until exit."""
-    repo = write_repository(model_dir, Path(root) / "repository")
-    server = triton_server.TritonServer(repo, Path(root) / "work", free_port(), free_port(), free_port())
-    with triton_server.running_triton(server, timeout_s, tuple(MODEL_FILES)):
-        yield server

@@ -308,3 +308,86 @@ def test_reflection_lists_the_service(gateway):
         responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
         names = {s.name for r in responses for s in r.list_services_response.service}
     assert SERVICE_NAME in names and "grpc.health.v1.Health" in names
+
+
+def test_corrupt_redis_record_is_recomputed(gateway_factory, tiny_triton, redis_server):
+    import redis
+
+    gateway = gateway_factory(tiny_triton.url, redis_server.url)
+    data = new_image()
+    with SamServeClient(gateway.target) as client:
+        image_id = client.embed(data).image_id
+    namespace = tiny_triton.model.metadata.cache_namespace
+    store = redis.Redis.from_url(redis_server.url)
+    key = f"samserve:emb:{namespace}:{image_id}"
+    assert store.exists(key)
+    store.set(key, b"SAME" + b"\x01" * 40)
+    store.close()
+    fresh = gateway_factory(tiny_triton.url, redis_server.url)  # empty tier 1: must read tier 2
+    before = encoder_count(tiny_triton.url)
+    with SamServeClient(fresh.target) as client:
+        (answer,) = client.segment(data, [PromptSpec(points=[(20, 20)], labels=[1])])
+    assert answer.masks.shape == (3, 120, 160)
+    assert encoder_count(tiny_triton.url) == before + 1
+    assert "record decode failed" in fresh.log()
+
+
+def cluster_port() -> int:
+    """A free port p <= 55535 whose cluster bus port p + 10000 is free too."""
+    import random
+    import socket
+
+    for _ in range(200):
+        port = random.randint(20000, 45000)
+        try:
+            for candidate in (port, port + 10000):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", candidate))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free cluster port")
+
+
+@pytest.fixture(scope="module")
+def redis_cluster(tmp_path_factory):
+    """Three real redis-server nodes joined into a Redis Cluster with redis-cli."""
+    import shutil
+    import subprocess
+
+    if shutil.which("redis-cli") is None:
+        pytest.fail("redis-cli is missing (Debian's redis-tools, installed with redis-server)")
+    root = tmp_path_factory.mktemp("cluster")
+    nodes = [
+        RedisServer(cluster_port(), root / str(i), extra_args=("--cluster-enabled", "yes",
+                    "--cluster-config-file", "nodes.conf")).start()
+        for i in range(3)
+    ]
+    subprocess.run(["redis-cli", "--cluster", "create", *[f"127.0.0.1:{n.port}" for n in nodes],
+                    "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=60)
+    import redis
+
+    probe = redis.Redis(port=nodes[0].port)
+    for _ in range(100):
+        if probe.cluster("info").get("cluster_state") == "ok":
+            break
+        threading.Event().wait(0.1)
+    probe.close()
+    yield nodes
+    for node in nodes:
+        node.stop()
+
+
+def test_redis_cluster_tier_two_and_single_flight(gateway_factory, tiny_triton, redis_cluster):
+    url = redis_cluster[1].url
+    first = gateway_factory(tiny_triton.url, url, redis_cluster="true")
+    second = gateway_factory(tiny_triton.url, url, redis_cluster="true")
+    before = encoder_count(tiny_triton.url)
+    data = new_image(150, 150)
+    _concurrent_segments([first.target, second.target], data, 6)
+    assert encoder_count(tiny_triton.url) == before + 1
+    third = gateway_factory(tiny_triton.url, url, redis_cluster="true")
+    with SamServeClient(third.target) as client:
+        assert client.embed(data).cached
+    assert encoder_count(tiny_triton.url) == before + 1
+    assert "failed" not in first.log() + second.log() + third.log()

@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 import pytest
+from PIL import Image
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aioclient
 from tritonclient.utils import InferenceServerException
@@ -122,10 +123,12 @@ def test_launcher_reports_a_model_that_cannot_load(tiny_model, tmp_path):
 
 
 def test_prepare_then_up_serves_and_stops_cleanly(tmp_path):
-    """What `make up` runs: `samserve-build prepare` then `samserve up`, here with the tiny model."""
+    """What `make up` runs: `samserve-build prepare` then `samserve up` (Redis + Triton + gateway), tiny model,
+    and the README's command-line client segments an image through it."""
     env = dict(os.environ, SAMSERVE_WORKDIR=str(tmp_path), SAMSERVE_MODEL_VARIANT="tiny", SAMSERVE_RANDOM_SEED="4")
     ports = {"SAMSERVE_TRITON_HTTP_PORT": free_port(), "SAMSERVE_TRITON_GRPC_PORT": free_port(),
-             "SAMSERVE_TRITON_METRICS_PORT": free_port()}
+             "SAMSERVE_TRITON_METRICS_PORT": free_port(), "SAMSERVE_GATEWAY_PORT": free_port(),
+             "SAMSERVE_METRICS_PORT": free_port(), "SAMSERVE_REDIS_SERVER_PORT": free_port()}
     env.update({k: str(v) for k, v in ports.items()})
     bin_dir = os.path.dirname(sys.executable)
     prepared = subprocess.run([f"{bin_dir}/samserve-build", "prepare"], env=env, capture_output=True, text=True, timeout=300)
@@ -148,11 +151,24 @@ def test_prepare_then_up_serves_and_stops_cleanly(tmp_path):
         assert ready
         meta = model_spec.ModelMetadata.read(tmp_path / "models" / "tiny-random-seed4")
         assert meta.model_id == "tiny-random-seed4"
+        image = tmp_path / "scene.png"
+        Image.fromarray(synthetic_image(90, 120, seed=2)).save(image)
+        overlay = tmp_path / "overlay.png"
+        segment = [f"{bin_dir}/samserve", "segment", str(image), "--point", "60,45", "--point", "10,10,0",
+                   "--out", str(overlay)]
+        for _ in range(100):  # the gateway turns SERVING within a health-check interval of Triton
+            result = subprocess.run(segment, env=env, capture_output=True, text=True, timeout=60)
+            if result.returncode == 0 or "UNAVAILABLE" not in result.stderr:
+                break
+            time.sleep(0.2)
+        assert result.returncode == 0, result.stderr
+        assert "model tiny-random-seed4" in result.stdout and "mask token 1" in result.stdout
+        assert Image.open(overlay).size == (120, 90)
     finally:
         process.send_signal(signal.SIGTERM)
         output = process.communicate(timeout=60)[0].decode()
     assert process.returncode == 0, output
-    assert "ready: Triton gRPC" in output and "stopping" in output
+    assert "ready: gateway" in output and "redis-server on" in output and "stopping" in output
 
 
 def test_embedding_transports_give_identical_answers_and_release_their_memory(tiny_triton, event_loop_runner):

@@ -1,0 +1,109 @@
+"""A local stack for tests and benchmarks: Triton on a rendered repository and gateway processes, on free
+loopback ports."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+
+from samserve import triton_server
+from samserve_build.repository import MODEL_FILES, write_repository
+
+
+def free_port() -> int:
+    """A free TCP port on loopback (tests and benchmarks run their own Triton)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def serve_locally(model_dir: Path, root: Path, timeout_s: float = 300.0) -> Iterator[triton_server.TritonServer]:
+    """Render a repository for ``model_dir`` under ``root`` and run Triton on free loopback ports until exit."""
+    repo = write_repository(model_dir, Path(root) / "repository")
+    server = triton_server.TritonServer(repo, Path(root) / "work", free_port(), free_port(), free_port())
+    with triton_server.running_triton(server, timeout_s, tuple(MODEL_FILES)):
+        yield server
+
+
+class GatewayProcess:
+    """`samserve gateway` as a real process on a free port (settings through SAMSERVE_* variables)."""
+
+    def __init__(self, triton_url: str, redis_url: str | None, workdir: Path, **settings: object) -> None:
+        host, port = triton_url.rsplit(":", 1)
+        self.port = free_port()
+        self.env = dict(
+            os.environ,
+            SAMSERVE_WORKDIR=str(workdir),
+            SAMSERVE_GATEWAY_PORT=str(self.port),
+            SAMSERVE_TRITON_HOST=host,
+            SAMSERVE_TRITON_GRPC_PORT=port,
+            SAMSERVE_HEALTH_CHECK_INTERVAL_S="0.2",
+            SAMSERVE_FAILURE_LOG_INTERVAL_S="0",
+        )
+        if redis_url:
+            self.env["SAMSERVE_REDIS_URL"] = redis_url
+        self.env.update({f"SAMSERVE_{k.upper()}": str(v) for k, v in settings.items()})
+        self.log_path = Path(workdir) / f"gateway-{self.port}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, wait_serving: bool = True, timeout_s: float = 60.0) -> "GatewayProcess":
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            [str(Path(sys.executable).parent / "samserve"), "gateway"], env=self.env,
+            stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.log()
+            status = self.health()
+            if status == "SERVING" or (status is not None and not wait_serving):
+                return self
+            time.sleep(0.1)
+        raise AssertionError(f"gateway not serving after {timeout_s} s:\n{self.log()}")
+
+    def health(self, service: str = "") -> str | None:
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        with grpc.insecure_channel(self.target) as channel:
+            try:
+                response = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service=service), timeout=1
+                )
+            except grpc.RpcError:
+                return None
+            return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> int:
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    def __enter__(self) -> "GatewayProcess":
+        return self.start() if self.process is None else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
