@@ -126,13 +126,14 @@ def results_to_proto(results: list[segmentation.PromptMasks], encoding: int, wit
     answers = []
     for result in results:
         rles = mask_encoding.coco_rle(result.masks) if encoding in WANT_RLE else None
+        areas = processing.mask_areas(result.masks)
         masks = []
         for k, mask in enumerate(result.masks):
             message = pb.Mask(
                 predicted_iou=float(result.iou_predictions[k]),
                 stability_score=float(result.stability_scores[k]),
                 token_index=result.token_indices[k],
-                area=int(np.count_nonzero(mask)),
+                area=int(areas[k]),
             )
             if rles is not None:
                 message.rle.size[:] = rles[k]["size"]

@@ -8,13 +8,16 @@ from pycocotools import mask as coco_mask
 
 
 def coco_rle(masks: np.ndarray) -> list[dict]:
-    """COCO compressed RLE of K x H x W bool masks: [{"size": [H, W], "counts": bytes}, ...]."""
-    return coco_mask.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
+    """COCO compressed RLE of K x H x W bool masks: [{"size": [H, W], "counts": bytes}, ...].
+
+    Masks stored column-major (as :func:`samserve.processing.upscale_logits` produces them) encode without a copy.
+    """
+    return coco_mask.encode(np.asfortranarray(masks.transpose(1, 2, 0)).view(np.uint8))
 
 
 def png(mask: np.ndarray) -> bytes:
     """8-bit grayscale PNG of one H x W bool mask (255 = mask)."""
-    ok, encoded = cv2.imencode(".png", mask.astype(np.uint8) * 255)
+    ok, encoded = cv2.imencode(".png", np.ascontiguousarray(mask, dtype=np.uint8) * 255)
     if not ok:
         raise RuntimeError("PNG encoding failed")
     return encoded.tobytes()

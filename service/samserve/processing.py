@@ -171,22 +171,33 @@ def upscale_logits(
     """Mask logits at the original image size, as the official ``Sam.postprocess_masks``.
 
     ``low_res``: float32, ... x 4h x 4w (any leading axes). Returns float32, ... x H x W.
-    Bilinear, align_corners=False semantics (OpenCV's INTER_LINEAR uses the same half-pixel mapping).
+    Bilinear with align_corners=False semantics (OpenCV's INTER_LINEAR uses the same half-pixel mapping).
+
+    The result is a transposed view of a contiguous ... x W x H buffer, i.e. every mask is stored column-major,
+    which is the layout COCO RLE encodes from, so encoding needs no copy. Bilinear resizing is separable, so
+    resizing the transposed logits equals transposing the resized ones.
     """
     lead = low_res.shape[:-2]
-    planes = np.ascontiguousarray(low_res.reshape(-1, *low_res.shape[-2:]).transpose(1, 2, 0))  # L x L x K
+    planes = low_res.reshape(-1, *low_res.shape[-2:])
     h, w = input_hw
     out_h, out_w = original_hw
-    chunks = []
-    # OpenCV resizes at most 512 channels at once.
-    for start in range(0, planes.shape[2], 512):
-        part = planes[:, :, start : start + 512]
-        padded = cv2.resize(part, (image_size, image_size), interpolation=cv2.INTER_LINEAR)
-        cropped = np.ascontiguousarray(padded.reshape(image_size, image_size, -1)[:h, :w])
-        full = cv2.resize(cropped, (out_w, out_h), interpolation=cv2.INTER_LINEAR)
-        chunks.append(full.reshape(out_h, out_w, -1))
-    full = np.concatenate(chunks, axis=2) if len(chunks) > 1 else chunks[0]
-    return full.transpose(2, 0, 1).reshape(*lead, out_h, out_w)
+    out = np.empty((planes.shape[0], out_w, out_h), dtype=np.float32)
+    padded = np.empty((image_size, image_size), dtype=np.float32)
+    for k, plane in enumerate(planes):
+        cv2.resize(np.ascontiguousarray(plane.T), (image_size, image_size), dst=padded, interpolation=cv2.INTER_LINEAR)
+        cv2.resize(padded[:w, :h], (out_h, out_w), dst=out[k], interpolation=cv2.INTER_LINEAR)
+    return out.reshape(*lead, out_w, out_h).swapaxes(-1, -2)
+
+
+def _storage_order(array: np.ndarray) -> np.ndarray:
+    """The same values with the last two axes in memory order (counts over them do not depend on the order)."""
+    swapped = array.swapaxes(-1, -2)
+    return swapped if swapped.flags.c_contiguous and not array.flags.c_contiguous else array
+
+
+def mask_areas(masks: np.ndarray) -> np.ndarray:
+    """int64, ...: pixels of each ... x H x W bool mask."""
+    return np.count_nonzero(_storage_order(masks), axis=(-2, -1))
 
 
 def binarize(logits: np.ndarray, mask_threshold: float) -> np.ndarray:
@@ -196,6 +207,7 @@ def binarize(logits: np.ndarray, mask_threshold: float) -> np.ndarray:
 
 def stability_score(logits: np.ndarray, mask_threshold: float, offset: float = 1.0) -> np.ndarray:
     """IoU of (logits > threshold + offset) and (logits > threshold - offset) over the last two axes."""
-    inner = (logits > mask_threshold + offset).sum(axis=(-2, -1), dtype=np.int64)
-    outer = (logits > mask_threshold - offset).sum(axis=(-2, -1), dtype=np.int64)
+    logits = _storage_order(logits)
+    inner = np.count_nonzero(logits > mask_threshold + offset, axis=(-2, -1))
+    outer = np.count_nonzero(logits > mask_threshold - offset, axis=(-2, -1))
     return np.where(outer > 0, inner / np.maximum(outer, 1), 1.0).astype(np.float32)
