@@ -122,24 +122,38 @@ def logits_to_proto(logits: np.ndarray) -> pb.LowResLogits:
     return pb.LowResLogits(height=logits.shape[0], width=logits.shape[1], data=logits.astype("<f4").tobytes())
 
 
-def results_to_proto(results: list[segmentation.PromptMasks], encoding: int, with_logits: bool) -> list[pb.PromptResult]:
-    answers = []
+def _encode_mask(mask: np.ndarray, encoding: int) -> tuple[dict | None, bytes]:
+    """(COCO RLE or None, PNG bytes or b"") of one H x W bool mask, as the request's encoding asks."""
+    rle = mask_encoding.coco_rle(mask[None])[0] if encoding in WANT_RLE else None
+    return rle, mask_encoding.png(mask) if encoding in WANT_PNG else b""
+
+
+async def results_to_proto(
+    results: list[segmentation.PromptMasks], encoding: int, with_logits: bool
+) -> list[pb.PromptResult]:
+    """Encode every mask (spread over the post-processing threads) into the API's messages."""
+    loop = asyncio.get_running_loop()
+    encoded = await asyncio.gather(*(
+        loop.run_in_executor(segmentation.POSTPROCESS_POOL, _encode_mask, mask, encoding)
+        for result in results for mask in result.masks
+    ))
+    answers, position = [], 0
     for result in results:
-        rles = mask_encoding.coco_rle(result.masks) if encoding in WANT_RLE else None
         areas = processing.mask_areas(result.masks)
         masks = []
-        for k, mask in enumerate(result.masks):
+        for k in range(len(result.masks)):
+            rle, png = encoded[position]
+            position += 1
             message = pb.Mask(
                 predicted_iou=float(result.iou_predictions[k]),
                 stability_score=float(result.stability_scores[k]),
                 token_index=result.token_indices[k],
                 area=int(areas[k]),
+                png=png,
             )
-            if rles is not None:
-                message.rle.size[:] = rles[k]["size"]
-                message.rle.counts = rles[k]["counts"]
-            if encoding in WANT_PNG:
-                message.png = mask_encoding.png(mask)
+            if rle is not None:
+                message.rle.size[:] = rle["size"]
+                message.rle.counts = rle["counts"]
             if with_logits:
                 message.low_res_logits.CopyFrom(logits_to_proto(result.low_res_logits[k]))
             masks.append(message)
@@ -287,7 +301,7 @@ class Gateway(pb_grpc.SegmentAnythingServicer):
             results = await segmentation.segment(self.triton, model.meta, embedded, prompts, self._timeout(context))
             return pb.SegmentResponse(
                 image_id=image_id, width=original[1], height=original[0], cached=cached, model_id=model.meta.model_id,
-                results=results_to_proto(results, request.mask_encoding, request.return_low_res_logits),
+                results=await results_to_proto(results, request.mask_encoding, request.return_low_res_logits),
             )
         finally:
             await model.cache.release(entry)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -41,6 +43,9 @@ class PromptMasks:
 
 
 STABILITY_OFFSET = 1.0
+POSTPROCESS_POOL = concurrent.futures.ThreadPoolExecutor(
+    max_workers=max(1, os.cpu_count() or 1), thread_name_prefix="samserve-postprocess"
+)
 
 
 async def embed(
@@ -62,17 +67,36 @@ async def segment(
     """Masks for each prompt; prompts with the same token count go to the decoder as one batch."""
     batches = processing.decoder_batches(prompts, image.original_size, image.input_size, meta.low_res_mask_size)
     decoded = await asyncio.gather(*(triton.decode(image.embedding, batch, timeout_s) for batch in batches))
-    results: list[PromptMasks | None] = [None] * len(prompts)
+    chosen: dict[int, tuple[np.ndarray, np.ndarray, slice]] = {}  # prompt index -> (logits, iou, tokens)
     for batch, (low_res, iou) in zip(batches, decoded):
         for row, index in enumerate(batch.prompt_indices):
-            chosen = processing.select_masks(prompts[index].multimask_output, meta.num_mask_tokens)
-            logits = low_res[row, chosen]
-            full = processing.upscale_logits(logits, image.input_size, image.original_size, meta.image_size)
-            results[index] = PromptMasks(
-                masks=processing.binarize(full, meta.mask_threshold),
-                iou_predictions=iou[row, chosen],
-                low_res_logits=logits,
-                stability_scores=processing.stability_score(full, meta.mask_threshold, STABILITY_OFFSET),
-                token_indices=list(range(meta.num_mask_tokens))[chosen],
-            )
-    return [result for result in results if result is not None]
+            tokens = processing.select_masks(prompts[index].multimask_output, meta.num_mask_tokens)
+            chosen[index] = (low_res[row, tokens], iou[row, tokens], tokens)
+    # Each mask is upscaled, thresholded and scored on its own, spread over the cores (OpenCV and numpy
+    # release the GIL for this work).
+    loop = asyncio.get_running_loop()
+    planes = await asyncio.gather(*(
+        loop.run_in_executor(POSTPROCESS_POOL, _postprocess_plane, plane, image, meta)
+        for index in range(len(prompts)) for plane in chosen[index][0]
+    ))
+    results, start = [], 0
+    for index in range(len(prompts)):
+        logits, iou, tokens = chosen[index]
+        done, start = planes[start : start + len(logits)], start + len(logits)
+        results.append(PromptMasks(
+            masks=np.stack([mask.T for mask, _ in done]).swapaxes(-1, -2),  # keep column-major storage
+            iou_predictions=iou,
+            low_res_logits=logits,
+            stability_scores=np.array([score for _, score in done], dtype=np.float32),
+            token_indices=list(range(meta.num_mask_tokens))[tokens],
+        ))
+    return results
+
+
+def _postprocess_plane(
+    logits: np.ndarray, image: EmbeddedImage, meta: model_spec.ModelMetadata
+) -> tuple[np.ndarray, float]:
+    """One 4h x 4w logit plane -> (H x W bool mask, stored column-major; stability score)."""
+    full = processing.upscale_logits(logits, image.input_size, image.original_size, meta.image_size)
+    score = processing.stability_score(full, meta.mask_threshold, STABILITY_OFFSET)
+    return processing.binarize(full, meta.mask_threshold), float(score)
