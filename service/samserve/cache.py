@@ -324,7 +324,11 @@ class EmbeddingCache:
         return await self.redis.eval(self.UNLOCK_SCRIPT, 1, lock_key, token)
 
     async def close(self) -> None:
-        for entry in list(self._l1.values()):
-            await self.triton.release_embedding(entry.staged)
+        """Drop tier 1; entries still in use are released by their last :meth:`release`."""
+        entries = list(self._l1.values())
         self._l1.clear()
         self._l1_used = 0
+        for entry in entries:
+            entry.evicted = True
+            if entry.users == 0:
+                await self.triton.release_embedding(entry.staged)

@@ -195,7 +195,9 @@ class Gateway(pb_grpc.SegmentAnythingServicer):
             if ready:
                 try:
                     meta = await self.triton.metadata()
-                    if self.model is None or self.model.meta != meta:
+                    # A new model, or Triton back after an outage: it forgot the shared-memory regions that
+                    # tier 1 staged, so tier 1 starts afresh (tier 2 still has the embeddings).
+                    if self.model is None or self.model.meta != meta or was_ready is False:
                         await self._use_model(meta)
                 except Exception as error:  # noqa: BLE001 - metadata unreadable means not ready
                     LOG.warning("cannot read the served model's metadata: %s", error)

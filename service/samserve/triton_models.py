@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import tritonclient.grpc.aio as grpcclient
-from tritonclient.utils import np_to_triton_dtype
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 with warnings.catch_warnings():  # it imports the deprecated pkg_resources (hence setuptools<81)
     warnings.simplefilter("ignore", UserWarning)
@@ -105,6 +105,8 @@ class TritonSam:
             return
         try:
             await self.client.unregister_system_shared_memory(staged.region)
+        except InferenceServerException:
+            pass  # Triton restarted (it forgot the region) or is unreachable: freeing our side is what matters
         finally:
             system_shm.destroy_shared_memory_region(staged.handle)
 

@@ -391,3 +391,41 @@ def test_redis_cluster_tier_two_and_single_flight(gateway_factory, tiny_triton, 
         assert client.embed(data).cached
     assert encoder_count(tiny_triton.url) == before + 1
     assert "failed" not in first.log() + second.log() + third.log()
+
+
+def test_triton_restart_unavailable_then_recovers_from_redis(gateway_factory, tiny_model, redis_server, tmp_path):
+    """Triton goes away (UNAVAILABLE, NOT_SERVING) and comes back: tier 1's shared-memory regions are gone with
+    it, so the gateway starts tier 1 afresh and serves the image again from Redis without re-encoding."""
+    import time
+
+    from samserve import triton_server
+    from samserve_build.repository import write_repository
+
+    repo = write_repository(tiny_model.directory, tmp_path / "repo")
+    server = triton_server.TritonServer(repo, tmp_path / "work", free_port(), free_port(), free_port())
+    models = (model_spec.ENCODER_MODEL, model_spec.DECODER_MODEL)
+    server.start()
+    try:
+        server.wait_ready(120, models)
+        gateway = gateway_factory(server.grpc_url, redis_server.url)
+        data = new_image()
+        prompt = [PromptSpec(points=[(60, 60)], labels=[1])]
+        with SamServeClient(gateway.target) as client:
+            image_id = client.embed(data).image_id
+            (before,) = client.segment(image_id, prompt)
+            server.stop()
+            deadline = time.monotonic() + 30
+            while gateway.health() != "NOT_SERVING" and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert gateway.health() == "NOT_SERVING"
+            code, _ = _code(lambda: client.segment(image_id, prompt))
+            assert code == grpc.StatusCode.UNAVAILABLE
+            server.start()
+            server.wait_ready(120, models)
+            while gateway.health() != "SERVING" and time.monotonic() < deadline + 60:
+                time.sleep(0.1)
+            (after,) = client.segment(image_id, prompt)
+            np.testing.assert_array_equal(before.masks, after.masks)
+        assert encoder_count(server.grpc_url) == 0  # the fresh Triton never encoded: the embedding came from Redis
+    finally:
+        server.stop()
