@@ -44,6 +44,7 @@ prepare: setup
 bench: setup
 	$(BIN)/python bench/backends_cpu.py
 	$(BIN)/python bench/models_cpu.py
+	$(BIN)/python bench/gateway_cpu.py
 
 clean:
 	rm -rf .samserve
