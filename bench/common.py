@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import dataclasses
 import datetime
 import json
 import logging
@@ -95,3 +98,51 @@ def write_results(name: str, payload: dict) -> Path:
     path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
     print(f"\nwrote {path.relative_to(REPO_ROOT)}")
     return path
+
+
+@dataclasses.dataclass
+class Scene:
+    """What every side-by-side benchmark shares: vit_b (seeded random weights), one image, one click."""
+
+    checkpoint: Path
+    model_dir: Path
+    meta: object
+    image: np.ndarray
+    point: np.ndarray
+    """1 x 2 (x, y) in original pixels."""
+    label: np.ndarray
+    predictor: object
+    """The official SamPredictor on the same weights."""
+
+
+def add_image_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--height", type=int, default=768)
+    parser.add_argument("--width", type=int, default=1024)
+
+
+def scene(args: argparse.Namespace) -> Scene:
+    import torch
+    from segment_anything import SamPredictor
+
+    from samserve_build import architectures
+    from samserve_build.synthetic import synthetic_image
+
+    torch.set_num_threads(2)
+    torch.set_grad_enabled(False)
+    checkpoint, model_dir, meta = vit_b_model()
+    return Scene(
+        checkpoint=checkpoint, model_dir=model_dir, meta=meta,
+        image=synthetic_image(args.height, args.width, seed=7),
+        point=np.array([[0.5 * args.width, 0.4 * args.height]]), label=np.array([1]),
+        predictor=SamPredictor(architectures.load_sam("vit_b", checkpoint)),
+    )
+
+
+def triton_client(runner: asyncio.Runner, url: str, transport: str = "shm"):
+    """A TritonSam bound to ``runner``'s event loop."""
+    from samserve.triton_models import TritonSam
+
+    async def connect() -> TritonSam:
+        return TritonSam(url, embedding_transport=transport)
+
+    return runner.run(connect())

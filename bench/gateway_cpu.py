@@ -21,19 +21,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from common import WORK, environment, print_table, summary, time_calls, vit_b_model, write_results  # noqa: E402
+from common import (  # noqa: E402
+    WORK, add_image_arguments, environment, print_table, scene, summary, time_calls, triton_client, write_results,
+)
 from PIL import Image, PngImagePlugin  # noqa: E402
-from segment_anything import SamPredictor  # noqa: E402
 
 from samserve import processing  # noqa: E402
 from samserve.api import pb  # noqa: E402
-from samserve.cache import round_trip_fp16, Embedding  # noqa: E402
+from samserve.cache import Embedding, round_trip_fp16  # noqa: E402
 from samserve.client import PromptSpec, SamServeClient  # noqa: E402
 from samserve.redis_server import RedisServer  # noqa: E402
-from samserve.triton_models import TritonSam  # noqa: E402
-from samserve_build import architectures, local_stack  # noqa: E402
-from samserve_build.synthetic import synthetic_image  # noqa: E402
+from samserve_build import local_stack  # noqa: E402
 
 HOT_TARGET, COLD_HOT_TARGET, OVERHEAD_TARGET_MS = 0.75, 100.0, 5.0
 
@@ -50,17 +48,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cold-repeats", type=int, default=5)
     parser.add_argument("--hot-repeats", type=int, default=100)
-    parser.add_argument("--height", type=int, default=768)
-    parser.add_argument("--width", type=int, default=1024)
+    add_image_arguments(parser)
     args = parser.parse_args()
-
-    torch.set_num_threads(2)
-    torch.set_grad_enabled(False)
-    checkpoint, model_dir, meta = vit_b_model()
-    image = synthetic_image(args.height, args.width, seed=7)
-    point = np.array([[0.5 * args.width, 0.4 * args.height]])
-    label = np.array([1])
-    predictor = SamPredictor(architectures.load_sam("vit_b", checkpoint))
+    setup = scene(args)
+    model_dir, meta, image = setup.model_dir, setup.meta, setup.image
+    point, label, predictor = setup.point, setup.label, setup.predictor
     work = WORK / "gateway_cpu"
     redis = RedisServer(local_stack.free_port(), work / "redis").start()
     try:
@@ -79,24 +71,21 @@ def main() -> None:
             # Hot Segment RPCs alternate with the bare decoder call that the gateway wraps (same fp16-rounded
             # embedding, staged in shared memory), so machine noise hits both alike.
             with asyncio.Runner() as runner:
-                async def connect() -> TritonSam:
-                    return TritonSam(triton.grpc_url)
-
-                triton_client = runner.run(connect())
+                bare_client = triton_client(runner, triton.grpc_url)
                 prepared = processing.prepare_image(image, meta.image_size)
-                array = round_trip_fp16(Embedding(runner.run(triton_client.encode(prepared)), (0, 0), (0, 0))).array
-                staged = runner.run(triton_client.stage_embedding(array))
+                array = round_trip_fp16(Embedding(runner.run(bare_client.encode(prepared)), (0, 0), (0, 0))).array
+                staged = runner.run(bare_client.stage_embedding(array))
                 batch = processing.decoder_batches(
                     [processing.Prompt(points=point, labels=label)], prepared.original_size,
                     prepared.input_size, meta.low_res_mask_size)[0]
                 hot, bare_decoder = [], []
                 for i in range(args.hot_repeats + 3):
                     hot_s = time_calls(lambda: client.segment_raw(request), 1, warmup=0)[0]
-                    bare_s = time_calls(lambda: runner.run(triton_client.decode(staged, batch)), 1, warmup=0)[0]
+                    bare_s = time_calls(lambda: runner.run(bare_client.decode(staged, batch)), 1, warmup=0)[0]
                     if i >= 3:
                         hot.append(hot_s)
                         bare_decoder.append(bare_s)
-                runner.run(triton_client.close())
+                runner.run(bare_client.close())
             masks, _, _ = predictor.predict(point, label, multimask_output=True)
             (answer,) = client.segment(image_id, [PromptSpec(points=[tuple(point[0])], labels=[1])])
             agreement = [float((masks[k] == answer.masks[k]).mean()) for k in range(len(masks))]

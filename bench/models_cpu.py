@@ -17,15 +17,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from common import WORK, environment, print_table, summary, time_calls, vit_b_model, write_results  # noqa: E402
-from segment_anything import SamPredictor  # noqa: E402
+from common import (  # noqa: E402
+    WORK, add_image_arguments, environment, print_table, scene, summary, time_calls, triton_client, write_results,
+)
 
 from samserve import processing, segmentation  # noqa: E402
-from samserve.triton_models import EmbeddingTransport, TritonSam  # noqa: E402
-from samserve_build import architectures, local_stack  # noqa: E402
-from samserve_build.synthetic import synthetic_image  # noqa: E402
+from samserve.triton_models import EmbeddingTransport  # noqa: E402
+from samserve_build import local_stack  # noqa: E402
 
 ENCODER_TARGET = 0.5
 DECODER_TARGET = 0.7
@@ -35,28 +33,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--encoder-repeats", type=int, default=5)
     parser.add_argument("--decoder-repeats", type=int, default=50)
-    parser.add_argument("--height", type=int, default=768)
-    parser.add_argument("--width", type=int, default=1024)
+    add_image_arguments(parser)
     args = parser.parse_args()
-
-    torch.set_num_threads(2)
-    torch.set_grad_enabled(False)
-    checkpoint, model_dir, meta = vit_b_model()
-    image = synthetic_image(args.height, args.width, seed=7)
-    point = np.array([[0.5 * args.width, 0.4 * args.height]])
-    label = np.array([1])
+    setup = scene(args)
+    model_dir, meta, image = setup.model_dir, setup.meta, setup.image
+    point, label, predictor = setup.point, setup.label, setup.predictor
     prompt = processing.Prompt(points=point, labels=label, multimask_output=True)
-    predictor = SamPredictor(architectures.load_sam("vit_b", checkpoint))
 
     with local_stack.serve_locally(model_dir, WORK / "models_cpu") as server, asyncio.Runner() as runner:
-        async def connect() -> TritonSam:
-            return TritonSam(server.grpc_url)
-
-        triton = runner.run(connect())
-        async def connect_grpc() -> TritonSam:
-            return TritonSam(server.grpc_url, embedding_transport=EmbeddingTransport.GRPC)
-
-        triton_grpc = runner.run(connect_grpc())
+        triton = triton_client(runner, server.grpc_url)
+        triton_grpc = triton_client(runner, server.grpc_url, EmbeddingTransport.GRPC)
         official_encoder = time_calls(lambda: predictor.set_image(image), args.encoder_repeats)
         ours_encoder = time_calls(lambda: runner.run(segmentation.embed(triton, meta, image)), args.encoder_repeats)
         embedded = runner.run(segmentation.embed(triton, meta, image))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from pathlib import Path
 import grpc
 
 from samserve import triton_server
+from samserve.subprocesses import terminate
 from samserve_build.repository import MODEL_FILES, write_repository
 
 
@@ -91,16 +91,9 @@ class GatewayProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def stop(self) -> int:
-        if self.process is None:
-            return 0
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
+        """SIGTERM (the gateway drains), then SIGKILL after 30 s; the exit code."""
+        code = terminate(self.process, 30.0, "gateway")
+        return 0 if code is None else code
 
     def __enter__(self) -> "GatewayProcess":
         return self.start() if self.process is None else self

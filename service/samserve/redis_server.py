@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
 
 import redis
+
+from samserve.subprocesses import terminate
 
 
 class RedisStartError(RuntimeError):
@@ -58,11 +59,4 @@ class RedisServer:
         raise RedisStartError(f"redis-server on port {self.port} did not answer within {timeout_s} s")
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        terminate(self.process, 10.0, "redis-server")

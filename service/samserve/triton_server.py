@@ -12,7 +12,6 @@ import ctypes.util
 import importlib.util
 import logging
 import os
-import signal
 import subprocess
 import sys
 import sysconfig
@@ -21,6 +20,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import tritonclient.grpc as grpcclient
+
+from samserve.subprocesses import terminate
 
 LOG = logging.getLogger(__name__)
 
@@ -167,15 +168,7 @@ class TritonServer:
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """SIGTERM (Triton finishes in-flight requests), then SIGKILL after ``timeout_s``."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            LOG.warning("tritonserver did not stop in %.0f s; killing it", timeout_s)
-            self.process.kill()
-            self.process.wait()
+        terminate(self.process, timeout_s, "tritonserver")
 
 
 @contextlib.contextmanager

@@ -429,3 +429,25 @@ def test_triton_restart_unavailable_then_recovers_from_redis(gateway_factory, ti
         assert encoder_count(server.grpc_url) == 0  # the fresh Triton never encoded: the embedding came from Redis
     finally:
         server.stop()
+
+
+def test_a_crashed_holders_lock_expires(gateway_factory, tiny_triton, redis_server):
+    """A replica died holding the single-flight lock of an image: the lock expires and the next request
+    encodes the image itself instead of waiting forever."""
+    import hashlib
+
+    import redis
+
+    gateway = gateway_factory(tiny_triton.url, redis_server.url)
+    data = new_image()
+    namespace = tiny_triton.model.metadata.cache_namespace
+    lock = f"samserve:emb:{namespace}:{hashlib.sha256(data).hexdigest()}:lock"
+    store = redis.Redis.from_url(redis_server.url)
+    assert store.set(lock, "crashed-replica", nx=True, px=1500)
+    before = encoder_count(tiny_triton.url)
+    with SamServeClient(gateway.target) as client:
+        embedded = client.embed(data)
+    assert not embedded.cached
+    assert encoder_count(tiny_triton.url) == before + 1
+    assert not store.exists(lock)
+    store.close()
