@@ -47,7 +47,7 @@ async def _serve_until_signal(settings: Settings, watch: object | None = None) -
 
 def up(settings: Settings) -> int:
     """Redis (if Debian's redis-server is installed and no SAMSERVE_REDIS_URL is set), Triton, gateway."""
-    from samserve.redis_server import RedisServer, redis_binary
+    from samserve.redis_server import RedisServer, RedisStartError, redis_binary
     from samserve.triton_server import TritonServer, TritonStartError
 
     repository = settings.workdir / "repository"
@@ -56,7 +56,11 @@ def up(settings: Settings) -> int:
         return 2
     redis = None
     if settings.redis_url is None and redis_binary() is not None:
-        redis = RedisServer(settings.redis_server_port, settings.workdir / "redis").start()
+        try:
+            redis = RedisServer(settings.redis_server_port, settings.workdir / "redis").start()
+        except RedisStartError as error:
+            LOG.error("%s", error)
+            return 1
         settings = settings.model_copy(update={"redis_url": redis.url})
         LOG.info("redis-server on %s (embedding cache tier 2)", redis.url)
     triton = TritonServer(
@@ -67,8 +71,8 @@ def up(settings: Settings) -> int:
     try:
         triton.start()
         triton.wait_ready(settings.triton_start_timeout_s, (model_spec.ENCODER_MODEL, model_spec.DECODER_MODEL))
-        LOG.info("ready: gateway %s:%d, Triton gRPC %s (log %s); Ctrl-C stops",
-                 settings.gateway_host, settings.gateway_port, triton.grpc_url, triton.log_path)
+        LOG.info("Triton ready on %s (log %s); starting the gateway on %s:%d; Ctrl-C stops everything",
+                 triton.grpc_url, triton.log_path, settings.gateway_host, settings.gateway_port)
         asyncio.run(_serve_until_signal(settings, triton.process))
     except TritonStartError as error:
         LOG.error("%s", error)

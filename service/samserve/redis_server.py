@@ -37,6 +37,13 @@ class RedisServer:
         binary = redis_binary()
         if binary is None:
             raise RedisStartError("redis-server not found: install Debian's redis-server (make does, as root)")
+        client = redis.Redis(host=self.host, port=self.port, socket_timeout=1)
+        try:
+            client.ping()
+            raise RedisStartError(f"something already answers on {self.host}:{self.port}; choose another port "
+                                  "or point SAMSERVE_REDIS_URL at that Redis")
+        except redis.ConnectionError:
+            pass  # the port is free
         self.workdir.mkdir(parents=True, exist_ok=True)
         log = open(self.workdir / f"redis-{self.port}.log", "wb")
         self.process = subprocess.Popen(
@@ -45,7 +52,6 @@ class RedisServer:
             stdout=log, stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + timeout_s
-        client = redis.Redis(host=self.host, port=self.port, socket_timeout=1)
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RedisStartError(f"redis-server exited with {self.process.returncode}")

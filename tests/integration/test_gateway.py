@@ -357,25 +357,26 @@ def redis_cluster(tmp_path_factory):
 
     if shutil.which("redis-cli") is None:
         pytest.fail("redis-cli is missing (Debian's redis-tools, installed with redis-server)")
-    root = tmp_path_factory.mktemp("cluster")
-    nodes = [
-        RedisServer(cluster_port(), root / str(i), extra_args=("--cluster-enabled", "yes",
-                    "--cluster-config-file", "nodes.conf")).start()
-        for i in range(3)
-    ]
-    subprocess.run(["redis-cli", "--cluster", "create", *[f"127.0.0.1:{n.port}" for n in nodes],
-                    "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=60)
     import redis
 
-    probe = redis.Redis(port=nodes[0].port)
-    for _ in range(100):
-        if probe.cluster("info").get("cluster_state") == "ok":
-            break
-        threading.Event().wait(0.1)
-    probe.close()
-    yield nodes
-    for node in nodes:
-        node.stop()
+    root = tmp_path_factory.mktemp("cluster")
+    nodes: list[RedisServer] = []
+    try:
+        for i in range(3):
+            nodes.append(RedisServer(cluster_port(), root / str(i), extra_args=(
+                "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf")).start())
+        subprocess.run(["redis-cli", "--cluster", "create", *[f"127.0.0.1:{n.port}" for n in nodes],
+                        "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=60)
+        probe = redis.Redis(port=nodes[0].port)
+        for _ in range(100):
+            if probe.cluster("info").get("cluster_state") == "ok":
+                break
+            threading.Event().wait(0.1)
+        probe.close()
+        yield nodes
+    finally:
+        for node in nodes:
+            node.stop()
 
 
 def test_redis_cluster_tier_two_and_single_flight(gateway_factory, tiny_triton, redis_cluster):
@@ -451,3 +452,10 @@ def test_a_crashed_holders_lock_expires(gateway_factory, tiny_triton, redis_serv
     assert encoder_count(tiny_triton.url) == before + 1
     assert not store.exists(lock)
     store.close()
+
+
+def test_redis_launcher_refuses_a_port_that_something_answers_on(redis_server, tmp_path):
+    from samserve.redis_server import RedisStartError
+
+    with pytest.raises(RedisStartError, match="already answers"):
+        RedisServer(redis_server.port, tmp_path).start()

@@ -168,7 +168,7 @@ def test_prepare_then_up_serves_and_stops_cleanly(tmp_path):
         process.send_signal(signal.SIGTERM)
         output = process.communicate(timeout=60)[0].decode()
     assert process.returncode == 0, output
-    assert "ready: gateway" in output and "redis-server on" in output and "stopping" in output
+    assert "gateway listening on" in output and "redis-server on" in output and "stopping" in output
 
 
 def test_embedding_transports_give_identical_answers_and_release_their_memory(tiny_triton, event_loop_runner):

@@ -122,3 +122,4 @@ def test_encode_limiter_rejects_beyond_the_queue():
             pass
 
     asyncio.run(scenario())
+
