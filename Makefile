@@ -6,8 +6,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.samserve-installed
-# Debian packages the stack needs at run time: Redis is the embedding cache's tier 2 (and the tests' Redis).
-DEBIAN_PACKAGES ?= redis-server
+# Debian packages: redis-server (the cache's tier 2, and the tests' Redis), prometheus (+ promtool) for the metrics tests.
+DEBIAN_PACKAGES ?= redis-server prometheus
 PYTEST_ARGS ?=
 
 .PHONY: up test setup system-deps stubs prepare bench clean

@@ -41,10 +41,12 @@ class GatewayProcess:
     def __init__(self, triton_url: str, redis_url: str | None, workdir: Path, **settings: object) -> None:
         host, port = triton_url.rsplit(":", 1)
         self.port = free_port()
+        self.metrics_port = free_port()
         self.env = dict(
             os.environ,
             SAMSERVE_WORKDIR=str(workdir),
             SAMSERVE_GATEWAY_PORT=str(self.port),
+            SAMSERVE_METRICS_PORT=str(self.metrics_port),
             SAMSERVE_TRITON_HOST=host,
             SAMSERVE_TRITON_GRPC_PORT=port,
             SAMSERVE_HEALTH_CHECK_INTERVAL_S="0.2",
@@ -59,6 +61,10 @@ class GatewayProcess:
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     def start(self, wait_serving: bool = True, timeout_s: float = 60.0) -> "GatewayProcess":
         self.log_path.parent.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from samserve import metrics
 from samserve.triton_models import StagedEmbedding, TritonSam
 
 LOG = logging.getLogger(__name__)
@@ -177,10 +178,12 @@ class EmbeddingCache:
         return self._l1_used
 
     # -- tier 1 -------------------------------------------------------------------------------------------
-    def _l1_get(self, key: str) -> CacheEntry | None:
+    def _l1_get(self, key: str, count: bool = True) -> CacheEntry | None:
         entry = self._l1.get(key)
         if entry is not None:
             self._l1.move_to_end(key)
+        if count:
+            metrics.CACHE_LOOKUPS.labels("l1", "hit" if entry is not None else "miss").inc()
         return entry
 
     async def _l1_put(self, key: str, embedding: Embedding) -> CacheEntry:
@@ -197,6 +200,7 @@ class EmbeddingCache:
             old.evicted = True
             if old.users == 0:
                 await self.triton.release_embedding(old.staged)
+        metrics.CACHE_L1_BYTES.set(self._l1_used)
         return entry
 
     async def release(self, entry: CacheEntry) -> None:
@@ -219,15 +223,24 @@ class EmbeddingCache:
             return False, None
 
     async def _l2_get(self, key: str) -> Embedding | None:
+        if self.redis is None:
+            return None
         ok, record = await self._redis("GET", lambda: self.redis.get(key))
-        if not ok or record is None:
+        if not ok:
+            metrics.CACHE_LOOKUPS.labels("l2", "error").inc()
+            return None
+        if record is None:
+            metrics.CACHE_LOOKUPS.labels("l2", "miss").inc()
             return None
         try:
-            return EmbeddingCodec.decode(record)
+            embedding = EmbeddingCodec.decode(record)
         except CorruptRecord as error:
+            metrics.CACHE_LOOKUPS.labels("l2", "error").inc()
             self.failures.record("record decode", error)
             await self._redis("DEL", lambda: self.redis.delete(key))
             return None
+        metrics.CACHE_LOOKUPS.labels("l2", "hit").inc()
+        return embedding
 
     async def _l2_put(self, key: str, embedding: Embedding) -> None:
         record = EmbeddingCodec.encode(embedding)
@@ -246,7 +259,7 @@ class EmbeddingCache:
                 self.stats.misses += 1
                 return None
             self.stats.l2_hits += 1
-            entry = self._l1_get(key) or await self._l1_put(key, embedding)
+            entry = self._l1_get(key, count=False) or await self._l1_put(key, embedding)
         entry.users += 1
         return entry
 
@@ -263,6 +276,7 @@ class EmbeddingCache:
         pending = self._inflight.get(key)
         if pending is not None:
             self.stats.single_flight_waits += 1
+            metrics.SINGLE_FLIGHT_WAITS.inc()
             try:
                 entry = await asyncio.shield(pending)
             except _HolderCancelled:  # the request that was encoding went away: try again ourselves
@@ -299,6 +313,7 @@ class EmbeddingCache:
                 break
             # Another replica is encoding: take its result, or the lock once it is gone (holder crashed).
             self.stats.single_flight_waits += 1
+            metrics.SINGLE_FLIGHT_WAITS.inc()
             while True:
                 await asyncio.sleep(self.LOCK_POLL_S)
                 embedding = await self._l2_get(key)
@@ -311,6 +326,7 @@ class EmbeddingCache:
                 break
         try:
             self.stats.encodes += 1
+            metrics.ENCODES.inc()
             embedding = round_trip_fp16(await compute())
             await self._l2_put(key, embedding)
         finally:
@@ -328,6 +344,7 @@ class EmbeddingCache:
         entries = list(self._l1.values())
         self._l1.clear()
         self._l1_used = 0
+        metrics.CACHE_L1_BYTES.set(0)
         for entry in entries:
             entry.evicted = True
             if entry.users == 0:

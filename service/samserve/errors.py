@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
 from tritonclient.utils import InferenceServerException
+
+from samserve import metrics
 
 LOG = logging.getLogger(__name__)
 
@@ -63,26 +66,40 @@ T = TypeVar("T")
 
 def grpc_errors(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
     """Servicer-method decorator: domain and Triton errors become precise status codes; a cancelled call
-    (client gone or deadline passed) drops its work."""
+    (client gone or deadline passed) drops its work. Every call is counted and timed by method and code."""
+    name = method.__name__
 
     @functools.wraps(method)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
+        code = grpc.StatusCode.OK
+        started = time.perf_counter()
+        metrics.INFLIGHT.labels(name).inc()
         try:
             return await method(self, request, context)
         except InferenceServerException as error:
             translated = from_triton(error)
-            await context.abort(translated.code, str(translated))
+            code = translated.code
+            await context.abort(code, str(translated))
         except SamServeError as error:
-            await context.abort(error.code, str(error))
+            code = error.code
+            await context.abort(code, str(error))
         except (asyncio.TimeoutError, TimeoutError):
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+            code = grpc.StatusCode.DEADLINE_EXCEEDED
+            await context.abort(code, "deadline exceeded")
         except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
             raise
         except Exception:  # noqa: BLE001 - the last resort keeps the message generic and logs the cause
-            if context.code() is not None and context.code() != grpc.StatusCode.OK:
+            if context.code() not in (None, grpc.StatusCode.OK):
+                code = context.code()
                 raise
-            LOG.exception("unexpected failure in %s", method.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error (logged by the gateway)")
+            code = grpc.StatusCode.INTERNAL
+            LOG.exception("unexpected failure in %s", name)
+            await context.abort(code, "internal error (logged by the gateway)")
+        finally:
+            metrics.INFLIGHT.labels(name).dec()
+            metrics.RPC_REQUESTS.labels(name, code.name).inc()
+            metrics.RPC_DURATION.labels(name, code.name).observe(time.perf_counter() - started)
         raise AssertionError("unreachable")
 
     return wrapper

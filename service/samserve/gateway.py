@@ -20,7 +20,7 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from samserve import images, mask_encoding, model_spec, processing, segmentation
+from samserve import __version__, images, mask_encoding, metrics, model_spec, processing, segmentation
 from samserve.api import SERVICE_NAME, pb, pb_grpc
 from samserve.cache import CacheEntry, Embedding, EmbeddingCache
 from samserve.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable, grpc_errors
@@ -221,6 +221,7 @@ class Gateway(pb_grpc.SegmentAnythingServicer):
             lock_ttl_s=self.settings.redis_lock_ttl_s, failure_log_interval_s=self.settings.failure_log_interval_s,
         )
         self.model = ServedModel(meta, cache)
+        metrics.set_build_info(__version__, meta.model_id, meta.weights_sha256)
         LOG.info("serving %s (weights %s..., %d px, embedding %s)", meta.model_id, meta.weights_sha256[:12],
                  meta.image_size, "x".join(map(str, meta.embedding_shape)))
 
@@ -251,10 +252,12 @@ class Gateway(pb_grpc.SegmentAnythingServicer):
     ) -> tuple[CacheEntry, bool, str]:
         if not data:
             raise InvalidArgument("empty image")
+        metrics.IMAGE_BYTES.observe(len(data))
         image_id = images.image_id(data)
 
         async def compute() -> Embedding:
             pixels = await asyncio.to_thread(images.decode_image, data, self.settings.max_image_pixels)
+            metrics.IMAGE_PIXELS.observe(pixels.shape[0] * pixels.shape[1])
             prepared = await asyncio.to_thread(processing.prepare_image, pixels, model.meta.image_size)
             async with self.limiter.slot():
                 array = await self.triton.encode(prepared, self._timeout(context))
@@ -339,6 +342,7 @@ async def create_server(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
     port = server.add_insecure_port(f"{settings.gateway_host}:{settings.gateway_port}")
+    metrics.serve_metrics(settings.metrics_port, settings.gateway_host)
     await server.start()
     await gateway.start()
     LOG.info("gateway listening on %s:%d", settings.gateway_host, port)

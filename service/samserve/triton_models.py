@@ -22,7 +22,7 @@ with warnings.catch_warnings():  # it imports the deprecated pkg_resources (henc
     warnings.simplefilter("ignore", UserWarning)
     import tritonclient.utils.shared_memory as system_shm
 
-from samserve import model_spec
+from samserve import metrics, model_spec
 from samserve.processing import DecoderBatch, PreparedImage
 
 
@@ -79,7 +79,10 @@ class TritonSam:
             _input(model_spec.ENC_INPUT_SIZE, np.asarray([image.input_size], dtype=np.int64)),
         ]
         outputs = [grpcclient.InferRequestedOutput(model_spec.ENC_EMBEDDING)]
-        result = await self.client.infer(model_spec.ENCODER_MODEL, inputs, outputs=outputs, client_timeout=timeout_s)
+        with metrics.TRITON_CALL.labels(model_spec.ENCODER_MODEL).time():
+            result = await self.client.infer(
+                model_spec.ENCODER_MODEL, inputs, outputs=outputs, client_timeout=timeout_s
+            )
         return result.as_numpy(model_spec.ENC_EMBEDDING)[0]
 
     async def stage_embedding(self, embedding: np.ndarray) -> StagedEmbedding:
@@ -132,7 +135,11 @@ class TritonSam:
             _input(model_spec.DEC_HAS_MASK_INPUT, batch.has_mask_input[None]),
         ]
         outputs = [grpcclient.InferRequestedOutput(name) for name in model_spec.DECODER_OUTPUTS]
-        result = await self.client.infer(model_spec.DECODER_MODEL, inputs, outputs=outputs, client_timeout=timeout_s)
+        metrics.DECODER_BATCH_PROMPTS.observe(len(batch.prompt_indices))
+        with metrics.TRITON_CALL.labels(model_spec.DECODER_MODEL).time():
+            result = await self.client.infer(
+                model_spec.DECODER_MODEL, inputs, outputs=outputs, client_timeout=timeout_s
+            )
         return result.as_numpy(model_spec.DEC_LOW_RES_MASKS)[0], result.as_numpy(model_spec.DEC_IOU_PREDICTIONS)[0]
 
     async def models_ready(self) -> bool:
