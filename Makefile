@@ -10,7 +10,7 @@ STAMP := $(VENV)/.samserve-installed
 DEBIAN_PACKAGES ?= redis-server prometheus
 PYTEST_ARGS ?=
 
-.PHONY: up test setup system-deps stubs prepare bench clean
+.PHONY: up test setup system-deps stubs prepare bench load clean
 
 up: setup prepare
 	$(BIN)/samserve up
@@ -46,6 +46,17 @@ bench: setup
 	$(BIN)/python bench/backends_cpu.py
 	$(BIN)/python bench/models_cpu.py
 	$(BIN)/python bench/gateway_cpu.py
+
+# Locust, headless, against a running stack (`make up` in another terminal). Writes CSV + HTML to bench/results/.
+SCENARIO ?= MixedUser
+USERS ?= 8
+SPAWN_RATE ?= 4
+RUN_TIME ?= 60s
+TARGET ?= 127.0.0.1:50051
+load: setup
+	$(BIN)/locust -f bench/locustfile.py --headless --users $(USERS) --spawn-rate $(SPAWN_RATE) \
+	  --run-time $(RUN_TIME) --host $(TARGET) --csv bench/results/locust_$(SCENARIO) \
+	  --html bench/results/locust_$(SCENARIO).html --only-summary $(SCENARIO)
 
 clean:
 	rm -rf .samserve
