@@ -46,6 +46,7 @@ bench: setup
 	$(BIN)/python bench/backends_cpu.py
 	$(BIN)/python bench/models_cpu.py
 	$(BIN)/python bench/gateway_cpu.py
+	$(BIN)/python bench/throughput_cpu.py
 
 # Locust, headless, against a running stack (`make up` in another terminal). Writes CSV + HTML to bench/results/.
 SCENARIO ?= MixedUser

@@ -1,0 +1,151 @@
+"""Throughput of hot Segment RPCs vs the bare Triton decoder (the ceiling), at 1..32 concurrent clients.
+
+Stack: `samserve gateway` process + Triton (vit_b, seeded random weights) + redis-server on loopback; one
+embedded image, 1-point multimask prompts. For each concurrency level N, N asyncio workers call back to back
+for a fixed time; the same for the bare decoder call (embedding staged in shared memory, like the gateway).
+Writes bench/results/throughput_cpu.json and throughput_cpu.png (p50 latency vs throughput, both lines).
+Target on this CPU: at the knee (the lowest concurrency reaching 90 % of the gateway's best throughput) the
+gateway reaches >= 80 % of the bare decoder's throughput, and its p99 <= 3x its p50.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import grpc  # noqa: E402
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from common import RESULTS, WORK, environment, print_table, vit_b_model, write_results  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from samserve import processing  # noqa: E402
+from samserve.api import pb, pb_grpc  # noqa: E402
+from samserve.cache import Embedding, round_trip_fp16  # noqa: E402
+from samserve.redis_server import RedisServer  # noqa: E402
+from samserve.triton_models import TritonSam  # noqa: E402
+from samserve_build import local_stack  # noqa: E402
+from samserve_build.synthetic import synthetic_image  # noqa: E402
+
+LEVELS = (1, 2, 4, 8, 16, 32)
+RATIO_TARGET, TAIL_TARGET = 0.8, 3.0
+
+
+async def drive(call, concurrency: int, seconds: float) -> dict[str, float]:
+    """N workers calling back to back for ``seconds``: throughput (calls/s) and latency percentiles (ms)."""
+    latencies: list[float] = []
+    deadline = time.perf_counter() + seconds
+
+    async def worker() -> None:
+        while time.perf_counter() < deadline:
+            started = time.perf_counter()
+            await call()
+            latencies.append(time.perf_counter() - started)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - started
+    ms = np.asarray(latencies) * 1000
+    return {"concurrency": concurrency, "calls": len(ms), "throughput_per_s": len(ms) / elapsed,
+            "p50_ms": float(np.median(ms)), "p99_ms": float(np.percentile(ms, 99))}
+
+
+async def sweep(gateway_target: str, triton_url: str, image: np.ndarray, meta, seconds: float) -> dict:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, "PNG")
+    point = (0.5 * image.shape[1], 0.4 * image.shape[0])
+    async with grpc.aio.insecure_channel(gateway_target) as channel:
+        stub = pb_grpc.SegmentAnythingStub(channel)
+        image_id = (await stub.Embed(pb.EmbedRequest(image=buffer.getvalue()))).image_id
+        request = pb.SegmentRequest(image_id=image_id, prompts=[pb.Prompt(
+            points=[pb.Point(x=point[0], y=point[1], label=pb.POINT_LABEL_FOREGROUND)], multimask_output=True)])
+        gateway = [await drive(lambda: stub.Segment(request), n, seconds) for n in LEVELS]
+    triton = TritonSam(triton_url)
+    try:
+        prepared = processing.prepare_image(image, meta.image_size)
+        array = round_trip_fp16(Embedding(await triton.encode(prepared), (0, 0), (0, 0))).array
+        staged = await triton.stage_embedding(array)
+        batch = processing.decoder_batches([processing.Prompt(points=np.array([point]), labels=np.array([1]))],
+                                           prepared.original_size, prepared.input_size, meta.low_res_mask_size)[0]
+        bare = [await drive(lambda: triton.decode(staged, batch), n, seconds) for n in LEVELS]
+    finally:
+        await triton.close()
+    return {"gateway_segment": gateway, "bare_decoder": bare}
+
+
+def plot(results: dict, path: Path) -> None:
+    figure, axis = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for key, label, color in (("gateway_segment", "gateway hot Segment RPC", "tab:blue"),
+                              ("bare_decoder", "bare Triton decoder (ceiling)", "tab:gray")):
+        rows = results[key]
+        x = [r["throughput_per_s"] for r in rows]
+        axis.plot(x, [r["p50_ms"] for r in rows], "o-", color=color, label=f"{label}, p50")
+        axis.plot(x, [r["p99_ms"] for r in rows], "x--", color=color, alpha=0.6, label=f"{label}, p99")
+        for r in rows:
+            axis.annotate(str(r["concurrency"]), (r["throughput_per_s"], r["p50_ms"]), textcoords="offset points",
+                          xytext=(4, 4), fontsize=7, color=color)
+    axis.set_xlabel("throughput (calls/s)")
+    axis.set_ylabel("latency (ms)")
+    axis.set_yscale("log")
+    axis.set_title("samserve on a 2-core CPU: vit_b, 1-point prompts (labels: concurrent clients)")
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=6.0, help="per concurrency level and target")
+    args = parser.parse_args()
+    _, model_dir, meta = vit_b_model()
+    image = synthetic_image(768, 1024, seed=7)
+    work = WORK / "throughput_cpu"
+    redis = RedisServer(local_stack.free_port(), work / "redis").start()
+    try:
+        with local_stack.serve_locally(model_dir, work) as triton, \
+                local_stack.GatewayProcess(triton.grpc_url, redis.url, work, health_check_interval_s=1.0) as gateway:
+            results = asyncio.run(sweep(gateway.target, triton.grpc_url, image, meta, args.seconds))
+    finally:
+        redis.stop()
+    gateway_rows, bare_rows = results["gateway_segment"], results["bare_decoder"]
+    best = max(r["throughput_per_s"] for r in gateway_rows)
+    knee = next(i for i, r in enumerate(gateway_rows) if r["throughput_per_s"] >= 0.9 * best)
+    ratio = gateway_rows[knee]["throughput_per_s"] / bare_rows[knee]["throughput_per_s"]
+    tail = gateway_rows[knee]["p99_ms"] / gateway_rows[knee]["p50_ms"]
+    rows = [[g["concurrency"], g["throughput_per_s"], g["p50_ms"], g["p99_ms"], b["throughput_per_s"], b["p50_ms"],
+             b["p99_ms"], g["throughput_per_s"] / b["throughput_per_s"]] for g, b in zip(gateway_rows, bare_rows)]
+    print_table("hot Segment through the gateway vs bare Triton decoder (vit_b, 768x1024, 2-core CPU)",
+                ["clients", "gw calls/s", "gw p50 ms", "gw p99 ms", "bare calls/s", "bare p50", "bare p99", "ratio"],
+                rows)
+    print(f"\nknee: {gateway_rows[knee]['concurrency']} clients, {gateway_rows[knee]['throughput_per_s']:.1f} calls/s = "
+          f"{ratio:.2f} of the bare decoder (target >= {RATIO_TARGET}); p99/p50 {tail:.2f} (target <= {TAIL_TARGET})")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    plot(results, RESULTS / "throughput_cpu.png")
+    write_results("throughput_cpu.json", {
+        "benchmark": "bench/throughput_cpu.py",
+        "environment": environment(),
+        "model": {"variant": "vit_b", "weights": "seeded random (seed 0)", "model_id": meta.model_id},
+        "seconds_per_level": args.seconds,
+        "results": results,
+        "knee": {"concurrency": gateway_rows[knee]["concurrency"],
+                 "gateway_throughput_per_s": gateway_rows[knee]["throughput_per_s"],
+                 "bare_throughput_per_s": bare_rows[knee]["throughput_per_s"],
+                 "ratio_to_ceiling": ratio, "p99_over_p50": tail},
+        "targets": {"ratio_to_ceiling": RATIO_TARGET, "p99_over_p50": TAIL_TARGET},
+        "targets_met": {"ratio_to_ceiling": ratio >= RATIO_TARGET, "p99_over_p50": tail <= TAIL_TARGET},
+        "plot": "bench/results/throughput_cpu.png",
+    })
+
+
+if __name__ == "__main__":
+    main()
