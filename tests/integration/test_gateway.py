@@ -459,3 +459,23 @@ def test_redis_launcher_refuses_a_port_that_something_answers_on(redis_server, t
 
     with pytest.raises(RedisStartError, match="already answers"):
         RedisServer(redis_server.port, tmp_path).start()
+
+
+def test_slow_redis_does_not_fail_requests(gateway_factory, tiny_triton, tmp_path):
+    """Redis blocked for 3 s (DEBUG SLEEP) while new images arrive: every request succeeds within the Redis
+    timeout budget (the embedding is computed locally) and the failure is logged."""
+    import redis
+
+    server = RedisServer(free_port(), tmp_path / "redis", extra_args=("--enable-debug-command", "yes")).start()
+    try:
+        gateway = gateway_factory(tiny_triton.url, server.url, redis_timeout_s=0.3)
+        blocker = threading.Thread(target=lambda: redis.Redis.from_url(server.url).execute_command("DEBUG", "SLEEP", "3"))
+        with SamServeClient(gateway.target, timeout_s=30) as client:
+            blocker.start()
+            threading.Event().wait(0.2)
+            (answer,) = client.segment(new_image(), [PromptSpec(points=[(30, 30)], labels=[1])])
+            assert answer.masks.shape == (3, 120, 160)
+        blocker.join()
+        assert "TimeoutError" in gateway.log() or "timed out" in gateway.log().lower()
+    finally:
+        server.stop()
