@@ -47,7 +47,7 @@ def png_with_tag(image: np.ndarray, tag: int) -> bytes:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cold-repeats", type=int, default=5)
-    parser.add_argument("--hot-repeats", type=int, default=100)
+    parser.add_argument("--hot-repeats", type=int, default=200)
     add_image_arguments(parser)
     args = parser.parse_args()
     setup = scene(args)
