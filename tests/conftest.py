@@ -1,5 +1,5 @@
-"""Shared fixtures: exported models (seeded random weights), a real Triton server per model, the official
-``SamPredictor`` on the same weights, and synthetic images."""
+"""Shared fixtures: exported models (seeded random weights), a real Triton server per model, a real Redis,
+gateway processes, and synthetic images."""
 
 from __future__ import annotations
 
@@ -10,12 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from samserve import model_spec, triton_server  # noqa: F401
+from samserve import model_spec, triton_server
 from samserve.redis_server import RedisServer
 from samserve_build import export
 from samserve_build.local_stack import GatewayProcess, free_port, serve_locally
 from samserve_build.synthetic import synthetic_image  # noqa: F401  (re-exported for tests)
-
 
 TRITON_START_TIMEOUT_S = 300.0
 
