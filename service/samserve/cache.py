@@ -99,17 +99,23 @@ def round_trip_fp16(embedding: Embedding) -> Embedding:
 
 
 class CacheEntry:
-    """A tier-1 entry: the staged embedding plus a count of requests using it (released when unused)."""
+    """A tier-1 entry: the staged embedding plus a count of requests using it (released when unused).
+
+    ``embedding.array`` IS ``staged.array`` (float32, C x h x w): the entry holds one copy in process memory,
+    plus one in Triton shared memory with the shm transport.
+    """
 
     def __init__(self, embedding: Embedding, staged: StagedEmbedding) -> None:
-        self.embedding = embedding
+        self.embedding = dataclasses.replace(embedding, array=staged.array)
         self.staged = staged
         self.users = 0
         self.evicted = False
 
     @property
     def nbytes(self) -> int:
-        return int(self.staged.array.nbytes)
+        """Memory this entry holds: the float32 embedding, twice when it is also in shared memory."""
+        copies = 2 if self.staged.region is not None else 1
+        return int(self.staged.array.nbytes) * copies
 
 
 class FailureLog:
@@ -187,7 +193,7 @@ class EmbeddingCache:
         return entry
 
     async def _l1_put(self, key: str, embedding: Embedding) -> CacheEntry:
-        staged = await self.triton.stage_embedding(embedding.array.astype(np.float32))
+        staged = await self.triton.stage_embedding(embedding.array)  # float32, converted only if needed
         entry = CacheEntry(embedding, staged)
         if entry.nbytes > self.l1_bytes:  # too big to keep: serve it once, release after use
             entry.evicted = True

@@ -45,7 +45,9 @@ class Settings(BaseSettings):
     health_check_interval_s: float = Field(1.0, description="how often the gateway checks Triton's models")
 
     # Embedding cache.
-    l1_cache_bytes: int = Field(512 << 20, description="tier 1 (in-process) capacity in bytes of fp32 embeddings")
+    l1_cache_bytes: int = Field(
+        512 << 20, description="tier 1 capacity: fp32 embeddings, counted twice with the shm transport"
+    )
     redis_url: str | None = Field(None, description="tier 2, e.g. redis://127.0.0.1:6379/0; unset = tier 1 only")
     redis_cluster: bool = Field(False, description="redis_url points at a Redis Cluster node")
     redis_ttl_s: int = Field(24 * 3600, description="how long tier 2 keeps an embedding")
