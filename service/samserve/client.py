@@ -5,12 +5,14 @@
         embedded = client.embed(open("photo.jpg", "rb").read())
         (answer,) = client.segment(embedded.image_id, [PromptSpec(points=[(500, 375)], labels=[1])])
         best = answer.masks[answer.predicted_iou.argmax()]        # H x W bool
+        everything = client.generate_masks(embedded.image_id, points_per_side=32)  # official generate() records
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 import grpc
 import numpy as np
@@ -96,6 +98,41 @@ def masks_from_proto(result: pb.PromptResult, height: int, width: int) -> Masks:
     )
 
 
+def annotation_from_proto(mask: pb.GeneratedMask) -> dict[str, Any]:
+    """One GenerateMasks record in the official ``SamAutomaticMaskGenerator.generate`` layout (output_mode
+    "coco_rle"): segmentation {"size": [H, W], "counts": str}, area, bbox XYWH, predicted_iou,
+    point_coords [[x, y]], stability_score, crop_box XYWH. Without RLE in the response, segmentation is None."""
+    box = lambda b: [b.x, b.y, b.width, b.height]  # noqa: E731
+    segmentation = None
+    if mask.HasField("rle"):
+        segmentation = {"size": list(mask.rle.size), "counts": mask.rle.counts.decode("ascii")}
+    return {
+        "segmentation": segmentation, "area": int(mask.area), "bbox": box(mask.bbox),
+        "predicted_iou": mask.predicted_iou, "point_coords": [[mask.point_coords.x, mask.point_coords.y]],
+        "stability_score": mask.stability_score, "crop_box": box(mask.crop_box),
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class GeneratedMasks:
+    """A GenerateMasks answer."""
+
+    image_id: str
+    width: int
+    height: int
+    cached: bool
+    model_id: str
+    annotations: list[dict[str, Any]]
+    """In the official generator's layout and order (see :func:`annotation_from_proto`)."""
+
+    def masks(self) -> np.ndarray:
+        """bool, K x H x W."""
+        if not self.annotations:
+            return np.zeros((0, self.height, self.width), bool)
+        return np.stack([mask_encoding.decode_rle(a["segmentation"]["size"], a["segmentation"]["counts"].encode())
+                         for a in self.annotations])
+
+
 class SamServeClient:
     """Blocking client; thread-safe (one channel). Errors raise ``grpc.RpcError`` with the API's status codes."""
 
@@ -129,6 +166,25 @@ class SamServeClient:
             request.image_bytes = image
         response = self.segment_raw(request)
         return [masks_from_proto(r, response.height, response.width) for r in response.results]
+
+    def generate_masks(
+        self, image: bytes | str, point_grids: Sequence[np.ndarray] | None = None, timeout_s: float | None = None,
+        **params: float | int,
+    ) -> GeneratedMasks:
+        """Segment everything. ``params``: the official generator's parameters by name (points_per_side,
+        pred_iou_thresh, crop_n_layers, min_mask_region_area, ...); unset ones keep its defaults.
+        ``point_grids``: per crop layer, G x 2 (x, y) in [0, 1] (instead of points_per_side)."""
+        request = pb.GenerateMasksRequest(mask_encoding=pb.MASK_ENCODING_RLE, **params)
+        for grid in point_grids or ():
+            grid = np.asarray(grid, dtype=np.float64)
+            request.point_grids.add(x=grid[:, 0].tolist(), y=grid[:, 1].tolist())
+        if isinstance(image, str):
+            request.image_id = image
+        else:
+            request.image_bytes = image
+        response = self.stub.GenerateMasks(request, timeout=timeout_s or self.timeout_s)
+        return GeneratedMasks(response.image_id, response.width, response.height, response.cached,
+                              response.model_id, [annotation_from_proto(m) for m in response.masks])
 
     def close(self) -> None:
         self.channel.close()

@@ -20,7 +20,7 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from samserve import __version__, images, mask_encoding, metrics, model_spec, processing, segmentation
+from samserve import __version__, amg, images, mask_encoding, metrics, model_spec, processing, segmentation
 from samserve.api import SERVICE_NAME, pb, pb_grpc
 from samserve.cache import CacheEntry, Embedding, EmbeddingCache
 from samserve.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable, grpc_errors
@@ -247,30 +247,58 @@ class Gateway(pb_grpc.SegmentAnythingServicer):
         remaining = context.time_remaining()
         return self.settings.triton_timeout_s if remaining is None else min(remaining, self.settings.triton_timeout_s)
 
-    async def _embedding_for_bytes(
-        self, model: ServedModel, data: bytes, context: grpc.aio.ServicerContext
-    ) -> tuple[CacheEntry, bool, str]:
-        if not data:
-            raise InvalidArgument("empty image")
-        metrics.IMAGE_BYTES.observe(len(data))
-        image_id = images.image_id(data)
+    async def _embedding(
+        self, model: ServedModel, image_id: str, source: ImageSource | None, context: grpc.aio.ServicerContext,
+        crop: amg.CropBox | None = None,
+    ) -> tuple[CacheEntry, bool]:
+        """(entry, cached) of the image (or of one crop of it) from the cache, computed from ``source`` on a miss;
+        NotFound when only the id is known and the cache lacks it. Release the entry when done."""
+        key = image_id if crop is None else crop_id(image_id, crop)
+        if source is None:
+            found = await model.cache.get(key)
+            if found is None:
+                what = "image_id" if crop is None else f"crop {crop} of image_id"
+                raise NotFound(f"{what} {image_id} is unknown or expired; send the image bytes again")
+            return found, True
 
         async def compute() -> Embedding:
-            pixels = await asyncio.to_thread(images.decode_image, data, self.settings.max_image_pixels)
-            metrics.IMAGE_PIXELS.observe(pixels.shape[0] * pixels.shape[1])
+            pixels = await source.pixels()
+            if crop is not None:
+                x0, y0, x1, y1 = crop
+                pixels = pixels[y0:y1, x0:x1]
             prepared = await asyncio.to_thread(processing.prepare_image, pixels, model.meta.image_size)
             async with self.limiter.slot():
                 array = await self.triton.encode(prepared, self._timeout(context))
             return Embedding(array, prepared.original_size, prepared.input_size)
 
-        entry, cached = await model.cache.get_or_compute(image_id, compute)
-        return entry, cached, image_id
+        return await model.cache.get_or_compute(key, compute)
+
+    def _source(self, data: bytes) -> tuple[str, ImageSource]:
+        if not data:
+            raise InvalidArgument("empty image")
+        metrics.IMAGE_BYTES.observe(len(data))
+        return images.image_id(data), ImageSource(data, self.settings.max_image_pixels)
+
+    async def _request_image(
+        self, model: ServedModel, request: Any, context: grpc.aio.ServicerContext
+    ) -> tuple[CacheEntry, bool, str, ImageSource | None]:
+        """The whole image's cache entry for a request with ``oneof image {image_bytes, image_id}``."""
+        which = request.WhichOneof("image")
+        if which == "image_bytes":
+            image_id, source = self._source(request.image_bytes)
+        elif which == "image_id":
+            image_id, source = request.image_id, None
+        else:
+            raise InvalidArgument("set image_bytes or image_id")
+        entry, cached = await self._embedding(model, image_id, source, context)
+        return entry, cached, image_id, source
 
     # -- RPCs ---------------------------------------------------------------------------------------------
     @grpc_errors
     async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
         model = self._served()
-        entry, cached, image_id = await self._embedding_for_bytes(model, request.image, context)
+        image_id, source = self._source(request.image)
+        entry, cached = await self._embedding(model, image_id, source, context)
         try:
             height, width = entry.embedding.original_size
             return pb.EmbedResponse(image_id=image_id, width=width, height=height, cached=cached,
@@ -285,17 +313,7 @@ class Gateway(pb_grpc.SegmentAnythingServicer):
             raise InvalidArgument("a Segment request needs at least one prompt")
         if len(request.prompts) > self.settings.max_prompts:
             raise InvalidArgument(f"{len(request.prompts)} prompts; the limit is {self.settings.max_prompts}")
-        source = request.WhichOneof("image")
-        if source == "image_bytes":
-            entry, cached, image_id = await self._embedding_for_bytes(model, request.image_bytes, context)
-        elif source == "image_id":
-            image_id, cached = request.image_id, True
-            found = await model.cache.get(image_id)
-            if found is None:
-                raise NotFound(f"image_id {image_id} is unknown or expired; send the image bytes again")
-            entry = found
-        else:
-            raise InvalidArgument("set image_bytes or image_id")
+        entry, cached, image_id, _ = await self._request_image(model, request, context)
         try:
             original = entry.embedding.original_size
             prompts = [
@@ -310,6 +328,124 @@ class Gateway(pb_grpc.SegmentAnythingServicer):
             )
         finally:
             await model.cache.release(entry)
+
+    @grpc_errors
+    async def GenerateMasks(
+        self, request: pb.GenerateMasksRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GenerateMasksResponse:
+        model = self._served()
+        params = amg_params_from_proto(request)
+        params.validate(self.settings.max_generate_points, self.settings.max_generate_points_per_batch)
+        whole, cached, image_id, source = await self._request_image(model, request, context)
+        original = whole.embedding.original_size
+        encoded_any = not cached
+
+        @contextlib.asynccontextmanager
+        async def crop_embedding(crop: amg.CropBox) -> AsyncIterator[segmentation.EmbeddedImage]:
+            nonlocal encoded_any
+            is_whole = crop == (0, 0, original[1], original[0])
+            entry, hit = await self._embedding(model, image_id, source, context, None if is_whole else crop)
+            encoded_any |= not hit
+            try:
+                yield segmentation.EmbeddedImage(entry.staged, entry.embedding.original_size, entry.embedding.input_size)
+            finally:
+                await model.cache.release(entry)
+
+        async def decode(image: segmentation.EmbeddedImage, batch: processing.DecoderBatch):
+            return await self.triton.decode(image.embedding, batch, self._timeout(context))
+
+        generator = amg.MaskGenerator(params, model.meta, decode, crop_embedding,
+                                      self.settings.generate_decoder_calls_in_flight)
+        try:
+            masks = await generator.generate(original)
+        finally:
+            await model.cache.release(whole)
+        metrics.GENERATED_MASKS.observe(len(masks))
+        metrics.GENERATE_POINTS.inc(generator.progress.points)
+        records = await asyncio.get_running_loop().run_in_executor(
+            segmentation.POSTPROCESS_POOL, generated_masks_to_proto, masks, original, request.mask_encoding
+        )
+        return pb.GenerateMasksResponse(
+            image_id=image_id, width=original[1], height=original[0], cached=not encoded_any,
+            model_id=model.meta.model_id, masks=records, crops=generator.progress.crops,
+            points=generator.progress.points,
+        )
+
+
+class ImageSource:
+    """A request's encoded image, decoded (EXIF applied, size-checked) at most once, and only when needed."""
+
+    def __init__(self, data: bytes, max_pixels: int) -> None:
+        self.data = data
+        self.max_pixels = max_pixels
+        self._pixels: np.ndarray | None = None
+        self._lock = asyncio.Lock()
+
+    async def pixels(self) -> np.ndarray:
+        """uint8, H x W x 3 RGB."""
+        async with self._lock:
+            if self._pixels is None:
+                self._pixels = await asyncio.to_thread(images.decode_image, self.data, self.max_pixels)
+                metrics.IMAGE_PIXELS.observe(self._pixels.shape[0] * self._pixels.shape[1])
+            return self._pixels
+
+
+def crop_id(image_id: str, crop: amg.CropBox) -> str:
+    """Cache id of one crop's embedding (the whole image uses the image id itself, shared with Embed)."""
+    return f"{image_id}:crop:{','.join(map(str, crop))}"
+
+
+AMG_SCALARS = (
+    "points_per_side", "points_per_batch", "pred_iou_thresh", "stability_score_thresh", "stability_score_offset",
+    "box_nms_thresh", "crop_n_layers", "crop_nms_thresh", "crop_overlap_ratio", "crop_n_points_downscale_factor",
+    "min_mask_region_area",
+)
+
+
+def amg_params_from_proto(request: pb.GenerateMasksRequest) -> amg.AmgParams:
+    """The request's parameters; unset ones keep the official defaults (validated by AmgParams.validate)."""
+    fields: dict[str, Any] = {name: getattr(request, name) for name in AMG_SCALARS if request.HasField(name)}
+    if request.point_grids:
+        grids = []
+        for layer, grid in enumerate(request.point_grids):
+            if len(grid.x) != len(grid.y):
+                raise InvalidArgument(f"point_grids[{layer}] has {len(grid.x)} x and {len(grid.y)} y values")
+            grids.append(np.stack([np.asarray(grid.x, np.float64), np.asarray(grid.y, np.float64)], axis=1))
+        fields["point_grids"] = tuple(grids)
+        fields.setdefault("points_per_side", None)
+    return amg.AmgParams(**fields)
+
+
+def _xywh(box: np.ndarray) -> pb.BoxXYWH:
+    x0, y0, x1, y1 = (float(v) for v in box)
+    return pb.BoxXYWH(x=x0, y=y0, width=x1 - x0, height=y1 - y0)
+
+
+GENERATED_CHUNK = 64
+"""Masks expanded to the whole-image frame at a time while encoding (bounds memory at 64 x H x W bytes)."""
+
+
+def generated_masks_to_proto(masks: amg.MaskSet, original_hw: tuple[int, int], encoding: int) -> list[pb.GeneratedMask]:
+    """The API records of every mask, field for field as the official ``generate`` returns them."""
+    records = []
+    for start in range(0, len(masks), GENERATED_CHUNK):
+        chunk = masks.take(np.arange(start, min(start + GENERATED_CHUNK, len(masks))))
+        full = chunk.full_frame(original_hw)
+        rles = mask_encoding.coco_rle(full) if encoding in WANT_RLE else [None] * len(chunk)
+        areas = processing.mask_areas(full)
+        for k in range(len(chunk)):
+            x, y = chunk.points[k]
+            record = pb.GeneratedMask(
+                area=int(areas[k]), bbox=_xywh(chunk.boxes[k]), predicted_iou=float(chunk.predicted_iou[k]),
+                point_coords=pb.Point(x=float(x), y=float(y), label=pb.POINT_LABEL_FOREGROUND),
+                stability_score=float(chunk.stability_score[k]), crop_box=_xywh(chunk.crop_boxes[k]),
+                png=mask_encoding.png(full[k]) if encoding in WANT_PNG else b"",
+            )
+            if rles[k] is not None:
+                record.rle.size[:] = rles[k]["size"]
+                record.rle.counts = rles[k]["counts"]
+            records.append(record)
+    return records
 
 
 def connect_redis(settings: Settings) -> Any | None:

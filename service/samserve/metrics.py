@@ -34,6 +34,9 @@ DECODER_BATCH_PROMPTS = Histogram("samserve_decoder_batch_prompts", "Prompts per
                                   buckets=PROMPT_BUCKETS)
 IMAGE_BYTES = Histogram("samserve_image_bytes", "Encoded image bytes received", buckets=BYTES_BUCKETS)
 IMAGE_PIXELS = Histogram("samserve_image_pixels", "Pixels (width x height) of decoded images", buckets=PIXEL_BUCKETS)
+GENERATED_MASKS = Histogram("samserve_generate_masks_masks", "Masks returned per GenerateMasks call",
+                            buckets=(0, 1, 10, 25, 50, 100, 200, 400, 800, 1600))
+GENERATE_POINTS = Counter("samserve_generate_masks_points_total", "Grid points decoded by GenerateMasks")
 BUILD_INFO = Gauge("samserve_build_info", "Version and served model (value 1)",
                    ["version", "model_id", "weights_sha256"])
 
@@ -42,7 +45,7 @@ def _initialize_series() -> None:
     """Export the common series at 0 from the start, so that rate() sees their first increase."""
     for tier, result in (("l1", "hit"), ("l1", "miss"), ("l2", "hit"), ("l2", "miss"), ("l2", "error")):
         CACHE_LOOKUPS.labels(tier, result)
-    for method in ("Embed", "Segment"):
+    for method in ("Embed", "Segment", "GenerateMasks"):
         RPC_REQUESTS.labels(method, "OK")
         INFLIGHT.labels(method)
 

@@ -212,9 +212,12 @@ def binarize(logits: np.ndarray, mask_threshold: float) -> np.ndarray:
     return logits > mask_threshold
 
 
-def stability_score(logits: np.ndarray, mask_threshold: float, offset: float = 1.0) -> np.ndarray:
-    """IoU of (logits > threshold + offset) and (logits > threshold - offset) over the last two axes."""
+def stability_score(
+    logits: np.ndarray, mask_threshold: float, offset: float = 1.0, empty: float = 1.0
+) -> np.ndarray:
+    """IoU of (logits > threshold + offset) and (logits > threshold - offset) over the last two axes; ``empty``
+    where both are empty (the official generator's 0 / 0 is NaN, which fails every threshold)."""
     logits = _storage_order(logits)
     inner = _count_true(logits > mask_threshold + offset)
     outer = _count_true(logits > mask_threshold - offset)
-    return np.where(outer > 0, inner / np.maximum(outer, 1), 1.0).astype(np.float32)
+    return np.where(outer > 0, inner / np.maximum(outer, 1), empty).astype(np.float32)

@@ -76,7 +76,7 @@ async def segment(
     # release the GIL for this work).
     loop = asyncio.get_running_loop()
     planes = await asyncio.gather(*(
-        loop.run_in_executor(POSTPROCESS_POOL, _postprocess_plane, plane, image, meta)
+        loop.run_in_executor(POSTPROCESS_POOL, postprocess_plane, plane, image, meta)
         for index in range(len(prompts)) for plane in chosen[index][0]
     ))
     results, start = [], 0
@@ -93,10 +93,12 @@ async def segment(
     return results
 
 
-def _postprocess_plane(
-    logits: np.ndarray, image: EmbeddedImage, meta: model_spec.ModelMetadata
+def postprocess_plane(
+    logits: np.ndarray, image: EmbeddedImage, meta: model_spec.ModelMetadata, offset: float = STABILITY_OFFSET,
+    empty_stability: float = 1.0,
 ) -> tuple[np.ndarray, float]:
-    """One 4h x 4w logit plane -> (H x W bool mask, stored column-major; stability score)."""
+    """One 4h x 4w logit plane -> (H x W bool mask, stored column-major; stability score at ``offset``,
+    ``empty_stability`` when no pixel passes the lower threshold)."""
     full = processing.upscale_logits(logits, image.input_size, image.original_size, meta.image_size)
-    score = processing.stability_score(full, meta.mask_threshold, STABILITY_OFFSET)
+    score = processing.stability_score(full, meta.mask_threshold, offset, empty_stability)
     return processing.binarize(full, meta.mask_threshold), float(score)

@@ -41,6 +41,13 @@ class Settings(BaseSettings):
     max_points_per_prompt: int = Field(64, description="points per prompt")
     max_concurrent_encodes: int = Field(2, description="encoder calls in flight per gateway")
     max_queued_encodes: int = Field(32, description="encodes waiting beyond that; more -> RESOURCE_EXHAUSTED")
+    max_generate_points: int = Field(
+        16384, description="GenerateMasks: grid points per crop layer (points_per_side <= 128); more -> INVALID_ARGUMENT"
+    )
+    max_generate_points_per_batch: int = Field(256, description="GenerateMasks: largest points_per_batch")
+    generate_decoder_calls_in_flight: int = Field(
+        3, description="GenerateMasks: decoder calls of one request in flight (overlaps decoding and post-processing)"
+    )
     shutdown_grace_s: float = Field(10.0, description="SIGTERM: seconds in-flight calls get to finish")
     health_check_interval_s: float = Field(1.0, description="how often the gateway checks Triton's models")
 

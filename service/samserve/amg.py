@@ -1,0 +1,440 @@
+"""Automatic mask generation ("segment everything"): the official ``SamAutomaticMaskGenerator``, reorganized for speed.
+
+The steps, parameters and outputs are those of ``segment_anything.automatic_mask_generator``:
+
+1. crop boxes: layer 0 is the whole image, layer i has (2^i)^2 overlapping crops; each layer has a point grid;
+2. per crop: the crop's embedding, the grid scaled to the crop, decoded as single-point prompts (the point plus a
+   padding token) in batches of ``points_per_batch``, multimask outputs 1..3; keep predicted IoU above
+   ``pred_iou_thresh`` and stability at least ``stability_score_thresh``; threshold at the model's mask threshold;
+   drop masks whose box lies near an inner crop edge; box NMS within the crop, scored by predicted IoU;
+3. across crops: box NMS scored by 1 / crop area (masks from smaller crops win);
+4. ``min_mask_region_area`` > 0: fill small holes, remove small islands, NMS again preferring unchanged masks.
+
+What differs is where the work happens:
+
+* the predicted-IoU filter runs on the decoder's output before anything is upscaled (the official predictor
+  upscales all 3 x ``points_per_batch`` logit planes to full resolution first, then filters);
+* stability is first estimated on the low-resolution logits (over the image part of the padded frame); only masks
+  within :data:`STABILITY_PREFILTER_MARGIN` of the threshold or above are upscaled, and the exact full-resolution
+  score decides;
+* full-resolution masks are kept as booleans (one float plane at a time), boxes / NMS / RLE are vectorized
+  (numpy; pycocotools' C encoder over one column-major stack);
+* decoder batches are pipelined with post-processing, several in flight (Triton batches them dynamically).
+
+Coordinates: points and boxes are (x, y) pixels of the ORIGINAL image unless a name says ``crop``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import itertools
+import math
+from collections.abc import Awaitable, Callable, Sequence
+
+import cv2
+import numpy as np
+
+from samserve import model_spec, processing
+from samserve.errors import InvalidArgument
+from samserve.processing import DecoderBatch
+from samserve.segmentation import POSTPROCESS_POOL, EmbeddedImage, postprocess_plane
+
+STABILITY_PREFILTER_MARGIN = 0.1
+"""Masks whose low-resolution stability estimate is at least ``stability_score_thresh - margin`` get the exact
+full-resolution score. Measured on the test scenes (tests/unit/test_amg.py): masks scoring >= 0.9 exactly are
+underestimated by at most ~0.05."""
+STABILITY_PREFILTER_MIN_PIXELS = 64
+"""Masks smaller than this at low resolution (pixels above the lower threshold) skip the estimate, which is coarse
+for them, and always get the exact score."""
+MAX_CROP_LAYERS = 3
+EDGE_TOLERANCE_PX = 20.0
+"""A box side within this many pixels of an inner crop edge counts as cut by the crop (official ``atol``)."""
+
+CropBox = tuple[int, int, int, int]
+"""XYXY integer pixels of the original image."""
+
+
+class InvalidParameters(InvalidArgument):
+    """A GenerateMasks parameter outside its domain (the message names it)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class AmgParams:
+    """The official generator's parameters, same names, defaults and meaning."""
+
+    points_per_side: int | None = 32
+    point_grids: tuple[np.ndarray, ...] | None = None
+    """Exclusive with ``points_per_side``: per crop layer, float G x 2 (x, y) normalized to [0, 1]."""
+    points_per_batch: int = 64
+    pred_iou_thresh: float = 0.88
+    stability_score_thresh: float = 0.95
+    stability_score_offset: float = 1.0
+    box_nms_thresh: float = 0.7
+    crop_n_layers: int = 0
+    crop_nms_thresh: float = 0.7
+    crop_overlap_ratio: float = 512 / 1500
+    crop_n_points_downscale_factor: int = 1
+    min_mask_region_area: int = 0
+
+    def validate(self, max_points_per_layer: int, max_points_per_batch: int) -> None:
+        """Raise InvalidParameters naming the first parameter outside its domain."""
+        floats = {
+            "pred_iou_thresh": self.pred_iou_thresh, "stability_score_thresh": self.stability_score_thresh,
+            "box_nms_thresh": self.box_nms_thresh, "crop_nms_thresh": self.crop_nms_thresh,
+        }
+        for name, value in floats.items():
+            if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+                raise InvalidParameters(f"{name} must lie in [0, 1], got {value}")
+        if not (math.isfinite(self.stability_score_offset) and self.stability_score_offset >= 0):
+            raise InvalidParameters(f"stability_score_offset must be >= 0, got {self.stability_score_offset}")
+        if not (math.isfinite(self.crop_overlap_ratio) and 0.0 <= self.crop_overlap_ratio < 1.0):
+            raise InvalidParameters(f"crop_overlap_ratio must lie in [0, 1), got {self.crop_overlap_ratio}")
+        if not 0 <= self.crop_n_layers <= MAX_CROP_LAYERS:
+            raise InvalidParameters(f"crop_n_layers must lie in [0, {MAX_CROP_LAYERS}], got {self.crop_n_layers}")
+        if self.crop_n_points_downscale_factor < 1:
+            raise InvalidParameters(
+                f"crop_n_points_downscale_factor must be >= 1, got {self.crop_n_points_downscale_factor}")
+        if self.min_mask_region_area < 0:
+            raise InvalidParameters(f"min_mask_region_area must be >= 0, got {self.min_mask_region_area}")
+        if not 1 <= self.points_per_batch <= max_points_per_batch:
+            raise InvalidParameters(
+                f"points_per_batch must lie in [1, {max_points_per_batch}], got {self.points_per_batch}")
+        if (self.points_per_side is None) == (self.point_grids is None):
+            raise InvalidParameters("set exactly one of points_per_side and point_grids")
+        if self.points_per_side is not None and not 1 <= self.points_per_side ** 2 <= max_points_per_layer:
+            raise InvalidParameters(
+                f"points_per_side must lie in [1, {math.isqrt(max_points_per_layer)}], got {self.points_per_side}")
+        if self.point_grids is not None:
+            if len(self.point_grids) != self.crop_n_layers + 1:
+                raise InvalidParameters(f"point_grids needs crop_n_layers + 1 = {self.crop_n_layers + 1} grids, "
+                                        f"got {len(self.point_grids)}")
+            for layer, grid in enumerate(self.point_grids):
+                if grid.ndim != 2 or grid.shape[1] != 2 or not 1 <= len(grid) <= max_points_per_layer:
+                    raise InvalidParameters(f"point_grids[{layer}] must hold 1..{max_points_per_layer} (x, y) points")
+                if not np.all(np.isfinite(grid)) or grid.min() < 0 or grid.max() > 1:
+                    raise InvalidParameters(f"point_grids[{layer}] has points outside [0, 1] x [0, 1]")
+
+    def grids(self) -> list[np.ndarray]:
+        """float64 G x 2 normalized (x, y) points for each crop layer (official ``build_all_layer_point_grids``)."""
+        if self.point_grids is not None:
+            return [np.asarray(grid, dtype=np.float64) for grid in self.point_grids]
+        assert self.points_per_side is not None
+        return [
+            build_point_grid(int(self.points_per_side / (self.crop_n_points_downscale_factor ** layer)))
+            for layer in range(self.crop_n_layers + 1)
+        ]
+
+
+def build_point_grid(n_per_side: int) -> np.ndarray:
+    """float64, n^2 x 2: an evenly spaced grid in [0, 1]^2, x fastest (official ``build_point_grid``)."""
+    offset = 1 / (2 * n_per_side)
+    side = np.linspace(offset, 1 - offset, n_per_side)
+    return np.stack([np.tile(side[None, :], (n_per_side, 1)), np.tile(side[:, None], (1, n_per_side))],
+                    axis=-1).reshape(-1, 2)
+
+
+def crop_boxes(original_hw: tuple[int, int], n_layers: int, overlap_ratio: float) -> list[tuple[CropBox, int]]:
+    """(crop box XYXY, layer) for every crop, whole image first (official ``generate_crop_boxes``)."""
+    height, width = original_hw
+    boxes: list[tuple[CropBox, int]] = [((0, 0, width, height), 0)]
+    for layer in range(n_layers):
+        per_side = 2 ** (layer + 1)
+        overlap = int(overlap_ratio * min(height, width) * (2 / per_side))
+        crop_w = int(math.ceil((overlap * (per_side - 1) + width) / per_side))
+        crop_h = int(math.ceil((overlap * (per_side - 1) + height) / per_side))
+        xs = [int((crop_w - overlap) * i) for i in range(per_side)]
+        ys = [int((crop_h - overlap) * i) for i in range(per_side)]
+        for x0, y0 in itertools.product(xs, ys):
+            boxes.append(((x0, y0, min(x0 + crop_w, width), min(y0 + crop_h, height)), layer + 1))
+    return boxes
+
+
+def mask_boxes(masks: np.ndarray) -> np.ndarray:
+    """int64, K x 4 XYXY inclusive pixel indices of K x H x W bool masks; [0, 0, 0, 0] for an empty mask
+    (official ``batched_mask_to_box``)."""
+    if len(masks) == 0:
+        return np.zeros((0, 4), dtype=np.int64)
+    rows = masks.any(axis=2)  # K x H
+    cols = masks.any(axis=1)  # K x W
+    height, width = rows.shape[1], cols.shape[1]
+    top, left = rows.argmax(axis=1), cols.argmax(axis=1)
+    bottom, right = height - 1 - rows[:, ::-1].argmax(axis=1), width - 1 - cols[:, ::-1].argmax(axis=1)
+    boxes = np.stack([left, top, right, bottom], axis=1).astype(np.int64)
+    boxes[~rows.any(axis=1)] = 0
+    return boxes
+
+
+def box_nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
+    """Indices kept by greedy NMS, highest score first (torchvision ``nms`` on float32 XYXY boxes: stable sort,
+    area (x1 - x0) * (y1 - y0), suppress IoU > threshold). ``boxes``: K x 4; ``scores``: K."""
+    if len(boxes) == 0:
+        return np.zeros((0,), dtype=np.int64)
+    boxes = np.asarray(boxes, dtype=np.float32)
+    order = np.argsort(-np.asarray(scores, dtype=np.float32), kind="stable")
+    b = boxes[order]
+    areas = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    inter_w = np.maximum(np.minimum(b[:, None, 2], b[None, :, 2]) - np.maximum(b[:, None, 0], b[None, :, 0]), 0)
+    inter_h = np.maximum(np.minimum(b[:, None, 3], b[None, :, 3]) - np.maximum(b[:, None, 1], b[None, :, 1]), 0)
+    inter = inter_w * inter_h
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = inter / (areas[:, None] + areas[None, :] - inter)  # float32, as torchvision computes it
+    over = ratio.astype(np.float64) > float(iou_threshold)  # compared in double, as in C++; NaN never suppresses
+    suppressed = np.zeros(len(b), dtype=bool)
+    keep = []
+    for i in range(len(b)):
+        if suppressed[i]:
+            continue
+        keep.append(i)
+        suppressed[i + 1 :] |= over[i, i + 1 :]
+    return order[np.asarray(keep, dtype=np.int64)]
+
+
+def near_crop_edge(boxes: np.ndarray, crop: CropBox, original_hw: tuple[int, int]) -> np.ndarray:
+    """bool, K: a side of the (crop-frame, XYXY) box lies within 20 px of an inner crop edge, i.e. an edge of
+    the crop that is not an edge of the image (official ``is_box_near_crop_edge``)."""
+    x0, y0, _, _ = crop
+    uncropped = boxes.astype(np.float32) + np.array([x0, y0, x0, y0], dtype=np.float32)
+    crop_edges = np.asarray(crop, dtype=np.float32)
+    image_edges = np.array([0, 0, original_hw[1], original_hw[0]], dtype=np.float32)
+    near_crop = np.abs(uncropped - crop_edges) <= EDGE_TOLERANCE_PX
+    near_image = np.abs(uncropped - image_edges) <= EDGE_TOLERANCE_PX
+    return np.any(near_crop & ~near_image, axis=1)
+
+
+def remove_small_regions(mask: np.ndarray, area_thresh: float, mode: str) -> tuple[np.ndarray, bool]:
+    """Fill holes (``mode="holes"``) or drop islands (``"islands"``) smaller than ``area_thresh`` in an H x W
+    bool mask; returns (mask, changed). 8-connectivity; if every island is small the largest stays (official)."""
+    holes = mode == "holes"
+    working = np.ascontiguousarray(holes ^ mask, dtype=np.uint8)
+    n_labels, regions, stats, _ = cv2.connectedComponentsWithStats(working, 8)
+    sizes = stats[1:, cv2.CC_STAT_AREA]
+    small = np.flatnonzero(sizes < area_thresh) + 1
+    if len(small) == 0:
+        return mask, False
+    if holes:
+        fill = np.concatenate([[0], small])
+    else:
+        fill = np.setdiff1d(np.arange(1, n_labels), small)
+        if len(fill) == 0:
+            fill = np.array([int(np.argmax(sizes)) + 1])
+    return np.isin(regions, fill), True
+
+
+@dataclasses.dataclass
+class MaskSet:
+    """Masks with their records; every field has K rows (K masks), in the official generator's order."""
+
+    masks: list[np.ndarray]
+    """bool, each h x w: the mask inside its frame ``frames[k]``."""
+    frames: np.ndarray
+    """int64, K x 4 XYXY: where each stored mask lies in the original image (its crop, or the whole image)."""
+    boxes: np.ndarray
+    """int64, K x 4 XYXY inclusive, original-image pixels."""
+    predicted_iou: np.ndarray
+    """float32, K."""
+    stability_score: np.ndarray
+    """float32, K."""
+    points: np.ndarray
+    """float64, K x 2 (x, y), original-image pixels: the grid point that produced each mask."""
+    crop_boxes: np.ndarray
+    """int64, K x 4 XYXY: the crop each mask was generated in."""
+
+    @classmethod
+    def empty(cls) -> "MaskSet":
+        boxes = np.zeros((0, 4), np.int64)
+        return cls([], boxes, boxes, np.zeros(0, np.float32), np.zeros(0, np.float32), np.zeros((0, 2)), boxes)
+
+    def take(self, keep: np.ndarray) -> "MaskSet":
+        keep = np.asarray(keep, dtype=np.int64)
+        return MaskSet([self.masks[i] for i in keep], self.frames[keep], self.boxes[keep], self.predicted_iou[keep],
+                       self.stability_score[keep], self.points[keep], self.crop_boxes[keep])
+
+    @classmethod
+    def concat(cls, parts: Sequence["MaskSet"]) -> "MaskSet":
+        parts = [p for p in parts if len(p)]
+        if not parts:
+            return cls.empty()
+        return cls(
+            [m for p in parts for m in p.masks], np.concatenate([p.frames for p in parts]),
+            np.concatenate([p.boxes for p in parts]),
+            np.concatenate([p.predicted_iou for p in parts]), np.concatenate([p.stability_score for p in parts]),
+            np.concatenate([p.points for p in parts]), np.concatenate([p.crop_boxes for p in parts]),
+        )
+
+    def __len__(self) -> int:
+        return len(self.masks)
+
+    def full_frame(self, original_hw: tuple[int, int]) -> np.ndarray:
+        """bool, K x H x W in the original frame, stored column-major (what COCO RLE encodes from)."""
+        height, width = original_hw
+        out = np.zeros((len(self), width, height), dtype=bool)
+        for k, (mask, frame) in enumerate(zip(self.masks, self.frames)):
+            x0, y0, x1, y1 = (int(v) for v in frame)
+            out[k, x0:x1, y0:y1] = mask.T
+        return out.swapaxes(1, 2)
+
+
+def single_point_batch(points: np.ndarray, image: EmbeddedImage, low_res_mask_size: tuple[int, int]) -> DecoderBatch:
+    """Decoder inputs for N foreground points (N x 2, crop pixels): each prompt is the point plus a padding
+    token, exactly what the official predictor sends for a point without a box."""
+    n = len(points)
+    coords = np.zeros((n, 2, 2), dtype=np.float32)
+    coords[:, 0] = processing.scale_coords(points, image.original_size, image.input_size)
+    labels = np.empty((n, 2), dtype=np.float32)
+    labels[:, 0], labels[:, 1] = model_spec.LABEL_FOREGROUND, model_spec.LABEL_PADDING
+    return DecoderBatch(
+        prompt_indices=list(range(n)), point_coords=coords, point_labels=labels,
+        mask_input=np.zeros((n, 1, *low_res_mask_size), dtype=np.float32), has_mask_input=np.zeros(n, np.float32),
+    )
+
+
+def stability_prefilter(
+    logits: np.ndarray, image: EmbeddedImage, image_size: int, mask_threshold: float, offset: float, threshold: float
+) -> np.ndarray:
+    """bool, K: which of K x 4h x 4w logit planes may reach ``threshold`` and need the exact full-resolution
+    stability score (see :data:`STABILITY_PREFILTER_MARGIN`)."""
+    estimate, outer = low_res_stability(logits, image, image_size, mask_threshold, offset)
+    return (estimate >= threshold - STABILITY_PREFILTER_MARGIN) | (outer < STABILITY_PREFILTER_MIN_PIXELS)
+
+
+def low_res_stability(
+    logits: np.ndarray, image: EmbeddedImage, image_size: int, mask_threshold: float, offset: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """(float32 K stability estimate, int64 K pixels above the lower threshold) of K x 4h x 4w logit planes, over
+    the part of the padded frame that the image covers."""
+    scale = logits.shape[-1] / image_size
+    rows, cols = (max(1, math.ceil(side * scale)) for side in image.input_size)
+    valid = np.ascontiguousarray(logits[:, :rows, :cols])
+    outer = processing.mask_areas(valid > mask_threshold - offset)
+    return processing.stability_score(valid, mask_threshold, offset), outer
+
+
+Decode = Callable[[EmbeddedImage, DecoderBatch], Awaitable[tuple[np.ndarray, np.ndarray]]]
+"""(image, batch) -> (low-res logits float32 N x M x 4h x 4w, predicted IoU float32 N x M)."""
+CropEmbedding = Callable[[CropBox], contextlib.AbstractAsyncContextManager[EmbeddedImage]]
+"""crop box -> the crop's embedded image (original_size = the crop's size), held for the context's duration."""
+
+
+@dataclasses.dataclass
+class Progress:
+    """Work done so far (for metrics and logs)."""
+
+    crops: int = 0
+    points: int = 0
+    decoder_calls: int = 0
+
+
+class MaskGenerator:
+    """Runs the algorithm for one image; model calls are injected (Triton in the gateway, fakes in unit tests)."""
+
+    def __init__(
+        self, params: AmgParams, meta: model_spec.ModelMetadata, decode: Decode, crop_embedding: CropEmbedding,
+        decoder_calls_in_flight: int = 3,
+    ) -> None:
+        self.params = params
+        self.meta = meta
+        self.decode = decode
+        self.crop_embedding = crop_embedding
+        self.in_flight = asyncio.Semaphore(decoder_calls_in_flight)
+        self.progress = Progress()
+
+    async def generate(self, original_hw: tuple[int, int]) -> MaskSet:
+        """Every mask of the image (official ``SamAutomaticMaskGenerator.generate`` order and filters)."""
+        params = self.params
+        grids = params.grids()
+        crops = crop_boxes(original_hw, params.crop_n_layers, params.crop_overlap_ratio)
+        parts = await asyncio.gather(*(self._crop(box, grids[layer], original_hw) for box, layer in crops))
+        masks = MaskSet.concat(parts)
+        if len(crops) > 1 and len(masks):
+            crop_area = (masks.crop_boxes[:, 2] - masks.crop_boxes[:, 0]) * (masks.crop_boxes[:, 3] - masks.crop_boxes[:, 1])
+            masks = masks.take(box_nms(masks.boxes, 1.0 / crop_area.astype(np.float32), params.crop_nms_thresh))
+        if params.min_mask_region_area > 0 and len(masks):
+            masks = await asyncio.get_running_loop().run_in_executor(
+                POSTPROCESS_POOL, postprocess_small_regions, masks, original_hw, params.min_mask_region_area,
+                max(params.box_nms_thresh, params.crop_nms_thresh),
+            )
+        return masks
+
+    async def _crop(self, crop: CropBox, grid: np.ndarray, original_hw: tuple[int, int]) -> MaskSet:
+        async with self.crop_embedding(crop) as image:
+            crop_h, crop_w = image.original_size
+            points = grid * np.array([[crop_w, crop_h]], dtype=np.float64)
+            batches = [points[i : i + self.params.points_per_batch]
+                       for i in range(0, len(points), self.params.points_per_batch)]
+            parts = await asyncio.gather(*(self._batch(image, crop, batch, original_hw) for batch in batches))
+        self.progress.crops += 1
+        masks = MaskSet.concat(parts)
+        if not len(masks):
+            return masks
+        masks = masks.take(box_nms(masks.boxes, masks.predicted_iou, self.params.box_nms_thresh))
+        x0, y0 = crop[0], crop[1]
+        masks.boxes = masks.boxes + np.array([x0, y0, x0, y0], dtype=np.int64)
+        masks.points = masks.points + np.array([x0, y0], dtype=np.float64)
+        return masks
+
+    async def _batch(
+        self, image: EmbeddedImage, crop: CropBox, points: np.ndarray, original_hw: tuple[int, int]
+    ) -> MaskSet:
+        async with self.in_flight:
+            low_res, iou = await self.decode(image, single_point_batch(points, image, self.meta.low_res_mask_size))
+            self.progress.points += len(points)
+            self.progress.decoder_calls += 1
+            return await self._filter(low_res, iou, points, image, crop, original_hw)
+
+    async def _filter(
+        self, low_res: np.ndarray, iou: np.ndarray, points: np.ndarray, image: EmbeddedImage, crop: CropBox,
+        original_hw: tuple[int, int],
+    ) -> MaskSet:
+        """The official ``_process_batch`` with the cheap filters first. ``low_res``: N x M x 4h x 4w."""
+        params, meta = self.params, self.meta
+        tokens = processing.select_masks(True, meta.num_mask_tokens)
+        logits = low_res[:, tokens].reshape(-1, *low_res.shape[-2:])
+        scores = iou[:, tokens].reshape(-1).astype(np.float32)
+        point_of = np.repeat(points, tokens.stop - tokens.start, axis=0)
+        keep = np.flatnonzero(scores > params.pred_iou_thresh) if params.pred_iou_thresh > 0 else np.arange(len(scores))
+        loop = asyncio.get_running_loop()
+        if params.stability_score_thresh > 0 and len(keep):
+            keep = keep[await loop.run_in_executor(
+                POSTPROCESS_POOL, stability_prefilter, logits[keep], image, meta.image_size, meta.mask_threshold,
+                params.stability_score_offset, params.stability_score_thresh,
+            )]
+        planes = await asyncio.gather(*(
+            loop.run_in_executor(POSTPROCESS_POOL, postprocess_plane, logits[k], image, meta,
+                                 params.stability_score_offset, math.nan)  # 0 / 0 as the official score
+            for k in keep
+        ))
+        stability = np.array([score for _, score in planes], dtype=np.float32)
+        passed = stability >= params.stability_score_thresh if params.stability_score_thresh > 0 else np.ones(len(keep), bool)
+        masks = [mask for (mask, _), ok in zip(planes, passed) if ok]
+        keep, stability = keep[passed], stability[passed]
+        boxes = mask_boxes(np.stack(masks)) if masks else np.zeros((0, 4), np.int64)
+        inside = ~near_crop_edge(boxes, crop, original_hw)
+        crop_rows = np.tile(np.asarray(crop, dtype=np.int64), (int(inside.sum()), 1))
+        return MaskSet(
+            [m for m, ok in zip(masks, inside) if ok], crop_rows, boxes[inside], scores[keep][inside], stability[inside],
+            point_of[keep][inside], crop_rows,
+        )
+
+
+def postprocess_small_regions(
+    masks: MaskSet, original_hw: tuple[int, int], min_area: int, nms_thresh: float
+) -> MaskSet:
+    """Fill holes and remove islands smaller than ``min_area`` in every mask, then NMS preferring masks that did
+    not change (official ``postprocess_small_regions``). Kept masks come back in the whole-image frame."""
+    full = masks.full_frame(original_hw)
+    cleaned, unchanged = [], []
+    for mask in full:
+        mask, changed_holes = remove_small_regions(mask, min_area, "holes")
+        mask, changed_islands = remove_small_regions(mask, min_area, "islands")
+        cleaned.append(mask)
+        unchanged.append(not (changed_holes or changed_islands))
+    keep = box_nms(mask_boxes(np.stack(cleaned)), np.asarray(unchanged, dtype=np.float32), nms_thresh)
+    result = masks.take(keep)
+    result.frames = np.tile(np.array([0, 0, original_hw[1], original_hw[0]], dtype=np.int64), (len(keep), 1))
+    result.masks = [cleaned[index] for index in keep]
+    changed = np.array([not unchanged[index] for index in keep], dtype=bool)
+    if changed.any():
+        result.boxes[changed] = mask_boxes(np.stack([m for m, c in zip(result.masks, changed) if c]))
+    return result

@@ -1,0 +1,154 @@
+"""GenerateMasks end to end: real gateway processes, real Triton, real Redis, real gRPC channels.
+
+Parity is against the official ``SamAutomaticMaskGenerator`` on the same (seeded random, tiny) weights. Random
+weights make noise masks: their stability scores are 0 and every box spans the image, so the thresholds are
+lowered (stability 0, NMS at 1.0) and a predicted-IoU threshold keeps part of them (>= 50). The filters' logic on
+real shapes is compared with the official code in tests/unit/test_amg.py.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from segment_anything import SamAutomaticMaskGenerator
+
+from samserve import model_spec
+from samserve.api import pb
+from samserve.client import SamServeClient
+from samserve_build import architectures
+from tests.amg_reference import match
+from tests.conftest import synthetic_image
+from tests.integration.test_gateway import encoder_count, new_image, png_bytes
+
+HW = (240, 320)
+LOWERED = dict(points_per_side=16, pred_iou_thresh=0.02, stability_score_thresh=0.0, box_nms_thresh=1.0,
+               crop_nms_thresh=1.0)
+
+
+def triton_count(url: str, model: str) -> int:
+    import tritonclient.grpc as tritongrpc
+
+    client = tritongrpc.InferenceServerClient(url)
+    try:
+        stats = client.get_inference_statistics(model, as_json=True)
+        return sum(int(m.get("inference_count", 0)) for m in stats["model_stats"])
+    finally:
+        client.close()
+
+
+@pytest.fixture(scope="module")
+def official_tiny(tiny_triton):
+    torch.set_num_threads(2)
+    return architectures.load_sam("tiny", tiny_triton.model.checkpoint)
+
+
+@pytest.fixture
+def gateway(gateway_factory, tiny_triton, redis_server):
+    return gateway_factory(tiny_triton.url, redis_server.url)
+
+
+@pytest.mark.parametrize("extra", [{}, {"crop_n_layers": 1}, {"min_mask_region_area": 30}],
+                         ids=["whole_image", "crop_layers_1", "min_region_area"])
+def test_matches_official_generator(gateway, official_tiny, extra):
+    image = synthetic_image(*HW, seed=11)
+    params = dict(LOWERED, **extra)
+    with torch.no_grad():
+        expected = SamAutomaticMaskGenerator(official_tiny, output_mode="coco_rle", **params).generate(image)
+    with SamServeClient(gateway.target) as client:
+        got = client.generate_masks(png_bytes(image), **params)
+    assert len(expected) >= 50
+    result = match([e["segmentation"] for e in expected], [a["segmentation"] for a in got.annotations])
+    assert abs(result.count_ratio - 1) <= 0.02, result.count_ratio
+    assert result.matched_fraction >= 0.95, result.matched_fraction
+    for theirs, ours, _ in result.pairs:
+        a, b = expected[theirs], got.annotations[ours]
+        assert a["crop_box"] == b["crop_box"] and a["point_coords"] == b["point_coords"]
+        assert abs(a["predicted_iou"] - b["predicted_iou"]) < 1e-2  # the served embedding is fp16
+        assert abs(a["area"] - b["area"]) <= 0.05 * max(a["area"], 1)
+
+
+def test_second_call_runs_no_encoder_even_with_crops(gateway, tiny_triton):
+    data = new_image(200, 260)
+    params = dict(LOWERED, points_per_side=8, crop_n_layers=1)
+    with SamServeClient(gateway.target) as client:
+        before = encoder_count(tiny_triton.url)
+        first = client.generate_masks(data, **params)
+        assert not first.cached and encoder_count(tiny_triton.url) == before + 5  # whole image + 4 crops
+        second = client.generate_masks(first.image_id, **params)  # by id: every crop is cached
+        third = client.generate_masks(data, **params)
+        assert encoder_count(tiny_triton.url) == before + 5
+        assert second.cached and third.cached
+        assert client.embed(data).cached  # the whole-image crop IS the Embed embedding
+    assert [a["segmentation"] for a in second.annotations] == [a["segmentation"] for a in first.annotations]
+
+
+@pytest.mark.parametrize("request_fields", [
+    dict(points_per_side=0),
+    dict(pred_iou_thresh=1.5),
+    dict(stability_score_thresh=-0.1),
+    dict(box_nms_thresh=2.0),
+    dict(crop_n_layers=-1),
+    dict(crop_n_layers=4),
+    dict(points_per_batch=0),
+    dict(points_per_side=1000),
+], ids=lambda f: ",".join(f"{k}={v}" for k, v in f.items()))
+def test_bad_parameters_are_invalid_argument(gateway, request_fields):
+    request = pb.GenerateMasksRequest(image_bytes=new_image(), **request_fields)
+    with SamServeClient(gateway.target) as client, pytest.raises(grpc.RpcError) as error:
+        client.stub.GenerateMasks(request)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert next(iter(request_fields)) in error.value.details()
+
+
+def test_bad_point_grids_and_unknown_image_id(gateway):
+    data = new_image()
+    with SamServeClient(gateway.target) as client:
+        cases = {
+            "outside": ([np.array([[0.5, 0.5], [1.2, 0.3]])], {}),
+            "crop_n_layers + 1": ([np.array([[0.5, 0.5]])], {"crop_n_layers": 1}),
+            "exactly one": ([np.array([[0.5, 0.5]])], {"points_per_side": 4}),
+        }
+        for words, (grids, extra) in cases.items():
+            with pytest.raises(grpc.RpcError) as error:
+                client.generate_masks(data, point_grids=grids, **extra)
+            assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in error.value.details(), words
+        with pytest.raises(grpc.RpcError) as error:
+            client.generate_masks("0" * 64)
+        assert error.value.code() == grpc.StatusCode.NOT_FOUND
+        # An explicit grid is the official `point_grids`: one mask record per surviving (point, token).
+        got = client.generate_masks(data, point_grids=[np.array([[0.25, 0.5], [0.75, 0.5]])], pred_iou_thresh=0.0,
+                                    stability_score_thresh=0.0, box_nms_thresh=1.0)
+        assert len(got.annotations) == 6
+        assert {tuple(a["point_coords"][0]) for a in got.annotations} == {(40.0, 60.0), (120.0, 60.0)}
+
+
+def test_client_deadline_stops_the_work(gateway, tiny_triton):
+    data = new_image()
+    params = dict(LOWERED, points_per_side=64, points_per_batch=8)  # 512 decoder calls
+    with SamServeClient(gateway.target) as client:
+        client.embed(data)  # the encoder is not what the deadline cuts
+        before = triton_count(tiny_triton.url, model_spec.DECODER_MODEL)
+        with pytest.raises(grpc.RpcError) as error:
+            client.generate_masks(data, timeout_s=0.5, **params)
+        assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        time.sleep(0.5)
+        settled = triton_count(tiny_triton.url, model_spec.DECODER_MODEL)
+        time.sleep(1.5)
+        assert triton_count(tiny_triton.url, model_spec.DECODER_MODEL) == settled, "decoder calls went on"
+        assert settled - before < 512
+        # and the gateway still serves
+        assert client.generate_masks(data, points_per_side=4).image_id
+
+
+def test_concurrent_calls_on_one_image_encode_once(gateway, tiny_triton):
+    data = new_image()
+    before = encoder_count(tiny_triton.url)
+    with SamServeClient(gateway.target) as client, ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _: client.generate_masks(data, **LOWERED), range(4)))
+    assert encoder_count(tiny_triton.url) == before + 1
+    assert len({len(a.annotations) for a in answers}) == 1
