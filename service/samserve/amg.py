@@ -127,6 +127,10 @@ class AmgParams:
         ]
 
 
+SCALAR_PARAMETERS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(AmgParams) if f.name != "point_grids")
+"""The parameters that are one number (the GenerateMasks request fields and the bulk job's options)."""
+
+
 def build_point_grid(n_per_side: int) -> np.ndarray:
     """float64, n^2 x 2: an evenly spaced grid in [0, 1]^2, x fastest (official ``build_point_grid``)."""
     offset = 1 / (2 * n_per_side)

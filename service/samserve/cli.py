@@ -3,6 +3,7 @@
     samserve up                      # Redis (when installed) + Triton + gateway, in the foreground
     samserve gateway                 # the gateway alone (Triton and Redis elsewhere; one per replica)
     samserve segment photo.jpg --point 500,375 --out overlay.png
+    samserve generate-masks photos/ --out masks/   # segment everything, one JSON per image, resumable
 """
 
 from __future__ import annotations
@@ -116,6 +117,20 @@ def segment_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def generate_masks_command(args: argparse.Namespace) -> int:
+    """The bulk job (samserve.bulk): exit 0 when every image has its JSON, 1 when some failed."""
+    from samserve import amg, bulk
+    from samserve.client import SamServeClient
+
+    root, images = bulk.list_images(args.input)
+    params = bulk.params_from_args(vars(args), amg.SCALAR_PARAMETERS)
+    with SamServeClient(args.target) as client:
+        report = bulk.run_bulk(images, root, args.out, client, params, concurrency=args.concurrency,
+                               retry_failed=args.retry_failed, progress=not args.quiet, timeout_s=args.timeout)
+    print(report.summary())
+    return 1 if report.failures else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="samserve", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -129,6 +144,20 @@ def main(argv: list[str] | None = None) -> int:
     p_segment.add_argument("--single", action="store_true", help="single-mask output instead of 3 masks")
     p_segment.add_argument("--target", default=None, help="gateway address (default from SAMSERVE_GATEWAY_*)")
     p_segment.add_argument("--out", help="write an overlay PNG of the best mask and the prompt")
+    p_bulk = commands.add_parser("generate-masks", help="segment everything in a folder or list of images")
+    p_bulk.add_argument("input", type=Path, help="a folder (searched recursively) or a text file of image paths")
+    p_bulk.add_argument("--out", type=Path, required=True, help="folder for one JSON per image (+ failures.json)")
+    p_bulk.add_argument("--concurrency", type=int, default=4, help="images in flight (default 4)")
+    p_bulk.add_argument("--retry-failed", action="store_true", help="also retry images rejected as invalid before")
+    p_bulk.add_argument("--timeout", type=float, default=None, help="seconds per image (default: the client's 600)")
+    p_bulk.add_argument("--quiet", action="store_true", help="no progress bar")
+    p_bulk.add_argument("--target", default=None, help="gateway address (default from SAMSERVE_GATEWAY_*)")
+    from samserve.amg import AmgParams, SCALAR_PARAMETERS
+
+    for name in SCALAR_PARAMETERS:
+        default = getattr(AmgParams(), name)
+        p_bulk.add_argument("--" + name.replace("_", "-"), type=float if isinstance(default, float) else int,
+                            default=None, help=f"official default {default:g}")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings()
@@ -142,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("segment needs --point and/or --box")
         args.target = args.target or f"{settings.gateway_host}:{settings.gateway_port}"
         return segment_command(args)
+    if args.command == "generate-masks":
+        args.target = args.target or f"{settings.gateway_host}:{settings.gateway_port}"
+        return generate_masks_command(args)
     return 2
 
 

@@ -395,16 +395,10 @@ def crop_id(image_id: str, crop: amg.CropBox) -> str:
     return f"{image_id}:crop:{','.join(map(str, crop))}"
 
 
-AMG_SCALARS = (
-    "points_per_side", "points_per_batch", "pred_iou_thresh", "stability_score_thresh", "stability_score_offset",
-    "box_nms_thresh", "crop_n_layers", "crop_nms_thresh", "crop_overlap_ratio", "crop_n_points_downscale_factor",
-    "min_mask_region_area",
-)
-
-
 def amg_params_from_proto(request: pb.GenerateMasksRequest) -> amg.AmgParams:
     """The request's parameters; unset ones keep the official defaults (validated by AmgParams.validate)."""
-    fields: dict[str, Any] = {name: getattr(request, name) for name in AMG_SCALARS if request.HasField(name)}
+    fields: dict[str, Any] = {name: getattr(request, name) for name in amg.SCALAR_PARAMETERS
+                               if request.HasField(name)}
     if request.point_grids:
         grids = []
         for layer, grid in enumerate(request.point_grids):

@@ -40,4 +40,5 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     except InvalidArgument:
         raise
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        raise InvalidArgument(f"undecodable image: {error}") from None
+        reason = "not a supported image format" if isinstance(error, UnidentifiedImageError) else str(error)
+        raise InvalidArgument(f"undecodable image: {reason}") from None

@@ -8,6 +8,9 @@ real shapes is compared with the official code in tests/unit/test_amg.py.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -152,3 +155,47 @@ def test_concurrent_calls_on_one_image_encode_once(gateway, tiny_triton):
         answers = list(pool.map(lambda _: client.generate_masks(data, **LOWERED), range(4)))
     assert encoder_count(tiny_triton.url) == before + 1
     assert len({len(a.annotations) for a in answers}) == 1
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "samserve.cli", "generate-masks", *args], capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_bulk_job_finishes_the_rest_reports_the_corrupt_file_and_resumes(gateway, tiny_triton, tmp_path):
+    folder, out = tmp_path / "images", tmp_path / "masks"
+    (folder / "sub").mkdir(parents=True)
+    names = ["a.png", "b.png", "sub/c.png"]
+    for k, name in enumerate(names):
+        (folder / name).write_bytes(png_bytes(synthetic_image(90 + 10 * k, 120, seed=500 + k)))
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    options = ["--out", str(out), "--target", gateway.target, "--points-per-side", "8", "--concurrency", "3",
+               "--pred-iou-thresh", "0", "--stability-score-thresh", "0", "--box-nms-thresh", "1"]
+
+    first = run_cli(str(folder), *options)
+    assert first.returncode == 1, first.stderr
+    assert "3 written, 0 already done, 1 failed" in first.stdout
+    assert "FAILED broken.png: INVALID_ARGUMENT" in first.stdout
+    for k, name in enumerate(names):
+        document = json.loads((out / (name + ".json")).read_text())
+        assert document["image"]["file_name"] == name and document["image"]["height"] == 90 + 10 * k
+        assert len(document["annotations"]) == 8 * 8 * 3  # nothing filtered with these parameters
+        first_mask = document["annotations"][0]
+        assert set(first_mask) == {"id", "segmentation", "area", "bbox", "predicted_iou", "point_coords",
+                                   "stability_score", "crop_box"}
+    failures = json.loads((out / "failures.json").read_text())
+    assert [f["file"] for f in failures] == ["broken.png"]
+
+    written = {p: p.stat().st_mtime_ns for p in out.rglob("*.png.json")}
+    decoder_calls = triton_count(tiny_triton.url, model_spec.DECODER_MODEL)
+    again = run_cli(str(folder), *options)
+    assert "0 written, 3 already done, 0 failed, 1 skipped" in again.stdout and again.returncode == 1
+    assert triton_count(tiny_triton.url, model_spec.DECODER_MODEL) == decoder_calls  # nothing recomputed
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.png.json")} == written
+
+    # A list file works the same way; a missing file is a recorded failure, not a crash.
+    listing = tmp_path / "list.txt"
+    listing.write_text("images/a.png\n# a comment\nimages/missing.png\n")
+    listed = run_cli(str(listing), "--out", str(tmp_path / "listed"), *options[2:])
+    assert "1 written" in listed.stdout and "FAILED images/missing.png: READ_ERROR" in listed.stdout
+    assert (tmp_path / "listed" / "images" / "a.png.json").exists()
