@@ -4,6 +4,8 @@ Scenarios (pick by user class on the command line):
   InteractiveUser  clicks on images that are already embedded (the common case: hot Segment by image_id)
   UploadUser       new images every time (cold: Segment with image bytes, the encoder runs)
   MixedUser        95 % clicks on cached images, 5 % new uploads
+  EverythingUser   "segment everything" (GenerateMasks) on cached images, as annotation tools and dataset jobs do
+                   (points_per_side from SAMSERVE_LOAD_POINTS_PER_SIDE, default 16; the official defaults otherwise)
 Images and prompts are generated and seeded (SAMSERVE_LOAD_SEED), nothing is downloaded. Every call is reported
 to Locust's request events: name per RPC and scenario, response size, failures with their gRPC status code.
 """
@@ -31,6 +33,7 @@ SEED = int(os.environ.get("SAMSERVE_LOAD_SEED", "0"))
 HEIGHT = int(os.environ.get("SAMSERVE_LOAD_HEIGHT", "480"))
 WIDTH = int(os.environ.get("SAMSERVE_LOAD_WIDTH", "640"))
 CACHED_IMAGES = int(os.environ.get("SAMSERVE_LOAD_CACHED_IMAGES", "4"))
+POINTS_PER_SIDE = int(os.environ.get("SAMSERVE_LOAD_POINTS_PER_SIDE", "16"))
 _new_image_seeds = itertools.count(SEED * 1_000_000 + 500_000)
 
 
@@ -91,6 +94,12 @@ class SamUser(User):
             self.call("Segment hot (image_id)", self.stub.Segment,
                       pb.SegmentRequest(image_id=image_id, prompts=[self.click()]))
 
+    def segment_everything(self) -> None:
+        image_id = self.cached_image_id()
+        if image_id is not None:
+            self.call("GenerateMasks (image_id)", self.stub.GenerateMasks,
+                      pb.GenerateMasksRequest(image_id=image_id, points_per_side=POINTS_PER_SIDE))
+
     def cold_segment(self) -> None:
         self.call("Segment cold (new image bytes)", self.stub.Segment,
                   pb.SegmentRequest(image_bytes=encoded_image(next(_new_image_seeds)), prompts=[self.click()]))
@@ -116,3 +125,9 @@ class MixedUser(SamUser):
     @task(5)
     def upload_new_image(self) -> None:
         self.cold_segment()
+
+
+class EverythingUser(SamUser):
+    @task
+    def segment_everything_on_cached_image(self) -> None:
+        self.segment_everything()

@@ -17,8 +17,8 @@ What differs is where the work happens:
 * stability is first estimated on the low-resolution logits (over the image part of the padded frame); only masks
   within :data:`STABILITY_PREFILTER_MARGIN` of the threshold or above are upscaled, and the exact full-resolution
   score decides;
-* full-resolution masks are kept as booleans (one float plane at a time), boxes / NMS / RLE are vectorized
-  (numpy; pycocotools' C encoder over one column-major stack);
+* full-resolution work is one plane at a time on the post-processing threads (upscale, exact stability, box,
+  COCO RLE straight from the column-major mask); masks are then held as RLE; NMS is vectorized numpy;
 * decoder batches are pipelined with post-processing, several in flight (Triton batches them dynamically).
 
 Coordinates: points and boxes are (x, y) pixels of the ORIGINAL image unless a name says ``crop``.
@@ -36,7 +36,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import cv2
 import numpy as np
 
-from samserve import model_spec, processing
+from samserve import mask_encoding, model_spec, processing
 from samserve.errors import InvalidArgument
 from samserve.processing import DecoderBatch
 from samserve.segmentation import POSTPROCESS_POOL, EmbeddedImage, postprocess_plane
@@ -226,12 +226,19 @@ def remove_small_regions(mask: np.ndarray, area_thresh: float, mode: str) -> tup
     return np.isin(regions, fill), True
 
 
+Rle = dict
+"""COCO compressed RLE as pycocotools writes it: {"size": [h, w], "counts": bytes}."""
+
+
 @dataclasses.dataclass
 class MaskSet:
-    """Masks with their records; every field has K rows (K masks), in the official generator's order."""
+    """Masks with their records; every field has K rows (K masks), in the official generator's order.
 
-    masks: list[np.ndarray]
-    """bool, each h x w: the mask inside its frame ``frames[k]``."""
+    Masks are held as COCO RLE (as the official generator holds them), so memory follows the masks' outlines,
+    not the image size times their number."""
+
+    masks: list[Rle]
+    """Each mask inside its frame ``frames[k]``."""
     frames: np.ndarray
     """int64, K x 4 XYXY: where each stored mask lies in the original image (its crop, or the whole image)."""
     boxes: np.ndarray
@@ -270,14 +277,26 @@ class MaskSet:
     def __len__(self) -> int:
         return len(self.masks)
 
-    def full_frame(self, original_hw: tuple[int, int]) -> np.ndarray:
-        """bool, K x H x W in the original frame, stored column-major (what COCO RLE encodes from)."""
+    def _in_whole_frame(self, k: int, original_hw: tuple[int, int]) -> bool:
+        return tuple(int(v) for v in self.frames[k]) == (0, 0, original_hw[1], original_hw[0])
+
+    def mask(self, k: int, original_hw: tuple[int, int]) -> np.ndarray:
+        """bool, H x W: mask k in the whole-image frame, stored column-major."""
         height, width = original_hw
-        out = np.zeros((len(self), width, height), dtype=bool)
-        for k, (mask, frame) in enumerate(zip(self.masks, self.frames)):
-            x0, y0, x1, y1 = (int(v) for v in frame)
-            out[k, x0:x1, y0:y1] = mask.T
-        return out.swapaxes(1, 2)
+        inside = mask_encoding.decode_rle(self.masks[k]["size"], self.masks[k]["counts"])
+        if self._in_whole_frame(k, original_hw):
+            return inside
+        x0, y0, x1, y1 = (int(v) for v in self.frames[k])
+        out = np.zeros((width, height), dtype=bool)
+        out[x0:x1, y0:y1] = inside.T
+        return out.T
+
+    def whole_frame_rles(self, original_hw: tuple[int, int]) -> list[Rle]:
+        """Every mask's RLE in the whole-image frame (masks of crops are re-encoded; the others are as held)."""
+        return [
+            rle if self._in_whole_frame(k, original_hw) else mask_encoding.coco_rle(self.mask(k, original_hw)[None])[0]
+            for k, rle in enumerate(self.masks)
+        ]
 
 
 def single_point_batch(points: np.ndarray, image: EmbeddedImage, low_res_mask_size: tuple[int, int]) -> DecoderBatch:
@@ -405,40 +424,54 @@ class MaskGenerator:
                 params.stability_score_offset, params.stability_score_thresh,
             )]
         planes = await asyncio.gather(*(
-            loop.run_in_executor(POSTPROCESS_POOL, postprocess_plane, logits[k], image, meta,
-                                 params.stability_score_offset, math.nan)  # 0 / 0 as the official score
+            loop.run_in_executor(POSTPROCESS_POOL, full_resolution_mask, logits[k], image, meta,
+                                 params.stability_score_offset, params.stability_score_thresh)
             for k in keep
         ))
-        stability = np.array([score for _, score in planes], dtype=np.float32)
-        passed = stability >= params.stability_score_thresh if params.stability_score_thresh > 0 else np.ones(len(keep), bool)
-        masks = [mask for (mask, _), ok in zip(planes, passed) if ok]
-        keep, stability = keep[passed], stability[passed]
-        boxes = mask_boxes(np.stack(masks)) if masks else np.zeros((0, 4), np.int64)
+        passed = np.array([rle is not None for _, _, rle in planes], dtype=bool)
+        keep = keep[passed] if len(keep) else keep
+        planes = [plane for plane, ok in zip(planes, passed) if ok]
+        boxes = np.array([box for _, box, _ in planes], dtype=np.int64).reshape(-1, 4)
         inside = ~near_crop_edge(boxes, crop, original_hw)
         crop_rows = np.tile(np.asarray(crop, dtype=np.int64), (int(inside.sum()), 1))
         return MaskSet(
-            [m for m, ok in zip(masks, inside) if ok], crop_rows, boxes[inside], scores[keep][inside], stability[inside],
-            point_of[keep][inside], crop_rows,
+            [rle for (_, _, rle), ok in zip(planes, inside) if ok], crop_rows, boxes[inside], scores[keep][inside],
+            np.array([score for score, _, _ in planes], dtype=np.float32)[inside], point_of[keep][inside], crop_rows,
         )
+
+
+def full_resolution_mask(
+    logits: np.ndarray, image: EmbeddedImage, meta: model_spec.ModelMetadata, offset: float, stability_thresh: float
+) -> tuple[float, np.ndarray | None, Rle | None]:
+    """The full-resolution work for one 4h x 4w logit plane: (exact stability score, box XYXY inclusive in the
+    crop's frame, COCO RLE); box and RLE are None when the score fails ``stability_thresh`` (0 / 0 is NaN, as in
+    the official code, and fails every threshold). The H x W mask itself is dropped here."""
+    mask, score = postprocess_plane(logits, image, meta, offset, math.nan)
+    if stability_thresh > 0 and not score >= stability_thresh:
+        return score, None, None
+    return score, mask_boxes(mask[None])[0], mask_encoding.coco_rle(mask[None])[0]
 
 
 def postprocess_small_regions(
     masks: MaskSet, original_hw: tuple[int, int], min_area: int, nms_thresh: float
 ) -> MaskSet:
     """Fill holes and remove islands smaller than ``min_area`` in every mask, then NMS preferring masks that did
-    not change (official ``postprocess_small_regions``). Kept masks come back in the whole-image frame."""
-    full = masks.full_frame(original_hw)
-    cleaned, unchanged = [], []
-    for mask in full:
-        mask, changed_holes = remove_small_regions(mask, min_area, "holes")
+    not change (official ``postprocess_small_regions``). Changed masks come back in the whole-image frame."""
+    boxes = masks.boxes.copy()
+    cleaned: list[Rle | None] = []
+    for k in range(len(masks)):
+        mask, changed_holes = remove_small_regions(masks.mask(k, original_hw), min_area, "holes")
         mask, changed_islands = remove_small_regions(mask, min_area, "islands")
-        cleaned.append(mask)
-        unchanged.append(not (changed_holes or changed_islands))
-    keep = box_nms(mask_boxes(np.stack(cleaned)), np.asarray(unchanged, dtype=np.float32), nms_thresh)
+        if changed_holes or changed_islands:
+            cleaned.append(mask_encoding.coco_rle(mask[None])[0])
+            boxes[k] = mask_boxes(mask[None])[0]
+        else:
+            cleaned.append(None)
+    unchanged = np.array([rle is None for rle in cleaned], dtype=np.float32)
+    keep = box_nms(boxes, unchanged, nms_thresh)
     result = masks.take(keep)
-    result.frames = np.tile(np.array([0, 0, original_hw[1], original_hw[0]], dtype=np.int64), (len(keep), 1))
-    result.masks = [cleaned[index] for index in keep]
-    changed = np.array([not unchanged[index] for index in keep], dtype=bool)
-    if changed.any():
-        result.boxes[changed] = mask_boxes(np.stack([m for m, c in zip(result.masks, changed) if c]))
+    whole = np.array([0, 0, original_hw[1], original_hw[0]], dtype=np.int64)
+    for row, index in enumerate(keep):
+        if cleaned[index] is not None:
+            result.masks[row], result.frames[row], result.boxes[row] = cleaned[index], whole, boxes[index]
     return result

@@ -215,6 +215,7 @@ class Gateway(pb_grpc.SegmentAnythingServicer):
     async def _use_model(self, meta: model_spec.ModelMetadata) -> None:
         if self.model is not None:
             await self.model.cache.close()
+        await self.triton.forget_output_regions()
         cache = EmbeddingCache(
             self.triton, meta.cache_namespace, self.settings.l1_cache_bytes, self.redis,
             ttl_s=self.settings.redis_ttl_s, redis_timeout_s=self.settings.redis_timeout_s,
@@ -415,30 +416,23 @@ def _xywh(box: np.ndarray) -> pb.BoxXYWH:
     return pb.BoxXYWH(x=x0, y=y0, width=x1 - x0, height=y1 - y0)
 
 
-GENERATED_CHUNK = 64
-"""Masks expanded to the whole-image frame at a time while encoding (bounds memory at 64 x H x W bytes)."""
-
-
 def generated_masks_to_proto(masks: amg.MaskSet, original_hw: tuple[int, int], encoding: int) -> list[pb.GeneratedMask]:
     """The API records of every mask, field for field as the official ``generate`` returns them."""
+    rles = masks.whole_frame_rles(original_hw)
+    areas = mask_encoding.rle_areas(rles)
     records = []
-    for start in range(0, len(masks), GENERATED_CHUNK):
-        chunk = masks.take(np.arange(start, min(start + GENERATED_CHUNK, len(masks))))
-        full = chunk.full_frame(original_hw)
-        rles = mask_encoding.coco_rle(full) if encoding in WANT_RLE else [None] * len(chunk)
-        areas = processing.mask_areas(full)
-        for k in range(len(chunk)):
-            x, y = chunk.points[k]
-            record = pb.GeneratedMask(
-                area=int(areas[k]), bbox=_xywh(chunk.boxes[k]), predicted_iou=float(chunk.predicted_iou[k]),
-                point_coords=pb.Point(x=float(x), y=float(y), label=pb.POINT_LABEL_FOREGROUND),
-                stability_score=float(chunk.stability_score[k]), crop_box=_xywh(chunk.crop_boxes[k]),
-                png=mask_encoding.png(full[k]) if encoding in WANT_PNG else b"",
-            )
-            if rles[k] is not None:
-                record.rle.size[:] = rles[k]["size"]
-                record.rle.counts = rles[k]["counts"]
-            records.append(record)
+    for k, rle in enumerate(rles):
+        x, y = masks.points[k]
+        record = pb.GeneratedMask(
+            area=int(areas[k]), bbox=_xywh(masks.boxes[k]), predicted_iou=float(masks.predicted_iou[k]),
+            point_coords=pb.Point(x=float(x), y=float(y), label=pb.POINT_LABEL_FOREGROUND),
+            stability_score=float(masks.stability_score[k]), crop_box=_xywh(masks.crop_boxes[k]),
+            png=mask_encoding.png(masks.mask(k, original_hw)) if encoding in WANT_PNG else b"",
+        )
+        if encoding in WANT_RLE:
+            record.rle.size[:] = rle["size"]
+            record.rle.counts = rle["counts"]
+        records.append(record)
     return records
 
 

@@ -15,6 +15,11 @@ def coco_rle(masks: np.ndarray) -> list[dict]:
     return coco_mask.encode(np.asfortranarray(masks.transpose(1, 2, 0)).view(np.uint8))
 
 
+def rle_areas(rles: list[dict]) -> np.ndarray:
+    """int64, K: pixels of each COCO RLE (counted on the runs, nothing decoded)."""
+    return np.asarray(coco_mask.area(rles), dtype=np.int64).reshape(-1) if rles else np.zeros(0, np.int64)
+
+
 def png(mask: np.ndarray) -> bytes:
     """8-bit grayscale PNG of one H x W bool mask (255 = mask)."""
     ok, encoded = cv2.imencode(".png", np.ascontiguousarray(mask, dtype=np.uint8) * 255)

@@ -173,8 +173,9 @@ class DecoderModel(_OnnxModel):
             except Exception as error:  # noqa: BLE001 - the runtime's failure becomes this request's error
                 responses.append(self._error(f"decoder failed: {error}", invalid_argument=False))
                 continue
-            outputs = [
-                pb_utils.Tensor(name, np.stack([result[name] for result in per_image]))
+            outputs = [  # one image per request is the common case: a view, not a copy of the logits
+                pb_utils.Tensor(name, per_image[0][name][None] if len(per_image) == 1
+                                else np.stack([result[name] for result in per_image]))
                 for name in model_spec.DECODER_OUTPUTS
             ]
             responses.append(pb_utils.InferenceResponse(output_tensors=outputs))

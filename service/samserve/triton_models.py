@@ -4,6 +4,8 @@ Embedding transport: every decoder call needs the image embedding (4 MiB in fp32
 ``shm`` stages it once in a Triton system shared-memory region that later decoder calls reference by name
 (gateway and Triton on one host); ``grpc`` sends it inside every request. Measured on the 2-core CPU with vit_b
 (bench/results/models_cpu.json): shm saves 4-9 ms per decoder call, so it is the default where possible.
+With ``shm`` the decoder's outputs come back through shared memory too (1 MiB of logits per prompt for the
+released models: 64 MiB per GenerateMasks batch), from a small pool of reusable regions.
 """
 
 from __future__ import annotations
@@ -52,6 +54,59 @@ class StagedEmbedding:
     handle: Any = None
 
 
+@dataclasses.dataclass(eq=False)
+class _Region:
+    """A registered system shared-memory region for decoder outputs."""
+
+    name: str
+    handle: Any
+    nbytes: int
+
+
+class _OutputRegions:
+    """Reusable output regions, sizes rounded up to powers of two; at most ``keep`` idle regions per size."""
+
+    def __init__(self, client: grpcclient.InferenceServerClient, keep: int = 4) -> None:
+        self.client = client
+        self.keep = keep
+        self._idle: dict[int, list[_Region]] = {}
+
+    async def acquire(self, nbytes: int) -> _Region:
+        size = 1 << max(nbytes - 1, 1).bit_length()
+        idle = self._idle.get(size)
+        if idle:
+            return idle.pop()
+        name = f"samserve-out-{uuid.uuid4().hex}"
+        handle = system_shm.create_shared_memory_region(name, f"/{name}", size)
+        try:
+            await self.client.register_system_shared_memory(name, f"/{name}", size)
+        except BaseException:
+            system_shm.destroy_shared_memory_region(handle)
+            raise
+        return _Region(name, handle, size)
+
+    async def release(self, region: _Region) -> None:
+        idle = self._idle.setdefault(region.nbytes, [])
+        if len(idle) < self.keep:
+            idle.append(region)
+        else:
+            await self._destroy(region)
+
+    async def _destroy(self, region: _Region) -> None:
+        try:
+            await self.client.unregister_system_shared_memory(region.name)
+        except InferenceServerException:
+            pass  # Triton restarted or is unreachable: freeing our side is what matters
+        finally:
+            system_shm.destroy_shared_memory_region(region.handle)
+
+    async def close(self) -> None:
+        for regions in self._idle.values():
+            for region in regions:
+                await self._destroy(region)
+        self._idle.clear()
+
+
 class TritonSam:
     """Encoder and decoder calls on one Triton server (gRPC)."""
 
@@ -60,6 +115,9 @@ class TritonSam:
         self.client = grpcclient.InferenceServerClient(url)
         self.embedding_transport = EmbeddingTransport(embedding_transport)
         self._staged: dict[str, StagedEmbedding] = {}
+        self._outputs = _OutputRegions(self.client)
+        self.meta: model_spec.ModelMetadata | None = None
+        """The served model's metadata, once :meth:`metadata` has read it (output shapes come from it)."""
 
     async def metadata(self) -> model_spec.ModelMetadata:
         """The served model's metadata, read from both model configs; they must agree."""
@@ -70,6 +128,7 @@ class TritonSam:
             found.append(model_spec.ModelMetadata.from_json(raw))
         if found[0] != found[1]:
             raise ModelMismatchError(f"encoder {found[0].model_id} and decoder {found[1].model_id} differ")
+        self.meta = found[0]
         return found[0]
 
     async def encode(self, image: PreparedImage, timeout_s: float | None = None) -> np.ndarray:
@@ -134,13 +193,46 @@ class TritonSam:
             _input(model_spec.DEC_MASK_INPUT, batch.mask_input[None]),
             _input(model_spec.DEC_HAS_MASK_INPUT, batch.has_mask_input[None]),
         ]
-        outputs = [grpcclient.InferRequestedOutput(name) for name in model_spec.DECODER_OUTPUTS]
         metrics.DECODER_BATCH_PROMPTS.observe(len(batch.prompt_indices))
+        if self.embedding_transport is EmbeddingTransport.SHM and self.meta is not None:
+            return await self._decode_into_shm(inputs, batch, timeout_s)
+        outputs = [grpcclient.InferRequestedOutput(name) for name in model_spec.DECODER_OUTPUTS]
         with metrics.TRITON_CALL.labels(model_spec.DECODER_MODEL).time():
             result = await self.client.infer(
                 model_spec.DECODER_MODEL, inputs, outputs=outputs, client_timeout=timeout_s
             )
         return result.as_numpy(model_spec.DEC_LOW_RES_MASKS)[0], result.as_numpy(model_spec.DEC_IOU_PREDICTIONS)[0]
+
+    async def _decode_into_shm(
+        self, inputs: list[grpcclient.InferInput], batch: DecoderBatch, timeout_s: float | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The decoder call with both outputs written by Triton into one shared-memory region (no gRPC payload)."""
+        assert self.meta is not None
+        n, m = len(batch.prompt_indices), self.meta.num_mask_tokens
+        shapes = {model_spec.DEC_LOW_RES_MASKS: (1, n, m, *self.meta.low_res_mask_size),
+                  model_spec.DEC_IOU_PREDICTIONS: (1, n, m)}
+        sizes = {name: int(np.prod(shape)) * 4 for name, shape in shapes.items()}
+        region = await self._outputs.acquire(sum(sizes.values()))
+        try:
+            outputs, offset, offsets = [], 0, {}
+            for name in model_spec.DECODER_OUTPUTS:
+                output = grpcclient.InferRequestedOutput(name)
+                output.set_shared_memory(region.name, sizes[name], offset=offset)
+                outputs.append(output)
+                offsets[name], offset = offset, offset + sizes[name]
+            with metrics.TRITON_CALL.labels(model_spec.DECODER_MODEL).time():
+                await self.client.infer(model_spec.DECODER_MODEL, inputs, outputs=outputs, client_timeout=timeout_s)
+            low_res, iou = (
+                system_shm.get_contents_as_numpy(region.handle, np.float32, shapes[name], offsets[name])[0].copy()
+                for name in model_spec.DECODER_OUTPUTS
+            )
+        finally:
+            await self._outputs.release(region)
+        return low_res, iou
+
+    async def forget_output_regions(self) -> None:
+        """Drop the idle output regions (after a Triton restart, which forgets registered regions)."""
+        await self._outputs.close()
 
     async def models_ready(self) -> bool:
         """Whether Triton is reachable and both SAM models are ready."""
@@ -162,4 +254,5 @@ class TritonSam:
         """Release every staged embedding, then close the channel."""
         for staged in list(self._staged.values()):
             await self.release_embedding(staged)
+        await self._outputs.close()
         await self.client.close()

@@ -13,11 +13,14 @@ import pytest
 from samserve.settings import REPO_ROOT
 
 
-@pytest.mark.parametrize("scenario", ["MixedUser"])
+EXPECTED_CALL = {"MixedUser": "Segment hot (image_id)", "EverythingUser": "GenerateMasks (image_id)"}
+
+
+@pytest.mark.parametrize("scenario", sorted(EXPECTED_CALL))
 def test_locust_headless_has_no_failures(gateway_factory, tiny_triton, redis_server, tmp_path, scenario):
     gateway = gateway_factory(tiny_triton.url, redis_server.url)
     prefix = tmp_path / "locust"
-    env = dict(os.environ, SAMSERVE_LOAD_HEIGHT="120", SAMSERVE_LOAD_WIDTH="160")
+    env = dict(os.environ, SAMSERVE_LOAD_HEIGHT="120", SAMSERVE_LOAD_WIDTH="160", SAMSERVE_LOAD_POINTS_PER_SIDE="8")
     result = subprocess.run(
         [str(Path(sys.executable).parent / "locust"), "-f", str(REPO_ROOT / "bench" / "locustfile.py"),
          "--headless", "--users", "4", "--spawn-rate", "4", "--run-time", "10s", "--host", gateway.target,
@@ -29,4 +32,4 @@ def test_locust_headless_has_no_failures(gateway_factory, tiny_triton, redis_ser
         rows = {row["Name"]: row for row in csv.DictReader(handle)}
     total = rows["Aggregated"]
     assert int(total["Request Count"]) > 0 and int(total["Failure Count"]) == 0
-    assert int(rows["Segment hot (image_id)"]["Request Count"]) > 0
+    assert int(rows[EXPECTED_CALL[scenario]]["Request Count"]) > 0

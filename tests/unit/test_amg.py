@@ -135,7 +135,7 @@ def ours_generate(decoder: SceneDecoder, **params) -> tuple[amg.MaskSet, list[di
 
     generator = amg.MaskGenerator(amg.AmgParams(**params), META, decode, crop_embedding)
     masks = asyncio.run(generator.generate(HW))
-    return masks, mask_encoding.coco_rle(masks.full_frame(HW)) if len(masks) else []
+    return masks, masks.whole_frame_rles(HW)
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +178,7 @@ def test_min_region_area_changes_masks(scene):
     _, decoder, _ = scene
     plain, _ = ours_generate(decoder, points_per_side=16)
     cleaned, _ = ours_generate(decoder, points_per_side=16, min_mask_region_area=60)
-    areas = lambda s: sorted(int(m.sum()) for m in s.masks)  # noqa: E731
+    areas = lambda s: sorted(mask_encoding.rle_areas(s.masks).tolist())  # noqa: E731
     assert areas(plain) != areas(cleaned)
 
 
