@@ -10,9 +10,10 @@ Each is timed excluding the encoder (official: the embedding set beforehand, ``s
 no-ops inside ``generate``; ours: the image embedded by an Embed call first, GenerateMasks by image_id) and, for the
 defaults, including it (official: plain ``generate``; ours: new PNG bytes of the same pixels, so nothing is cached).
 
-Peak resident memory: the official generator runs in its own process (peak = VmHWM, reset before each call through
-/proc/PID/clear_refs); ours is the gateway process plus Triton's process tree (tritonserver and its python-backend
-stubs), peaks reset the same way. Both totals include the loaded model.
+Peak resident memory: the proportional set size (PSS: a page shared by k processes counts 1/k in each, so shared
+memory counts once) sampled every 50 ms during the call: the official generator's own process, and for ours the
+gateway process plus Triton's process tree (tritonserver and its python-backend stubs) together. Both include the
+loaded model; ours also the resident encoder, idle during the call.
 
 Writes bench/results/amg_cpu.json. Targets on the 2-core CPU: excluding the encoder >= 3x faster than official;
 peak memory no more than official's.
@@ -21,10 +22,12 @@ peak memory no more than official's.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -41,40 +44,61 @@ CONFIGS = {
 
 
 # -- memory of processes --------------------------------------------------------------------------------------
-def _status(pid: int, field: str) -> int:
-    """Bytes of a VmXXX field of /proc/PID/status."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(field)
-
-
 def process_tree(pid: int) -> list[int]:
     pids, todo = [], [pid]
     while todo:
         current = todo.pop()
         pids.append(current)
         for task in Path(f"/proc/{current}/task").iterdir():
-            children = (task / "children").read_text().split()
-            todo.extend(int(c) for c in children)
+            todo.extend(int(c) for c in (task / "children").read_text().split())
     return pids
 
 
-def reset_peaks(pids: list[int]) -> None:
+def pss_bytes(pids: list[int]) -> int:
+    """Proportional set size of the processes together: a page shared by k of them (Triton's shared-memory
+    regions, the python backend's tensor pool) counts 1/k in each, so the sum counts it once."""
+    total = 0
     for pid in pids:
-        Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := current RSS
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                total += int(line.split()[1]) * 1024
+    return total
 
 
-def peak_bytes(pids: list[int]) -> int:
-    return sum(_status(pid, "VmHWM") for pid in pids)
+class PeakMemory:
+    """Samples the PSS of groups of processes every ``interval_s`` in a thread: ``peak`` (all groups together),
+    ``peak_by_group`` (each group's own peak), ``before`` (all groups, at the start)."""
 
+    def __init__(self, groups: dict[str, list[int]], interval_s: float = 0.05) -> None:
+        self.groups, self.interval_s = groups, interval_s
+        self.peak_by_group = {name: pss_bytes(pids) for name, pids in groups.items()}
+        self.peak = self.before = sum(self.peak_by_group.values())
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
 
-def rss_bytes(pids: list[int]) -> int:
-    return sum(_status(pid, "VmRSS") for pid in pids)
+    def _sample_once(self) -> None:
+        sizes = {name: pss_bytes(pids) for name, pids in self.groups.items()}
+        self.peak = max(self.peak, sum(sizes.values()))
+        for name, size in sizes.items():
+            self.peak_by_group[name] = max(self.peak_by_group[name], size)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self._sample_once()
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> "PeakMemory":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample_once()
 
 
 # -- the official side, in its own process --------------------------------------------------------------------
-def official_worker(config: str, include_encoder: bool, height: int, width: int) -> None:
+def official_worker(config: str, include_encoder: bool, sample_memory: bool, height: int, width: int) -> None:
     import numpy as np
     import torch
     from segment_anything import SamAutomaticMaskGenerator
@@ -92,26 +116,27 @@ def official_worker(config: str, include_encoder: bool, height: int, width: int)
         generator.predictor.set_image(image)
         generator.predictor.set_image = lambda *a, **k: None  # the embedding is set beforehand
         generator.predictor.reset_image = lambda: None
-    pid = [os.getpid()]
-    before = rss_bytes(pid)
-    reset_peaks(pid)
-    start = time.perf_counter()
-    records = generator.generate(image)
-    seconds = time.perf_counter() - start
+    memory = PeakMemory({"official": [os.getpid()]}) if sample_memory else contextlib.nullcontext()
+    with memory:
+        start = time.perf_counter()
+        records = generator.generate(image)
+        seconds = time.perf_counter() - start
     print(json.dumps({
-        "seconds": seconds, "peak_bytes": peak_bytes(pid), "rss_before_bytes": before, "masks": len(records),
+        "seconds": seconds, "masks": len(records),
+        **({"peak_bytes": memory.peak, "before_bytes": memory.before} if sample_memory else {}),
         "rles": [r["segmentation"] for r in records],
         "areas": [int(r["area"]) for r in records], "mask_pixels": int(np.sum([r["area"] for r in records])),
     }))
 
 
-def run_official(config: str, include_encoder: bool, args: argparse.Namespace) -> dict:
+def run_official(config: str, include_encoder: bool, args: argparse.Namespace, sample_memory: bool = False) -> dict:
     command = [sys.executable, __file__, "--official-worker", config, "--height", str(args.height),
-               "--width", str(args.width)] + (["--include-encoder"] if include_encoder else [])
+               "--width", str(args.width)] + (["--include-encoder"] if include_encoder else []) + \
+              (["--sample-memory"] if sample_memory else [])
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     result = json.loads(output.strip().splitlines()[-1])
     print(f"official {config} (encoder {'in' if include_encoder else 'ex'}cluded): {result['seconds']:.2f} s, "
-          f"{result['masks']} masks, peak {result['peak_bytes']}", flush=True)
+          f"{result['masks']} masks, peak {result.get('peak_bytes')}", flush=True)
     return result
 
 
@@ -132,18 +157,17 @@ def run_ours(args: argparse.Namespace) -> tuple[dict, str]:
         pids = {"gateway": [gateway.process.pid], "triton": process_tree(triton.process.pid)}
 
         def measured(call) -> dict:
-            before = {side: rss_bytes(p) for side, p in pids.items()}
-            for p in pids.values():
-                reset_peaks(p)
+            """Timed without sampling (the sampler costs CPU); a second identical call for peak memory."""
             start = time.perf_counter()
             answer = call()
             seconds = time.perf_counter() - start
-            peaks = {side: peak_bytes(p) for side, p in pids.items()}
-            print(f"GenerateMasks: {seconds:.2f} s, {len(answer.annotations)} masks, peaks {peaks}", flush=True)
+            with PeakMemory(pids) as memory:
+                call()
+            print(f"GenerateMasks: {seconds:.2f} s, {len(answer.annotations)} masks, peak {memory.peak}, by process "
+                  f"{memory.peak_by_group}", flush=True)
             return {
-                "seconds": seconds, "masks": len(answer.annotations),
-                "peak_bytes": sum(peaks.values()), "peak_bytes_by_process": peaks,
-                "rss_before_bytes": sum(before.values()),
+                "seconds": seconds, "masks": len(answer.annotations), "peak_bytes": memory.peak,
+                "before_bytes": memory.before, "peak_bytes_by_side": memory.peak_by_group,
                 "rles": [a["segmentation"] for a in answer.annotations],
                 "areas": [int(a["area"]) for a in answer.annotations],
             }
@@ -152,8 +176,9 @@ def run_ours(args: argparse.Namespace) -> tuple[dict, str]:
         client.generate_masks(image_id, points_per_side=4)  # warm-up of the decoder path
         for config, params in CONFIGS.items():
             results[f"{config}/excluding_encoder"] = measured(lambda: client.generate_masks(image_id, **params))
+        tags = iter(range(10**6))  # new bytes of the same pixels on every call: nothing cached
         results["defaults/including_encoder"] = measured(
-            lambda: client.generate_masks(png_with_tag(image, int(time.time())), **CONFIGS["defaults"]))
+            lambda: client.generate_masks(png_with_tag(image, next(tags)), **CONFIGS["defaults"]))
     return results, meta.model_id
 
 
@@ -171,24 +196,29 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--official-worker", choices=sorted(CONFIGS), help=argparse.SUPPRESS)
     parser.add_argument("--include-encoder", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--sample-memory", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.official_worker:
-        official_worker(args.official_worker, args.include_encoder, args.height, args.width)
+        official_worker(args.official_worker, args.include_encoder, args.sample_memory, args.height, args.width)
         return
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     vit_b_model()  # export once, outside any timing
     ours, model_id = run_ours(args)
     official = {f"{config}/excluding_encoder": run_official(config, False, args) for config in CONFIGS}
     official["defaults/including_encoder"] = run_official("defaults", True, args)
+    for key, include_encoder in (("defaults/excluding_encoder", False), ("defaults/including_encoder", True)):
+        sampled = run_official("defaults", include_encoder, args, sample_memory=True)
+        official[key].update(peak_bytes=sampled["peak_bytes"], before_bytes=sampled["before_bytes"])
 
     rows, figures = [], {}
     for key in ours:
         speedup = official[key]["seconds"] / ours[key]["seconds"]
-        memory_ratio = ours[key]["peak_bytes"] / official[key]["peak_bytes"]
+        official_peak = official[key].get("peak_bytes")
+        memory_ratio = ours[key]["peak_bytes"] / official_peak if official_peak else None
         figures[key] = {"speedup": speedup, "peak_memory_ratio": memory_ratio,
                         "parity": parity(official[key], ours[key])}
         rows.append([key, official[key]["seconds"], ours[key]["seconds"], speedup,
-                     official[key]["peak_bytes"] / 2**20, ours[key]["peak_bytes"] / 2**20,
+                     f"{official_peak / 2**20:.0f}" if official_peak else "-", f'{ours[key]["peak_bytes"] / 2**20:.0f}',
                      f'{official[key]["masks"]}/{ours[key]["masks"]}'])
     print_table(f"vit_b, seeded random weights, {args.height}x{args.width} image",
                 ["case", "official s", "GenerateMasks s", "speedup", "official peak MiB", "ours peak MiB",

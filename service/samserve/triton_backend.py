@@ -3,7 +3,7 @@
 ``model_repository/sam_*/1/model.py`` import these classes. Each request is validated on its own: a bad request
 gets its own ``InferenceResponse(error=...)`` and never fails the rest of the batch. Valid encoder requests of
 one ``execute`` call are stacked into one ONNX Runtime run (Triton's dynamic batching); decoder requests run per
-image, all of that image's prompts in one run.
+image, that image's prompts in runs of at most ``max_prompts_per_run``.
 
 ``triton_python_backend_utils`` exists only inside Triton's python-backend stub, so it is imported lazily.
 """
@@ -60,8 +60,13 @@ class _OnnxModel:
             raise RuntimeError(f"{config['name']}: config lacks the {model_spec.METADATA_PARAMETER} parameter")
         self.metadata = model_spec.ModelMetadata.from_json(parameters[model_spec.METADATA_PARAMETER])
         threads = int(parameters.get("intra_op_threads", "0"))
+        self.shrink_arena = parameters.get("arena_shrinkage", "0") == "1"
+        self.max_prompts_per_run = int(parameters.get("max_prompts_per_run", "0"))
         path = Path(args["model_repository"]) / args["model_version"] / self.onnx_file
         self.session = onnx_backend.create_session(path, intra_op_threads=threads)
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return onnx_backend.run(self.session, feeds, shrink_arena=self.shrink_arena)
 
     def _error(self, message: str, invalid_argument: bool = True) -> Any:
         """An error response for one request: INVALID_ARG for a bad request, INTERNAL for a runtime failure."""
@@ -102,9 +107,8 @@ class EncoderModel(_OnnxModel):
             images = np.concatenate([item[1] for item in valid])
             sizes = np.concatenate([item[2] for item in valid])
             try:
-                embeddings = onnx_backend.run(
-                    self.session, {model_spec.ENC_IMAGE: images, model_spec.ENC_INPUT_SIZE: sizes}
-                )[model_spec.ENC_EMBEDDING]
+                embeddings = self._run({model_spec.ENC_IMAGE: images, model_spec.ENC_INPUT_SIZE: sizes})[
+                    model_spec.ENC_EMBEDDING]
             except Exception as error:  # noqa: BLE001 - the runtime's failure becomes each request's error
                 for index, _, _ in valid:
                     responses[index] = self._error(f"encoder failed: {error}", invalid_argument=False)
@@ -119,9 +123,27 @@ class EncoderModel(_OnnxModel):
 
 
 class DecoderModel(_OnnxModel):
-    """B x (one embedding + N prompts) -> low_res_masks (B x N x M x 4h x 4w), iou_predictions (B x N x M)."""
+    """B x (one embedding + N prompts) -> low_res_masks (B x N x M x 4h x 4w), iou_predictions (B x N x M).
+
+    An image's prompts run in chunks of ``max_prompts_per_run`` (config parameter; 0 = all at once): ONNX Runtime's
+    working memory grows with the prompts of one run (vit_b: 3.6 GB peak for 64 prompts, 1.0 GB for 16) while
+    the time per prompt hardly changes.
+    """
 
     onnx_file = model_spec.DECODER_FILE
+
+    def _decode_image(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One image's prompts (embedding 1 x C x h x w, the rest N x ...) -> outputs N x ..."""
+        prompts = feeds[model_spec.DEC_POINT_COORDS].shape[0]
+        step = self.max_prompts_per_run or prompts
+        if prompts <= step:
+            return self._run(feeds)
+        parts = [
+            self._run({name: value if name == model_spec.DEC_EMBEDDING else value[start : start + step]
+                       for name, value in feeds.items()})
+            for start in range(0, prompts, step)
+        ]
+        return {name: np.concatenate([part[name] for part in parts]) for name in model_spec.DECODER_OUTPUTS}
 
     def _inputs(self, request: Any) -> dict[str, np.ndarray]:
         pb_utils = _pb_utils()
@@ -161,13 +183,10 @@ class DecoderModel(_OnnxModel):
                 continue
             try:
                 per_image = [
-                    onnx_backend.run(
-                        self.session,
-                        {
-                            name: (feeds[name][b : b + 1] if name == model_spec.DEC_EMBEDDING else feeds[name][b])
-                            for name in model_spec.DECODER_INPUTS
-                        },
-                    )
+                    self._decode_image({
+                        name: (feeds[name][b : b + 1] if name == model_spec.DEC_EMBEDDING else feeds[name][b])
+                        for name in model_spec.DECODER_INPUTS
+                    })
                     for b in range(feeds[model_spec.DEC_EMBEDDING].shape[0])
                 ]
             except Exception as error:  # noqa: BLE001 - the runtime's failure becomes this request's error
