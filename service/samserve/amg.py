@@ -354,13 +354,15 @@ class MaskGenerator:
 
     def __init__(
         self, params: AmgParams, meta: model_spec.ModelMetadata, decode: Decode, crop_embedding: CropEmbedding,
-        decoder_calls_in_flight: int = 3,
+        decoder_calls_in_flight: int = 3, crops_in_flight: int = 2,
     ) -> None:
         self.params = params
         self.meta = meta
         self.decode = decode
         self.crop_embedding = crop_embedding
         self.in_flight = asyncio.Semaphore(decoder_calls_in_flight)
+        self.crop_slots = asyncio.Semaphore(crops_in_flight)
+        """Crops whose embedding is held (and encoded, on a miss) at once: 85 crops at crop_n_layers=3."""
         self.progress = Progress()
 
     async def generate(self, original_hw: tuple[int, int]) -> MaskSet:
@@ -381,7 +383,7 @@ class MaskGenerator:
         return masks
 
     async def _crop(self, crop: CropBox, grid: np.ndarray, original_hw: tuple[int, int]) -> MaskSet:
-        async with self.crop_embedding(crop) as image:
+        async with self.crop_slots, self.crop_embedding(crop) as image:
             crop_h, crop_w = image.original_size
             points = grid * np.array([[crop_w, crop_h]], dtype=np.float64)
             batches = [points[i : i + self.params.points_per_batch]

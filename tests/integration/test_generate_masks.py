@@ -148,6 +148,18 @@ def test_client_deadline_stops_the_work(gateway, tiny_triton):
         assert client.generate_masks(data, points_per_side=4).image_id
 
 
+def test_three_crop_layers_encode_every_crop_once_without_overflowing_the_encode_queue(gateway_factory, tiny_triton):
+    """crop_n_layers=3 is 1 + 4 + 16 + 64 = 85 crops; they must not all queue for the encoder at once."""
+    gateway = gateway_factory(tiny_triton.url, None, max_queued_encodes=4)
+    data = new_image(160, 200)
+    before = encoder_count(tiny_triton.url)
+    with SamServeClient(gateway.target) as client:
+        response = client.stub.GenerateMasks(pb.GenerateMasksRequest(
+            image_bytes=data, points_per_side=2, crop_n_layers=3, pred_iou_thresh=0.0, stability_score_thresh=0.0))
+    assert response.crops == 85 and response.points == 85 * 4
+    assert encoder_count(tiny_triton.url) == before + 85
+
+
 def test_concurrent_calls_on_one_image_encode_once(gateway, tiny_triton):
     data = new_image()
     before = encoder_count(tiny_triton.url)
