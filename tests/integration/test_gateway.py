@@ -37,13 +37,18 @@ def new_image(height: int = 120, width: int = 160) -> bytes:
     return png_bytes(synthetic_image(height, width, seed=next(_image_seed)))
 
 
-def encoder_count(triton_url: str) -> int:
+def inference_count(triton_url: str, model: str) -> int:
+    """How many inferences Triton ran for ``model`` (its own statistics)."""
     client = tritongrpc.InferenceServerClient(triton_url)
     try:
-        stats = client.get_inference_statistics(model_spec.ENCODER_MODEL, as_json=True)
+        stats = client.get_inference_statistics(model, as_json=True)
         return sum(int(m.get("inference_count", 0)) for m in stats["model_stats"])
     finally:
         client.close()
+
+
+def encoder_count(triton_url: str) -> int:
+    return inference_count(triton_url, model_spec.ENCODER_MODEL)
 
 
 def spec(kwargs: dict) -> PromptSpec:

@@ -26,22 +26,11 @@ from samserve.client import SamServeClient
 from samserve_build import architectures
 from tests.amg_reference import match
 from tests.conftest import synthetic_image
-from tests.integration.test_gateway import encoder_count, new_image, png_bytes
+from tests.integration.test_gateway import encoder_count, inference_count, new_image, png_bytes
 
 HW = (240, 320)
 LOWERED = dict(points_per_side=16, pred_iou_thresh=0.02, stability_score_thresh=0.0, box_nms_thresh=1.0,
                crop_nms_thresh=1.0)
-
-
-def triton_count(url: str, model: str) -> int:
-    import tritonclient.grpc as tritongrpc
-
-    client = tritongrpc.InferenceServerClient(url)
-    try:
-        stats = client.get_inference_statistics(model, as_json=True)
-        return sum(int(m.get("inference_count", 0)) for m in stats["model_stats"])
-    finally:
-        client.close()
 
 
 @pytest.fixture(scope="module")
@@ -135,14 +124,14 @@ def test_client_deadline_stops_the_work(gateway, tiny_triton):
     params = dict(LOWERED, points_per_side=64, points_per_batch=8)  # 512 decoder calls
     with SamServeClient(gateway.target) as client:
         client.embed(data)  # the encoder is not what the deadline cuts
-        before = triton_count(tiny_triton.url, model_spec.DECODER_MODEL)
+        before = inference_count(tiny_triton.url, model_spec.DECODER_MODEL)
         with pytest.raises(grpc.RpcError) as error:
             client.generate_masks(data, timeout_s=0.5, **params)
         assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         time.sleep(0.5)
-        settled = triton_count(tiny_triton.url, model_spec.DECODER_MODEL)
+        settled = inference_count(tiny_triton.url, model_spec.DECODER_MODEL)
         time.sleep(1.5)
-        assert triton_count(tiny_triton.url, model_spec.DECODER_MODEL) == settled, "decoder calls went on"
+        assert inference_count(tiny_triton.url, model_spec.DECODER_MODEL) == settled, "decoder calls went on"
         assert settled - before < 512
         # and the gateway still serves
         assert client.generate_masks(data, points_per_side=4).image_id
@@ -199,10 +188,10 @@ def test_bulk_job_finishes_the_rest_reports_the_corrupt_file_and_resumes(gateway
     assert [f["file"] for f in failures] == ["broken.png"]
 
     written = {p: p.stat().st_mtime_ns for p in out.rglob("*.png.json")}
-    decoder_calls = triton_count(tiny_triton.url, model_spec.DECODER_MODEL)
+    decoder_calls = inference_count(tiny_triton.url, model_spec.DECODER_MODEL)
     again = run_cli(str(folder), *options)
     assert "0 written, 3 already done, 0 failed, 1 skipped" in again.stdout and again.returncode == 1
-    assert triton_count(tiny_triton.url, model_spec.DECODER_MODEL) == decoder_calls  # nothing recomputed
+    assert inference_count(tiny_triton.url, model_spec.DECODER_MODEL) == decoder_calls  # nothing recomputed
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.png.json")} == written
 
     # A list file works the same way; a missing file is a recorded failure, not a crash.
