@@ -321,8 +321,8 @@ class Gateway(pb_grpc.SegmentAnythingServicer):
                 prompt_from_proto(p, i, original, model.meta, self.settings.max_points_per_prompt)
                 for i, p in enumerate(request.prompts)
             ]
-            embedded = segmentation.EmbeddedImage(entry.staged, original, entry.embedding.input_size)
-            results = await segmentation.segment(self.triton, model.meta, embedded, prompts, self._timeout(context))
+            results = await segmentation.segment(
+                self.triton, model.meta, embedded_image(entry), prompts, self._timeout(context))
             return pb.SegmentResponse(
                 image_id=image_id, width=original[1], height=original[0], cached=cached, model_id=model.meta.model_id,
                 results=await results_to_proto(results, request.mask_encoding, request.return_low_res_logits),
@@ -348,11 +348,13 @@ class Gateway(pb_grpc.SegmentAnythingServicer):
             entry, hit = await self._embedding(model, image_id, source, context, None if is_whole else crop)
             encoded_any |= not hit
             try:
-                yield segmentation.EmbeddedImage(entry.staged, entry.embedding.original_size, entry.embedding.input_size)
+                yield embedded_image(entry)
             finally:
                 await model.cache.release(entry)
 
-        async def decode(image: segmentation.EmbeddedImage, batch: processing.DecoderBatch):
+        async def decode(
+            image: segmentation.EmbeddedImage, batch: processing.DecoderBatch
+        ) -> tuple[np.ndarray, np.ndarray]:
             return await self.triton.decode(image.embedding, batch, self._timeout(context))
 
         generator = amg.MaskGenerator(params, model.meta, decode, crop_embedding,
@@ -389,6 +391,11 @@ class ImageSource:
                 self._pixels = await asyncio.to_thread(images.decode_image, self.data, self.max_pixels)
                 metrics.IMAGE_PIXELS.observe(self._pixels.shape[0] * self._pixels.shape[1])
             return self._pixels
+
+
+def embedded_image(entry: CacheEntry) -> segmentation.EmbeddedImage:
+    """A cache entry as the decoder path takes it (staged embedding + sizes)."""
+    return segmentation.EmbeddedImage(entry.staged, entry.embedding.original_size, entry.embedding.input_size)
 
 
 def crop_id(image_id: str, crop: amg.CropBox) -> str:
