@@ -139,10 +139,13 @@ def scene(args: argparse.Namespace) -> Scene:
 
 
 def triton_client(runner: asyncio.Runner, url: str, transport: str = "shm"):
-    """A TritonSam bound to ``runner``'s event loop."""
+    """A TritonSam bound to ``runner``'s event loop, set up as the gateway sets it up (metadata read, so that
+    decoder outputs take the same path: shared memory with the shm transport)."""
     from samserve.triton_models import TritonSam
 
     async def connect() -> TritonSam:
-        return TritonSam(url, embedding_transport=transport)
+        client = TritonSam(url, embedding_transport=transport)
+        await client.metadata()
+        return client
 
     return runner.run(connect())

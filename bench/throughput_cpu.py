@@ -70,6 +70,7 @@ async def sweep(gateway_target: str, triton_url: str, image: np.ndarray, meta, s
             points=[pb.Point(x=point[0], y=point[1], label=pb.POINT_LABEL_FOREGROUND)], multimask_output=True)])
         gateway = [await drive(lambda: stub.Segment(request), n, seconds) for n in LEVELS]
     triton = TritonSam(triton_url)
+    await triton.metadata()  # as the gateway does: decoder outputs through shared memory
     try:
         prepared = processing.prepare_image(image, meta.image_size)
         array = round_trip_fp16(Embedding(await triton.encode(prepared), (0, 0), (0, 0))).array

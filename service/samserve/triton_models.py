@@ -64,17 +64,26 @@ class _Region:
 
 
 class _OutputRegions:
-    """Reusable output regions, sizes rounded up to powers of two; at most ``keep`` idle regions per size."""
+    """Reusable output regions. Sizes are rounded up to 8 classes per power of two (at most 12.5 % unused);
+    idle regions are kept up to ``max_idle_bytes`` in all, so concurrent calls reuse them instead of registering
+    new ones with Triton."""
 
-    def __init__(self, client: grpcclient.InferenceServerClient, keep: int = 4) -> None:
+    def __init__(self, client: grpcclient.InferenceServerClient, max_idle_bytes: int = 256 << 20) -> None:
         self.client = client
-        self.keep = keep
+        self.max_idle_bytes = max_idle_bytes
         self._idle: dict[int, list[_Region]] = {}
+        self._idle_bytes = 0
+
+    @staticmethod
+    def size_class(nbytes: int) -> int:
+        step = 1 << max(nbytes.bit_length() - 4, 0)
+        return -(-nbytes // step) * step
 
     async def acquire(self, nbytes: int) -> _Region:
-        size = 1 << max(nbytes - 1, 1).bit_length()
+        size = self.size_class(nbytes)
         idle = self._idle.get(size)
         if idle:
+            self._idle_bytes -= size
             return idle.pop()
         name = f"samserve-out-{uuid.uuid4().hex}"
         handle = system_shm.create_shared_memory_region(name, f"/{name}", size)
@@ -86,9 +95,9 @@ class _OutputRegions:
         return _Region(name, handle, size)
 
     async def release(self, region: _Region) -> None:
-        idle = self._idle.setdefault(region.nbytes, [])
-        if len(idle) < self.keep:
-            idle.append(region)
+        if self._idle_bytes + region.nbytes <= self.max_idle_bytes:
+            self._idle.setdefault(region.nbytes, []).append(region)
+            self._idle_bytes += region.nbytes
         else:
             await self._destroy(region)
 
@@ -105,6 +114,7 @@ class _OutputRegions:
             for region in regions:
                 await self._destroy(region)
         self._idle.clear()
+        self._idle_bytes = 0
 
 
 class TritonSam:
