@@ -39,7 +39,7 @@ import numpy as np
 from samserve import mask_encoding, model_spec, processing
 from samserve.errors import InvalidArgument
 from samserve.processing import DecoderBatch
-from samserve.segmentation import POSTPROCESS_POOL, EmbeddedImage, postprocess_plane
+from samserve.segmentation import POSTPROCESS_POOL, EmbeddedImage, map_in_pool, postprocess_plane
 
 STABILITY_PREFILTER_MARGIN = 0.1
 """Masks whose low-resolution stability estimate is at least ``stability_score_thresh - margin`` get the exact
@@ -425,11 +425,11 @@ class MaskGenerator:
                 POSTPROCESS_POOL, stability_prefilter, logits[keep], image, meta.image_size, meta.mask_threshold,
                 params.stability_score_offset, params.stability_score_thresh,
             )]
-        planes = await asyncio.gather(*(
-            loop.run_in_executor(POSTPROCESS_POOL, full_resolution_mask, logits[k], image, meta,
-                                 params.stability_score_offset, params.stability_score_thresh)
-            for k in keep
-        ))
+        planes = await map_in_pool(
+            lambda k: full_resolution_mask(logits[k], image, meta, params.stability_score_offset,
+                                           params.stability_score_thresh),
+            keep.tolist(), image.original_size[0] * image.original_size[1],
+        )
         passed = np.array([rle is not None for _, _, rle in planes], dtype=bool)
         keep = keep[passed] if len(keep) else keep
         planes = [plane for plane, ok in zip(planes, passed) if ok]

@@ -131,12 +131,11 @@ def _encode_mask(mask: np.ndarray, encoding: int) -> tuple[dict | None, bytes]:
 async def results_to_proto(
     results: list[segmentation.PromptMasks], encoding: int, with_logits: bool
 ) -> list[pb.PromptResult]:
-    """Encode every mask (spread over the post-processing threads) into the API's messages."""
-    loop = asyncio.get_running_loop()
-    encoded = await asyncio.gather(*(
-        loop.run_in_executor(segmentation.POSTPROCESS_POOL, _encode_mask, mask, encoding)
-        for result in results for mask in result.masks
-    ))
+    """Encode every mask (on the post-processing threads when there is enough work) into the API's messages."""
+    masks = [mask for result in results for mask in result.masks]
+    encoded = await segmentation.map_in_pool(
+        lambda mask: _encode_mask(mask, encoding), masks, masks[0].size if masks else 0
+    )
     answers, position = [], 0
     for result in results:
         areas = processing.mask_areas(result.masks)
