@@ -346,7 +346,6 @@ class Progress:
 
     crops: int = 0
     points: int = 0
-    decoder_calls: int = 0
 
 
 class MaskGenerator:
@@ -405,7 +404,6 @@ class MaskGenerator:
         async with self.in_flight:
             low_res, iou = await self.decode(image, single_point_batch(points, image, self.meta.low_res_mask_size))
             self.progress.points += len(points)
-            self.progress.decoder_calls += 1
             return await self._filter(low_res, iou, points, image, crop, original_hw)
 
     async def _filter(

@@ -343,8 +343,10 @@ class Gateway(pb_grpc.SegmentAnythingServicer):
         @contextlib.asynccontextmanager
         async def crop_embedding(crop: amg.CropBox) -> AsyncIterator[segmentation.EmbeddedImage]:
             nonlocal encoded_any
-            is_whole = crop == (0, 0, original[1], original[0])
-            entry, hit = await self._embedding(model, image_id, source, context, None if is_whole else crop)
+            if crop == (0, 0, original[1], original[0]):  # the whole image: already held for this request
+                yield embedded_image(whole)
+                return
+            entry, hit = await self._embedding(model, image_id, source, context, crop)
             encoded_any |= not hit
             try:
                 yield embedded_image(entry)
