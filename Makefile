@@ -10,7 +10,7 @@ STAMP := $(VENV)/.samserve-installed
 DEBIAN_PACKAGES ?= redis-server prometheus
 PYTEST_ARGS ?=
 
-.PHONY: up test setup system-deps stubs prepare bench load clean
+.PHONY: up test setup system-deps stubs prepare bench load clean train quality
 
 up: setup prepare
 	$(BIN)/samserve up
@@ -47,6 +47,14 @@ bench: setup
 	$(BIN)/python bench/models_cpu.py
 	$(BIN)/python bench/gateway_cpu.py
 	$(BIN)/python bench/throughput_cpu.py
+
+# The shipped model: train it again (resumable: run again after an interruption), and measure its quality on
+# 500 held-out scenes with the official predictor (bench/results/tiny_quality.json; ~3 min).
+train: setup
+	$(BIN)/samserve-build train --out runs/scenes --budget-minutes 80
+quality: setup
+	$(BIN)/samserve-build evaluate --checkpoint build/checkpoints/samserve_scenes_v1.pth --scenes 500 \
+	  --out bench/results/tiny_quality.json
 
 # Locust, headless, against a running stack (`make up` in another terminal). Writes CSV + HTML to bench/results/.
 SCENARIO ?= MixedUser

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from samserve import model_spec, triton_server
+from samserve.settings import SCENES_CHECKPOINT
 from samserve.redis_server import RedisServer
 from samserve_build import export
 from samserve_build.local_stack import GatewayProcess, free_port, serve_locally
@@ -55,6 +56,18 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> ExportedModel:
 @pytest.fixture(scope="session")
 def vit_b_model(tmp_path_factory: pytest.TempPathFactory) -> ExportedModel:
     return export_random("vit_b", 0, tmp_path_factory.mktemp("vit_b"))
+
+
+@pytest.fixture(scope="session")
+def scenes_model(tmp_path_factory: pytest.TempPathFactory) -> ExportedModel:
+    """The shipped model trained on generated scenes, exported through the same exporter as Meta's checkpoints."""
+    result = export.export_model("scenes", SCENES_CHECKPOINT, tmp_path_factory.mktemp("scenes") / "model")
+    return ExportedModel("scenes", SCENES_CHECKPOINT, result.directory, result.metadata)
+
+
+@pytest.fixture(scope="session")
+def scenes_triton(scenes_model: ExportedModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedModel]:
+    yield from serve(scenes_model, tmp_path_factory.mktemp("scenes-triton"))
 
 
 @pytest.fixture(scope="session")

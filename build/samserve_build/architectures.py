@@ -78,6 +78,22 @@ ARCHITECTURES: dict[str, SamArchitecture] = {
         decoder_num_heads=4,
         iou_head_hidden_dim=64,
     ),
+    # The model trained here on generated scenes (build/checkpoints/, see its model card): 256-px input with
+    # 8-px patches, so a 32 x 32 embedding and 128 x 128 mask logits (2 input pixels per logit).
+    "scenes": SamArchitecture(
+        encoder_embed_dim=128,
+        encoder_depth=6,
+        encoder_num_heads=4,
+        encoder_global_attn_indexes=(2, 5),
+        image_size=256,
+        patch_size=8,
+        window_size=8,
+        prompt_embed_dim=128,
+        mask_in_chans=16,
+        decoder_mlp_dim=512,
+        decoder_num_heads=4,
+        iou_head_hidden_dim=128,
+    ),
 }
 OFFICIAL_VARIANTS = ("vit_h", "vit_l", "vit_b")
 ARCHITECTURE_SUFFIX = ".json"

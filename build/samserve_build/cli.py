@@ -4,11 +4,14 @@
     samserve-build export --variant tiny --random-weights --seed 0 --out models/tiny
     samserve-build repository --model models/vit_b --out repository
     samserve-build prepare          # what `make up` runs: the configured model, exported once, + repository
+    samserve-build train --out runs/scenes          # train the small scenes model (resumable)
+    samserve-build evaluate --checkpoint runs/scenes/model.pth --scenes 500 --out quality.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import re
 import sys
@@ -49,7 +52,8 @@ def prepare(settings: Settings) -> Path:
     if checkpoint is None:
         LOG.warning(
             "SAMSERVE_CHECKPOINT is not set: serving %s with seeded RANDOM weights (masks are noise). "
-            "Set SAMSERVE_CHECKPOINT=/path/to/sam_vit_b_01ec64.pth and SAMSERVE_MODEL_VARIANT=vit_b for real masks.",
+            "Set SAMSERVE_CHECKPOINT=/path/to/sam_vit_b_01ec64.pth and SAMSERVE_MODEL_VARIANT=vit_b for real masks, "
+            "or leave SAMSERVE_MODEL_VARIANT unset for the shipped model trained on generated scenes.",
             settings.model_variant,
         )
     current = None
@@ -91,6 +95,23 @@ def main(argv: list[str] | None = None) -> int:
     p_repo.add_argument("--model", type=Path, required=True, help="folder written by `export`")
     p_repo.add_argument("--out", type=Path, required=True)
 
+    p_train = commands.add_parser("train", help="train (or resume) the small SAM on generated scenes")
+    p_train.add_argument("--out", type=Path, required=True, help="run folder: state.pt, train_log.jsonl, model.pth")
+    p_train.add_argument("--seed", type=int, default=0)
+    p_train.add_argument("--steps", type=int, default=None, help="at most this many steps (default: the config's)")
+    p_train.add_argument("--budget-minutes", type=float, default=None, help="at most this much training time")
+    p_train.add_argument("--init-from", type=Path, default=None, help="start from another run's state.pt (a stage)")
+    p_train.add_argument("--previous-minutes", type=float, default=0.0, help="training time of that earlier stage")
+    p_train.add_argument("--learning-rate", type=float, default=None)
+    p_train.add_argument("--warmup-steps", type=int, default=None)
+    p_train.add_argument("--max-minutes", type=float, default=None,
+                         help="stop this session after this long (resume later with the same command)")
+
+    p_eval = commands.add_parser("evaluate", help="mask quality on held-out scenes with the official predictor")
+    p_eval.add_argument("--checkpoint", type=Path, required=True, help="model.pth with model.json beside it")
+    p_eval.add_argument("--scenes", type=int, default=500)
+    p_eval.add_argument("--out", type=Path, help="write the quality table as JSON here")
+
     commands.add_parser("prepare", help="export the configured model (SAMSERVE_* settings) once and render the repository")
 
     args = parser.parse_args(argv)
@@ -103,6 +124,23 @@ def main(argv: list[str] | None = None) -> int:
         print(architectures.write_random_checkpoint(args.variant, args.seed, args.out))
     elif args.command == "repository":
         print(repository.write_repository(args.model, args.out))
+    elif args.command == "train":
+        from samserve_build import training
+        overrides = {"seed": args.seed}
+        if args.steps is not None:
+            overrides["steps"] = args.steps
+        if args.budget_minutes is not None:
+            overrides["budget_minutes"] = args.budget_minutes
+        if args.learning_rate is not None:
+            overrides["learning_rate"] = args.learning_rate
+        if args.warmup_steps is not None:
+            overrides["warmup_steps"] = args.warmup_steps
+        if args.init_from is not None:
+            overrides.update(init_from=str(args.init_from), previous_minutes=args.previous_minutes)
+        print(training.train(args.out, training.TrainConfig(**overrides), max_minutes=args.max_minutes))
+    elif args.command == "evaluate":
+        from samserve_build import evaluation
+        print(json.dumps(evaluation.write_quality_table(args.checkpoint, args.scenes, args.out)["summary"], indent=2))
     elif args.command == "prepare":
         print(prepare(Settings()))
     return 0

@@ -271,6 +271,7 @@ class ExportResult:
     seconds: float
 
 
+@torch.no_grad()   # as a scope: the caller's autograd state is left as it was
 def export_model(
     variant: str,
     checkpoint: Path,
@@ -288,7 +289,6 @@ def export_model(
     staging = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    torch.set_grad_enabled(False)
     arch = architectures.architecture_for(variant, checkpoint)
     LOG.info("loading %s checkpoint %s", variant, checkpoint)
     sam = architectures.load_sam(variant, checkpoint)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+SCENES_CHECKPOINT = REPO_ROOT / "build" / "checkpoints" / "samserve_scenes_v1.pth"
+"""The small SAM trained on generated scenes (model card beside it): served when no other model is configured."""
 
 
 class Settings(BaseSettings):
@@ -17,8 +19,10 @@ class Settings(BaseSettings):
     workdir: Path = Field(REPO_ROOT / ".samserve", description="folder for generated artifacts")
 
     # The model `make up` serves.
-    model_variant: str = Field("vit_b", description="vit_h | vit_l | vit_b | tiny | custom")
-    checkpoint: Path | None = Field(None, description="Meta-format checkpoint; unset = seeded random weights")
+    model_variant: str = Field("scenes", description="scenes (the shipped model) | vit_h | vit_l | vit_b | tiny | custom")
+    checkpoint: Path | None = Field(
+        None, description="Meta-format checkpoint; unset = the shipped checkpoint for `scenes`, else seeded random weights"
+    )
     random_seed: int = Field(0, description="seed of the random weights used when no checkpoint is set")
 
     # Triton Inference Server.
@@ -62,6 +66,12 @@ class Settings(BaseSettings):
     redis_lock_ttl_s: float = Field(120.0, description="single-flight lock lifetime (a crashed holder's lock expires)")
     redis_server_port: int = Field(6379, description="port of the redis-server that `samserve up` starts")
     failure_log_interval_s: float = Field(30.0, description="Redis failures are logged at most once per interval")
+
+    @model_validator(mode="after")
+    def _shipped_checkpoint(self) -> "Settings":
+        if self.checkpoint is None and self.model_variant == "scenes":
+            self.checkpoint = SCENES_CHECKPOINT
+        return self
 
     @property
     def triton_grpc_url(self) -> str:
