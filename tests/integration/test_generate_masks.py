@@ -89,6 +89,19 @@ def test_trained_model_matches_official_generator(gateway_factory, scenes_triton
         assert abs(expected[theirs]["stability_score"] - got.annotations[ours]["stability_score"]) < 2e-2
 
 
+def test_no_surviving_mask_is_an_empty_answer(gateway_factory, scenes_triton):
+    """Where the official generator crashes (torchvision's batched_nms on the empty boxes of a crop that kept no
+    mask), GenerateMasks answers with no masks."""
+    image = scenes.generate_scene(scenes.EVAL_SEED_OFFSET + 7).image
+    params = dict(points_per_side=8, crop_n_layers=1, pred_iou_thresh=0.8)
+    sam = architectures.load_sam("scenes", SCENES_CHECKPOINT)
+    with torch.no_grad(), pytest.raises(IndexError):
+        SamAutomaticMaskGenerator(sam, **params).generate(image)
+    with SamServeClient(gateway_factory(scenes_triton.url, None).target) as client:
+        answer = client.generate_masks(png_bytes(image), **params)
+    assert answer.annotations == [] and answer.width == image.shape[1]
+
+
 def test_second_call_runs_no_encoder_even_with_crops(gateway, tiny_triton):
     data = new_image(200, 260)
     params = dict(LOWERED, points_per_side=8, crop_n_layers=1)
