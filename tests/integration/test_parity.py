@@ -17,17 +17,13 @@ from segment_anything import SamPredictor
 from samserve import processing, segmentation
 from samserve.triton_models import TritonSam
 from samserve_build import architectures
+from samserve_build.evaluation import iou
 from tests.conftest import ServedModel, synthetic_image
 
 MASK_IOU_MIN = 0.99
 SCORE_DIFF_MAX = 1e-3
 IMAGE_SHAPES = {"landscape": (480, 640), "portrait": (600, 338), "tiny": (37, 53)}
 MODELS = ["tiny", pytest.param("vit_b", marks=pytest.mark.slow)]
-
-
-def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
 
 
 @dataclasses.dataclass
@@ -111,7 +107,7 @@ def assert_same(expected: tuple, got: segmentation.PromptMasks) -> None:
     masks, scores, low_res = expected
     assert got.masks.shape == masks.shape
     assert got.low_res_logits.shape == low_res.shape
-    ious = [mask_iou(masks[k], got.masks[k]) for k in range(len(masks))]
+    ious = [iou(masks[k], got.masks[k]) for k in range(len(masks))]
     assert min(ious) >= MASK_IOU_MIN, f"mask IoU {ious}"
     diff = np.abs(scores - got.iou_predictions)
     assert diff.max() <= SCORE_DIFF_MAX, f"predicted IoU official {scores} vs ours {got.iou_predictions}"
@@ -170,4 +166,4 @@ def test_many_prompts_in_one_request_equal_one_at_a_time(harnesses):
     for prompt, joint in zip(prompts, together):
         alone = harness.ours(side, prompt)
         np.testing.assert_allclose(joint.iou_predictions, alone.iou_predictions, atol=1e-5)
-        assert mask_iou(joint.masks, alone.masks) >= 0.999
+        assert iou(joint.masks, alone.masks) >= 0.999
