@@ -20,8 +20,9 @@ from samserve.api import SERVICE_NAME, pb
 from samserve.client import PromptSpec, SamServeClient
 from samserve.redis_server import RedisServer
 from samserve_build import architectures
+from samserve_build.evaluation import iou
 from tests.conftest import free_port, synthetic_image
-from tests.integration.test_parity import mask_iou, prompt_for
+from tests.integration.test_parity import prompt_for
 
 _image_seed = iter(range(1000, 100000))
 
@@ -100,7 +101,7 @@ def test_embed_then_segment_by_id_matches_official_predictor(gateway, official_t
                     masks, scores, _ = predictor.predict(**kwargs)
                 (got,) = client.segment(embedded.image_id, [spec(kwargs)])
             assert got.masks.shape == masks.shape, case
-            ious = [mask_iou(masks[k], got.masks[k]) for k in range(len(masks))]
+            ious = [iou(masks[k], got.masks[k]) for k in range(len(masks))]
             assert min(ious) >= 0.99, (case, ious)
             # The served embedding is fp16 (the cache's format), so scores agree to fp16 precision.
             np.testing.assert_allclose(got.predicted_iou, scores, atol=1e-2)
