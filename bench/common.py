@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import datetime
+import io
 import json
 import logging
 import os
@@ -149,3 +151,37 @@ def triton_client(runner: asyncio.Runner, url: str, transport: str = "shm"):
         return client
 
     return runner.run(connect())
+
+
+class ServedEmbeddings:
+    """Images embedded exactly as the gateway serves them: PNG bytes through :class:`samserve.embedder.ImageEmbedder`
+    (decode, resize, Triton encoder, the cache's fp16 round trip, staging), held until :meth:`close`."""
+
+    def __init__(self, runner: asyncio.Runner, triton) -> None:
+        from samserve.cache import EmbeddingCache
+        from samserve.embedder import EncodeLimiter, ImageEmbedder
+
+        self.runner = runner
+        meta = triton.served.meta
+        cache = EmbeddingCache(triton, meta.cache_namespace, l1_bytes=1 << 30)
+        self.embedder = ImageEmbedder(triton, meta.image_size, cache, EncodeLimiter(1, 64))
+        self.held = contextlib.AsyncExitStack()
+
+    def get(self, image: np.ndarray):
+        """The EmbeddedImage of ``image`` (H x W x 3 uint8), encoded on first use."""
+        from samserve.embedder import ImageRef
+
+        reference = ImageRef.from_bytes(png_bytes(image), max_pixels=1 << 31)
+        embedded, _ = self.runner.run(self.held.enter_async_context(self.embedder.embedded(reference)))
+        return embedded
+
+    def close(self) -> None:
+        self.runner.run(self.held.aclose())
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, "PNG")
+    return buffer.getvalue()

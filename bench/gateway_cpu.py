@@ -28,7 +28,6 @@ from PIL import Image, PngImagePlugin  # noqa: E402
 
 from samserve import processing  # noqa: E402
 from samserve.api import pb  # noqa: E402
-from samserve.cache import Embedding, round_trip_fp16  # noqa: E402
 from samserve.client import PromptSpec, SamServeClient  # noqa: E402
 from samserve.redis_server import RedisServer  # noqa: E402
 from samserve_build import local_stack  # noqa: E402
@@ -73,8 +72,8 @@ def main() -> None:
             with asyncio.Runner() as runner:
                 bare_client = triton_client(runner, triton.grpc_url)
                 prepared = processing.prepare_image(image, meta.image_size)
-                array = round_trip_fp16(Embedding(runner.run(bare_client.encode(prepared)), (0, 0), (0, 0))).array
-                staged = runner.run(bare_client.stage_embedding(array))
+                encoded = runner.run(bare_client.encode(prepared))
+                staged = runner.run(bare_client.stage(encoded.round_trip_fp16()))  # as the cache serves it
                 batch = processing.decoder_batches(
                     [processing.Prompt(points=point, labels=label)], prepared.original_size,
                     prepared.input_size, meta.low_res_mask_size)[0]

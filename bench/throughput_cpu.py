@@ -30,7 +30,6 @@ from PIL import Image  # noqa: E402
 
 from samserve import processing  # noqa: E402
 from samserve.api import pb, pb_grpc  # noqa: E402
-from samserve.cache import Embedding, round_trip_fp16  # noqa: E402
 from samserve.redis_server import RedisServer  # noqa: E402
 from samserve.triton_models import TritonSam  # noqa: E402
 from samserve_build import local_stack  # noqa: E402
@@ -73,8 +72,7 @@ async def sweep(gateway_target: str, triton_url: str, image: np.ndarray, meta, s
     await triton.metadata()  # as the gateway does: decoder outputs through shared memory
     try:
         prepared = processing.prepare_image(image, meta.image_size)
-        array = round_trip_fp16(Embedding(await triton.encode(prepared), (0, 0), (0, 0))).array
-        staged = await triton.stage_embedding(array)
+        staged = await triton.stage((await triton.encode(prepared)).round_trip_fp16())  # as the cache serves it
         batch = processing.decoder_batches([processing.Prompt(points=np.array([point]), labels=np.array([1]))],
                                            prepared.original_size, prepared.input_size, meta.low_res_mask_size)[0]
         bare = [await drive(lambda: triton.decode(staged, batch), n, seconds) for n in LEVELS]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from samserve import model_spec, triton_server
-from samserve.settings import SCENES_CHECKPOINT
+from samserve_build.settings import SCENES_CHECKPOINT
 from samserve.redis_server import RedisServer
 from samserve_build import export
 from samserve_build.local_stack import GatewayProcess, free_port, serve_locally

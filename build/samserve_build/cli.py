@@ -19,8 +19,9 @@ import warnings
 from pathlib import Path
 
 from samserve import model_spec
-from samserve.settings import Settings
 from samserve_build import architectures, export, repository
+from samserve_build.settings import BuildSettings
+from samserve_build.targets import SERVING_TARGETS, ServingTargetName
 
 LOG = logging.getLogger("samserve_build")
 
@@ -45,7 +46,7 @@ def export_from_args(variant: str, checkpoint: Path | None, random_seed: int | N
     return result
 
 
-def prepare(settings: Settings) -> Path:
+def prepare(settings: BuildSettings) -> Path:
     """Export the configured model unless an export of the same weights exists; render the repository."""
     model_dir = settings.workdir / "models" / _slug(settings.model_id)
     checkpoint = settings.checkpoint
@@ -67,7 +68,7 @@ def prepare(settings: Settings) -> Path:
         LOG.info("model %s already exported in %s", settings.model_id, model_dir)
     else:
         export_from_args(settings.model_variant, checkpoint, settings.random_seed, model_dir, settings.model_id)
-    return repository.write_repository(model_dir, settings.workdir / "repository")
+    return repository.write_repository(model_dir, settings.repository, settings.serving_target)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     p_repo = commands.add_parser("repository", help="render a Triton model repository for an exported model")
     p_repo.add_argument("--model", type=Path, required=True, help="folder written by `export`")
     p_repo.add_argument("--out", type=Path, required=True)
+    p_repo.add_argument("--target", type=ServingTargetName, default=ServingTargetName.CPU_ONNXRUNTIME,
+                        choices=list(SERVING_TARGETS), help="serving target (default cpu-onnxruntime)")
 
     p_train = commands.add_parser("train", help="train (or resume) the small SAM on generated scenes")
     p_train.add_argument("--out", type=Path, required=True, help="run folder: state.pt, train_log.jsonl, model.pth")
@@ -123,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "random-checkpoint":
         print(architectures.write_random_checkpoint(args.variant, args.seed, args.out))
     elif args.command == "repository":
-        print(repository.write_repository(args.model, args.out))
+        print(repository.write_repository(args.model, args.out, args.target))
     elif args.command == "train":
         from samserve_build import training
         overrides = {"seed": args.seed}
@@ -142,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         from samserve_build import evaluation
         print(json.dumps(evaluation.write_quality_table(args.checkpoint, args.scenes, args.out)["summary"], indent=2))
     elif args.command == "prepare":
-        print(prepare(Settings()))
+        print(prepare(BuildSettings()))
     return 0
 
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import grpc
 
-from samserve import triton_server
+from samserve import model_spec, triton_server
 from samserve.subprocesses import terminate
-from samserve_build.repository import MODEL_FILES, write_repository
+from samserve_build.repository import write_repository
 
 
 def free_port() -> int:
@@ -31,7 +31,7 @@ def serve_locally(model_dir: Path, root: Path, timeout_s: float = 300.0) -> Iter
     """Render a repository for ``model_dir`` under ``root`` and run Triton on free loopback ports until exit."""
     repo = write_repository(model_dir, Path(root) / "repository")
     server = triton_server.TritonServer(repo, Path(root) / "work", free_port(), free_port(), free_port())
-    with triton_server.running_triton(server, timeout_s, tuple(MODEL_FILES)):
+    with triton_server.running_triton(server, timeout_s, (model_spec.ENCODER_MODEL, model_spec.DECODER_MODEL)):
         yield server
 
 

@@ -39,7 +39,8 @@ import numpy as np
 from samserve import mask_encoding, model_spec, processing
 from samserve.errors import InvalidArgument
 from samserve.processing import DecoderBatch
-from samserve.segmentation import POSTPROCESS_POOL, EmbeddedImage, map_in_pool, postprocess_plane
+from samserve.embedding import CropBox, EmbeddedImage
+from samserve.segmentation import POSTPROCESS_POOL, map_in_pool, postprocess_plane
 
 STABILITY_PREFILTER_MARGIN = 0.1
 """Masks whose low-resolution stability estimate is at least ``stability_score_thresh - margin`` get the exact
@@ -52,12 +53,12 @@ MAX_CROP_LAYERS = 3
 EDGE_TOLERANCE_PX = 20.0
 """A box side within this many pixels of an inner crop edge counts as cut by the crop (official ``atol``)."""
 
-CropBox = tuple[int, int, int, int]
-"""XYXY integer pixels of the original image."""
-
-
 class InvalidParameters(InvalidArgument):
-    """A GenerateMasks parameter outside its domain (the message names it)."""
+    """A GenerateMasks parameter outside its domain; the message starts with the parameter's name, which is also
+    the request field at fault."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, field=message.split(" ", 1)[0])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +71,7 @@ class AmgParams:
     points_per_batch: int = 64
     pred_iou_thresh: float = 0.88
     stability_score_thresh: float = 0.95
-    stability_score_offset: float = 1.0
+    stability_score_offset: float = processing.STABILITY_SCORE_OFFSET
     box_nms_thresh: float = 0.7
     crop_n_layers: int = 0
     crop_nms_thresh: float = 0.7
@@ -102,7 +103,7 @@ class AmgParams:
             raise InvalidParameters(
                 f"points_per_batch must lie in [1, {max_points_per_batch}], got {self.points_per_batch}")
         if (self.points_per_side is None) == (self.point_grids is None):
-            raise InvalidParameters("set exactly one of points_per_side and point_grids")
+            raise InvalidParameters("points_per_side and point_grids: set exactly one of them")
         if self.points_per_side is not None and not 1 <= self.points_per_side ** 2 <= max_points_per_layer:
             raise InvalidParameters(
                 f"points_per_side must lie in [1, {math.isqrt(max_points_per_layer)}], got {self.points_per_side}")

@@ -19,33 +19,37 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
+import contextlib
 import logging
 import secrets
 import struct
 import time
 import zlib
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Protocol
 
 import numpy as np
 
 from samserve import metrics
-from samserve.triton_models import StagedEmbedding, TritonSam
+from samserve.embedding import EmbeddedImage, Embedding
 
 LOG = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass(frozen=True)
-class Embedding:
-    """An image embedding and the sizes needed to post-process masks for it."""
+class Stager(Protocol):
+    """Makes an embedding ready for decoder calls and frees it again (the Triton client, or a fake in unit tests)."""
 
-    array: np.ndarray
-    """float32 (or float16 from the codec), C x h x w."""
-    original_size: tuple[int, int]
-    """(H, W) of the original image, EXIF orientation applied."""
-    input_size: tuple[int, int]
-    """(h, w) of the resized image inside the encoder's S x S input."""
+    async def stage(self, embedding: Embedding) -> EmbeddedImage: ...
+
+    async def release(self, image: EmbeddedImage) -> None: ...
+
+
+Compute = Callable[[], Awaitable[Embedding]]
+"""Computes a missing embedding (float32, from the encoder)."""
+
+
+class Missing(LookupError):
+    """The id is in neither tier."""
 
 
 class _HolderCancelled(Exception):
@@ -93,29 +97,13 @@ class EmbeddingCodec:
         return Embedding(array=array, original_size=(oh, ow), input_size=(ih, iw))
 
 
-def round_trip_fp16(embedding: Embedding) -> Embedding:
-    """The embedding exactly as tier 2 stores it (fp16), back in float32."""
-    return dataclasses.replace(embedding, array=embedding.array.astype(np.float16).astype(np.float32))
+class _Entry:
+    """A tier-1 entry: the staged embedding plus a count of requests using it (released when unused)."""
 
-
-class CacheEntry:
-    """A tier-1 entry: the staged embedding plus a count of requests using it (released when unused).
-
-    ``embedding.array`` IS ``staged.array`` (float32, C x h x w): the entry holds one copy in process memory,
-    plus one in Triton shared memory with the shm transport.
-    """
-
-    def __init__(self, embedding: Embedding, staged: StagedEmbedding) -> None:
-        self.embedding = dataclasses.replace(embedding, array=staged.array)
-        self.staged = staged
+    def __init__(self, image: EmbeddedImage) -> None:
+        self.image = image
         self.users = 0
         self.evicted = False
-
-    @property
-    def nbytes(self) -> int:
-        """Memory this entry holds: the float32 embedding, twice when it is also in shared memory."""
-        copies = 2 if self.staged.region is not None else 1
-        return int(self.staged.array.nbytes) * copies
 
 
 class FailureLog:
@@ -137,15 +125,6 @@ class FailureLog:
             self._last_logged, self._unlogged = now, 0
 
 
-@dataclasses.dataclass
-class CacheStats:
-    l1_hits: int = 0
-    l2_hits: int = 0
-    misses: int = 0
-    encodes: int = 0
-    single_flight_waits: int = 0
-
-
 class EmbeddingCache:
     """Tier 1 + tier 2 + single flight. ``redis`` is a ``redis.asyncio`` client (or Cluster client) or None."""
 
@@ -153,7 +132,7 @@ class EmbeddingCache:
 
     def __init__(
         self,
-        triton: TritonSam,
+        stager: Stager,
         namespace: str,
         l1_bytes: int,
         redis: Any | None = None,
@@ -162,7 +141,7 @@ class EmbeddingCache:
         lock_ttl_s: float = 120.0,
         failure_log_interval_s: float = 30.0,
     ) -> None:
-        self.triton = triton
+        self.stager = stager
         self.namespace = namespace
         self.l1_bytes = l1_bytes
         self.redis = redis
@@ -170,10 +149,9 @@ class EmbeddingCache:
         self.redis_timeout_s = redis_timeout_s
         self.lock_ttl_ms = int(lock_ttl_s * 1000)
         self.failures = FailureLog(failure_log_interval_s)
-        self.stats = CacheStats()
-        self._l1: collections.OrderedDict[str, CacheEntry] = collections.OrderedDict()
+        self._l1: collections.OrderedDict[str, _Entry] = collections.OrderedDict()
         self._l1_used = 0
-        self._inflight: dict[str, asyncio.Future[CacheEntry]] = {}
+        self._inflight: dict[str, asyncio.Future[_Entry]] = {}
 
     # -- keys ---------------------------------------------------------------------------------------------
     def key(self, image_id: str) -> str:
@@ -184,7 +162,7 @@ class EmbeddingCache:
         return self._l1_used
 
     # -- tier 1 -------------------------------------------------------------------------------------------
-    def _l1_get(self, key: str, count: bool = True) -> CacheEntry | None:
+    def _l1_get(self, key: str, count: bool = True) -> _Entry | None:
         entry = self._l1.get(key)
         if entry is not None:
             self._l1.move_to_end(key)
@@ -192,28 +170,26 @@ class EmbeddingCache:
             metrics.CACHE_LOOKUPS.labels("l1", "hit" if entry is not None else "miss").inc()
         return entry
 
-    async def _l1_put(self, key: str, embedding: Embedding) -> CacheEntry:
-        staged = await self.triton.stage_embedding(embedding.array)  # float32, converted only if needed
-        entry = CacheEntry(embedding, staged)
-        if entry.nbytes > self.l1_bytes:  # too big to keep: serve it once, release after use
+    async def _l1_put(self, key: str, embedding: Embedding) -> _Entry:
+        entry = _Entry(await self.stager.stage(embedding))
+        if entry.image.nbytes > self.l1_bytes:  # too big to keep: serve it once, release after use
             entry.evicted = True
             return entry
         self._l1[key] = entry
-        self._l1_used += entry.nbytes
+        self._l1_used += entry.image.nbytes
         while self._l1_used > self.l1_bytes:
             _, old = self._l1.popitem(last=False)
-            self._l1_used -= old.nbytes
+            self._l1_used -= old.image.nbytes
             old.evicted = True
             if old.users == 0:
-                await self.triton.release_embedding(old.staged)
+                await self.stager.release(old.image)
         metrics.CACHE_L1_BYTES.set(self._l1_used)
         return entry
 
-    async def release(self, entry: CacheEntry) -> None:
-        """Done with ``entry`` (from :meth:`get` / :meth:`get_or_compute`)."""
+    async def _release(self, entry: _Entry) -> None:
         entry.users -= 1
         if entry.evicted and entry.users == 0:
-            await self.triton.release_embedding(entry.staged)
+            await self.stager.release(entry.image)
 
     # -- tier 2 -------------------------------------------------------------------------------------------
     async def _redis(self, what: str, call: Callable[[], Awaitable[Any]]) -> tuple[bool, Any]:
@@ -253,43 +229,49 @@ class EmbeddingCache:
         await self._redis("SET", lambda: self.redis.set(key, record, ex=self.ttl_s))
 
     # -- lookups ------------------------------------------------------------------------------------------
-    async def get(self, image_id: str) -> CacheEntry | None:
-        """The entry for ``image_id`` from tier 1 or tier 2, or None. Call :meth:`release` when done."""
+    @contextlib.asynccontextmanager
+    async def lease(
+        self, image_id: str, compute: Compute | None = None
+    ) -> AsyncIterator[tuple[EmbeddedImage, bool]]:
+        """(embedded image, cached) held for the block: from tier 1, tier 2, or ``compute`` (once across concurrent
+        callers and replicas). ``cached`` is False only for the caller whose ``compute`` ran. Without ``compute`` a
+        miss raises :class:`Missing`."""
+        if compute is None:
+            entry, cached = await self._get(image_id), True
+        else:
+            entry, cached = await self._get_or_compute(image_id, compute)
+        try:
+            yield entry.image, cached
+        finally:
+            await self._release(entry)
+
+    async def _get(self, image_id: str) -> _Entry:
         key = self.key(image_id)
         entry = self._l1_get(key)
-        if entry is not None:
-            self.stats.l1_hits += 1
-        else:
+        if entry is None:
             embedding = await self._l2_get(key)
             if embedding is None:
-                self.stats.misses += 1
-                return None
-            self.stats.l2_hits += 1
+                raise Missing(image_id)
             entry = self._l1_get(key, count=False) or await self._l1_put(key, embedding)
         entry.users += 1
         return entry
 
-    async def get_or_compute(
-        self, image_id: str, compute: Callable[[], Awaitable[Embedding]]
-    ) -> tuple[CacheEntry, bool]:
-        """(entry, cached): cached is False only for the call whose ``compute`` ran. Call :meth:`release`."""
+    async def _get_or_compute(self, image_id: str, compute: Compute) -> tuple[_Entry, bool]:
         key = self.key(image_id)
         entry = self._l1_get(key)
         if entry is not None:
-            self.stats.l1_hits += 1
             entry.users += 1
             return entry, True
         pending = self._inflight.get(key)
         if pending is not None:
-            self.stats.single_flight_waits += 1
             metrics.SINGLE_FLIGHT_WAITS.inc()
             try:
                 entry = await asyncio.shield(pending)
             except _HolderCancelled:  # the request that was encoding went away: try again ourselves
-                return await self.get_or_compute(image_id, compute)
+                return await self._get_or_compute(image_id, compute)
             entry.users += 1
             return entry, True
-        future: asyncio.Future[CacheEntry] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[_Entry] = asyncio.get_running_loop().create_future()
         self._inflight[key] = future
         try:
             entry, cached = await self._fill(key, compute)
@@ -303,13 +285,11 @@ class EmbeddingCache:
         entry.users += 1
         return entry, cached
 
-    async def _fill(self, key: str, compute: Callable[[], Awaitable[Embedding]]) -> tuple[CacheEntry, bool]:
+    async def _fill(self, key: str, compute: Compute) -> tuple[_Entry, bool]:
         """Tier 2, else compute under the cross-replica lock (or without it when Redis fails)."""
         embedding = await self._l2_get(key)
         if embedding is not None:
-            self.stats.l2_hits += 1
             return await self._l1_put(key, embedding), True
-        self.stats.misses += 1
         lock_key, token = key + ":lock", secrets.token_hex(8)
         while True:
             ok, acquired = await self._redis(
@@ -318,7 +298,6 @@ class EmbeddingCache:
             if not ok or acquired:
                 break
             # Another replica is encoding: take its result, or the lock once it is gone (holder crashed).
-            self.stats.single_flight_waits += 1
             metrics.SINGLE_FLIGHT_WAITS.inc()
             while True:
                 await asyncio.sleep(self.LOCK_POLL_S)
@@ -331,9 +310,8 @@ class EmbeddingCache:
             if not ok:
                 break
         try:
-            self.stats.encodes += 1
             metrics.ENCODES.inc()
-            embedding = round_trip_fp16(await compute())
+            embedding = (await compute()).round_trip_fp16()
             await self._l2_put(key, embedding)
         finally:
             if ok and acquired:
@@ -346,7 +324,7 @@ class EmbeddingCache:
         return await self.redis.eval(self.UNLOCK_SCRIPT, 1, lock_key, token)
 
     async def close(self) -> None:
-        """Drop tier 1; entries still in use are released by their last :meth:`release`."""
+        """Drop tier 1; entries still in use are released when their last lease ends."""
         entries = list(self._l1.values())
         self._l1.clear()
         self._l1_used = 0
@@ -354,4 +332,4 @@ class EmbeddingCache:
         for entry in entries:
             entry.evicted = True
             if entry.users == 0:
-                await self.triton.release_embedding(entry.staged)
+                await self.stager.release(entry.image)

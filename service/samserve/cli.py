@@ -16,16 +16,17 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from pydantic import ValidationError
 
 from samserve import model_spec
-from samserve.settings import Settings
+from samserve.settings import GatewaySettings, StackSettings
 
 LOG = logging.getLogger("samserve")
 
 
-async def _serve_until_signal(settings: Settings, watch: object | None = None) -> None:
+async def _serve_until_signal(settings: GatewaySettings, watch: object | None = None) -> None:
     """Run the gateway until SIGINT/SIGTERM (or until the watched subprocess exits)."""
-    from samserve.gateway import serve
+    from samserve.server import serve
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -46,12 +47,12 @@ async def _serve_until_signal(settings: Settings, watch: object | None = None) -
         watcher.cancel()
 
 
-def up(settings: Settings) -> int:
+def up(settings: StackSettings) -> int:
     """Redis (if Debian's redis-server is installed and no SAMSERVE_REDIS_URL is set), Triton, gateway."""
     from samserve.redis_server import RedisServer, RedisStartError, redis_binary
     from samserve.triton_server import TritonServer, TritonStartError
 
-    repository = settings.workdir / "repository"
+    repository = settings.repository
     if not (repository / model_spec.ENCODER_MODEL / "config.pbtxt").exists():
         LOG.error("no model repository at %s: run `samserve-build prepare` (or `make up`) first", repository)
         return 2
@@ -159,22 +160,43 @@ def main(argv: list[str] | None = None) -> int:
         p_bulk.add_argument("--" + name.replace("_", "-"), type=float if isinstance(default, float) else int,
                             default=None, help=f"official default {default:g}")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = Settings()
-    if args.command == "up":
-        return up(settings)
-    if args.command == "gateway":
-        asyncio.run(_serve_until_signal(settings))
-        return 0
-    if args.command == "segment":
-        if not args.point and not args.box:
-            parser.error("segment needs --point and/or --box")
-        args.target = args.target or f"{settings.gateway_host}:{settings.gateway_port}"
-        return segment_command(args)
-    if args.command == "generate-masks":
-        args.target = args.target or f"{settings.gateway_host}:{settings.gateway_port}"
-        return generate_masks_command(args)
-    return 2
+    try:  # validated here: a bad SAMSERVE_* value stops the command before anything starts
+        settings = SETTINGS[args.command]()
+    except ValidationError as error:
+        parser.error(f"invalid SAMSERVE_* settings:\n{error}")
+    configure_logging(settings.log_level.value)
+    if args.command in ("segment", "generate-masks"):
+        args.target = args.target or settings.gateway_target
+    if args.command == "segment" and not args.point and not args.box:
+        parser.error("segment needs --point and/or --box")
+    return COMMANDS[args.command](settings, args)
+
+
+def configure_logging(level: str) -> None:
+    """One log format for every process; each record carries the id of the RPC it belongs to (``-`` if none)."""
+    from samserve.interceptors import RequestIdLogFilter
+
+    handler = logging.StreamHandler()
+    handler.addFilter(RequestIdLogFilter())
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
+
+
+def gateway_command(settings: GatewaySettings, args: argparse.Namespace) -> int:
+    asyncio.run(_serve_until_signal(settings))
+    return 0
+
+
+SETTINGS: dict[str, type[GatewaySettings]] = {
+    "up": StackSettings, "gateway": GatewaySettings, "segment": GatewaySettings, "generate-masks": GatewaySettings,
+}
+"""Which settings each command reads."""
+COMMANDS = {
+    "up": lambda settings, args: up(settings),
+    "gateway": gateway_command,
+    "segment": lambda settings, args: segment_command(args),
+    "generate-masks": lambda settings, args: generate_masks_command(args),
+}
 
 
 if __name__ == "__main__":

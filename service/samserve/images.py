@@ -21,11 +21,9 @@ def image_id(data: bytes) -> str:
 def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     """Decode JPEG/PNG/WebP/BMP/TIFF bytes to H x W x 3 uint8 RGB, EXIF orientation applied.
 
-    Raises InvalidArgument for empty or undecodable data, other formats, and images over ``max_pixels``
+    Raises InvalidArgument for undecodable data (empty bytes included), other formats, and images over ``max_pixels``
     (checked from the header, before any pixel is decoded: decompression bombs never allocate).
     """
-    if not data:
-        raise InvalidArgument("empty image")
     try:
         image = Image.open(io.BytesIO(data))
         if image.format not in ACCEPTED_FORMATS:

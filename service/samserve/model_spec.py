@@ -64,11 +64,17 @@ PREPROCESSING_VERSION = 1
 """Bump whenever resize, padding, normalization or coordinate handling changes: embeddings made by another
 preprocessing version must never be served (it is part of the embedding cache key)."""
 
+METADATA_SCHEMA_VERSION = 1
+"""Major version of the metadata format. A gateway refuses metadata of a higher major version (its meaning
+changed); fields it does not know within its version are ignored (a newer exporter may add some)."""
+
 METADATA_FILE = "metadata.json"
 METADATA_PARAMETER = "samserve_metadata"
 """Name of the Triton model-config parameter holding :class:`ModelMetadata` as JSON."""
 ENCODER_FILE = "encoder.onnx"
 DECODER_FILE = "decoder.onnx"
+"""File names of the exported ONNX graphs (the exporter's output; which file a serving target loads is the
+target's business, see ``samserve_build.targets``)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +103,8 @@ class ModelMetadata:
     exporter_version: str
     architecture: dict[str, Any] = dataclasses.field(default_factory=dict)
     """The architecture hyper-parameters, for the record."""
+    schema_version: int = METADATA_SCHEMA_VERSION
+    """:data:`METADATA_SCHEMA_VERSION` of the exporter that wrote it (absent in older exports: 1)."""
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -104,10 +112,12 @@ class ModelMetadata:
     @classmethod
     def from_json(cls, text: str) -> "ModelMetadata":
         raw = json.loads(text)
+        version = int(raw.get("schema_version", 1))
+        if version > METADATA_SCHEMA_VERSION:
+            raise ValueError(f"model metadata schema version {version} is newer than this gateway's "
+                             f"{METADATA_SCHEMA_VERSION}: upgrade the gateway")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(raw) - known
-        if unknown:
-            raise ValueError(f"unknown model metadata fields: {sorted(unknown)}")
+        raw = {name: value for name, value in raw.items() if name in known}  # a newer exporter's extra fields
         raw["embedding_shape"] = tuple(raw["embedding_shape"])
         raw["low_res_mask_size"] = tuple(raw["low_res_mask_size"])
         raw["pixel_mean"] = tuple(raw["pixel_mean"])

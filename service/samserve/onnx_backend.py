@@ -1,4 +1,4 @@
-"""ONNX Runtime sessions: one definition of how the CPU target runs the exported graphs.
+"""ONNX Runtime sessions: one definition of how the exported graphs run (serving target ``cpu-onnxruntime``).
 
 Used by the Triton python-backend models and by the exporter's post-export check, so the check verifies exactly
 what is served.
@@ -6,17 +6,23 @@ what is served.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 
-def create_session(path: Path | str, intra_op_threads: int = 0) -> ort.InferenceSession:
-    """A CPU inference session for ``path`` (external data is resolved beside it).
+DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
 
-    ``intra_op_threads``: 0 lets ONNX Runtime use every core.
+
+def create_session(
+    path: Path | str, intra_op_threads: int = 0, providers: Sequence[str] = DEFAULT_PROVIDERS
+) -> ort.InferenceSession:
+    """An inference session for ``path`` (external data is resolved beside it).
+
+    ``intra_op_threads``: 0 lets ONNX Runtime use every core. ``providers``: execution providers in order of
+    preference (a serving target's config names them).
     """
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -26,7 +32,7 @@ def create_session(path: Path | str, intra_op_threads: int = 0) -> ort.Inference
     # No busy-waiting between runs: on a small CPU the spinning threads would steal the cores that the
     # gateway and the other model need.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
 
 
 def run(

@@ -212,8 +212,12 @@ def binarize(logits: np.ndarray, mask_threshold: float) -> np.ndarray:
     return logits > mask_threshold
 
 
+STABILITY_SCORE_OFFSET = 1.0
+"""The logit offset of the stability score (the official generator's ``stability_score_offset`` default)."""
+
+
 def stability_score(
-    logits: np.ndarray, mask_threshold: float, offset: float = 1.0, empty: float = 1.0
+    logits: np.ndarray, mask_threshold: float, offset: float = STABILITY_SCORE_OFFSET, empty: float = 1.0
 ) -> np.ndarray:
     """IoU of (logits > threshold + offset) and (logits > threshold - offset) over the last two axes; ``empty``
     where both are empty (the official generator's 0 / 0 is NaN, which fails every threshold)."""

@@ -7,24 +7,15 @@ import concurrent.futures
 import dataclasses
 import os
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
 from samserve import model_spec, processing
-from samserve.triton_models import StagedEmbedding, TritonSam
+from samserve.embedding import EmbeddedImage
 
-
-@dataclasses.dataclass(frozen=True)
-class EmbeddedImage:
-    """An image's embedding and the sizes needed to post-process masks for it."""
-
-    embedding: StagedEmbedding
-    """float32, C x h x w, staged for the decoder (see TritonSam.stage_embedding)."""
-    original_size: tuple[int, int]
-    """(H, W) of the original image."""
-    input_size: tuple[int, int]
-    """(h, w) of the resized image inside the encoder's S x S input."""
+if TYPE_CHECKING:  # the decoder path itself needs no Triton import (unit tests run it on fakes)
+    from samserve.triton_models import TritonSam
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +34,6 @@ class PromptMasks:
     """The mask token of each mask (0: single-mask output, 1..3: multimask outputs)."""
 
 
-STABILITY_OFFSET = 1.0
 POSTPROCESS_THREADS = max(1, os.cpu_count() or 1)
 POSTPROCESS_POOL = concurrent.futures.ThreadPoolExecutor(
     max_workers=POSTPROCESS_THREADS, thread_name_prefix="samserve-postprocess"
@@ -73,15 +63,6 @@ async def map_in_pool(function: Callable[[T], R], items: Sequence[T], pixels_per
     return [result for chunk in chunks for result in chunk]
 
 
-async def embed(
-    triton: TritonSam, meta: model_spec.ModelMetadata, image: np.ndarray, timeout_s: float | None = None
-) -> EmbeddedImage:
-    """Encode an H x W x 3 uint8 RGB image and stage its embedding for decoder calls."""
-    prepared = processing.prepare_image(image, meta.image_size)
-    embedding = await triton.stage_embedding(await triton.encode(prepared, timeout_s))
-    return EmbeddedImage(embedding=embedding, original_size=prepared.original_size, input_size=prepared.input_size)
-
-
 async def segment(
     triton: TritonSam,
     meta: model_spec.ModelMetadata,
@@ -91,7 +72,7 @@ async def segment(
 ) -> list[PromptMasks]:
     """Masks for each prompt; prompts with the same token count go to the decoder as one batch."""
     batches = processing.decoder_batches(prompts, image.original_size, image.input_size, meta.low_res_mask_size)
-    decoded = await asyncio.gather(*(triton.decode(image.embedding, batch, timeout_s) for batch in batches))
+    decoded = await asyncio.gather(*(triton.decode(image, batch, timeout_s) for batch in batches))
     chosen: dict[int, tuple[np.ndarray, np.ndarray, slice]] = {}  # prompt index -> (logits, iou, tokens)
     for batch, (low_res, iou) in zip(batches, decoded):
         for row, index in enumerate(batch.prompt_indices):
@@ -118,7 +99,8 @@ async def segment(
 
 
 def postprocess_plane(
-    logits: np.ndarray, image: EmbeddedImage, meta: model_spec.ModelMetadata, offset: float = STABILITY_OFFSET,
+    logits: np.ndarray, image: EmbeddedImage, meta: model_spec.ModelMetadata,
+    offset: float = processing.STABILITY_SCORE_OFFSET,
     empty_stability: float = 1.0,
 ) -> tuple[np.ndarray, float]:
     """One 4h x 4w logit plane -> (H x W bool mask, stored column-major; stability score at ``offset``,

@@ -1,43 +1,52 @@
-"""The one settings object. Every knob is an environment variable ``SAMSERVE_<NAME>`` (documented in README)."""
+"""The settings objects. Every knob is an environment variable ``SAMSERVE_<NAME>`` (documented in README).
+
+One hierarchy, split by who needs what: :class:`GatewaySettings` is all a gateway replica reads at run time
+(``samserve gateway``, the container image); :class:`StackSettings` adds what ``samserve up`` needs to launch
+Triton and Redis on this machine; the build side (``samserve_build.settings.BuildSettings``) adds the model to
+export and the serving target. Choices are Enums, so a typo fails at start-up with the allowed values.
+"""
 
 from __future__ import annotations
 
+import enum
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-SCENES_CHECKPOINT = REPO_ROOT / "build" / "checkpoints" / "samserve_scenes_v1.pth"
-"""The small SAM trained on generated scenes (model card beside it): served when no other model is configured."""
+
+class TransportName(str, enum.Enum):
+    """How embeddings and decoder outputs travel between gateway and Triton (see :mod:`samserve.transports`)."""
+
+    GRPC = "grpc"
+    SHM = "shm"
 
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SAMSERVE_", extra="ignore")
+class LogLevel(str, enum.Enum):
+    DEBUG = "DEBUG"
+    INFO = "INFO"
+    WARNING = "WARNING"
+    ERROR = "ERROR"
 
-    # Where generated artifacts live (exported models, rendered Triton repository, backend folder, logs).
-    workdir: Path = Field(REPO_ROOT / ".samserve", description="folder for generated artifacts")
 
-    # The model `make up` serves.
-    model_variant: str = Field("scenes", description="scenes (the shipped model) | vit_h | vit_l | vit_b | tiny | custom")
-    checkpoint: Path | None = Field(
-        None, description="Meta-format checkpoint; unset = the shipped checkpoint for `scenes`, else seeded random weights"
-    )
-    random_seed: int = Field(0, description="seed of the random weights used when no checkpoint is set")
+class GatewaySettings(BaseSettings):
+    """What a gateway replica needs: where Triton and Redis are, its own ports, limits and cache sizes."""
 
-    # Triton Inference Server.
+    model_config = SettingsConfigDict(env_prefix="SAMSERVE_", extra="ignore", use_enum_values=False)
+
+    log_level: LogLevel = Field(LogLevel.INFO, description="DEBUG | INFO | WARNING | ERROR")
+
+    # Triton Inference Server, as a client sees it.
     triton_host: str = "127.0.0.1"
-    triton_http_port: int = 8000
     triton_grpc_port: int = 8001
-    triton_metrics_port: int = 8002
-    triton_start_timeout_s: float = Field(300.0, description="how long to wait for Triton's models to be ready")
-    triton_log_verbose: int = 0
 
     # Gateway (gRPC API samserve.v1.SegmentAnything).
     gateway_host: str = "127.0.0.1"
     gateway_port: int = Field(50051, description="gateway gRPC port (0 = pick a free one)")
     metrics_port: int = Field(9464, description="gateway Prometheus /metrics port")
-    embedding_transport: str = Field("shm", description="shm (Triton on this host) | grpc (embedding inline)")
+    embedding_transport: TransportName = Field(
+        TransportName.SHM, description="shm (Triton on this host) | grpc (embedding inline)"
+    )
     triton_timeout_s: float = Field(600.0, description="upper bound of one Triton call (client deadlines cut it)")
     max_request_bytes: int = Field(32 << 20, description="largest request message; larger -> RESOURCE_EXHAUSTED")
     max_image_pixels: int = Field(64_000_000, description="largest image (width*height); larger -> INVALID_ARGUMENT")
@@ -57,28 +66,35 @@ class Settings(BaseSettings):
 
     # Embedding cache.
     l1_cache_bytes: int = Field(
-        512 << 20, description="tier 1 capacity: fp32 embeddings, counted twice with the shm transport"
+        512 << 20, description="tier 1 capacity: embeddings, counted twice with the shm transport"
     )
     redis_url: str | None = Field(None, description="tier 2, e.g. redis://127.0.0.1:6379/0; unset = tier 1 only")
     redis_cluster: bool = Field(False, description="redis_url points at a Redis Cluster node")
     redis_ttl_s: int = Field(24 * 3600, description="how long tier 2 keeps an embedding")
     redis_timeout_s: float = Field(1.0, description="per Redis operation; slower counts as a failure")
     redis_lock_ttl_s: float = Field(120.0, description="single-flight lock lifetime (a crashed holder's lock expires)")
-    redis_server_port: int = Field(6379, description="port of the redis-server that `samserve up` starts")
     failure_log_interval_s: float = Field(30.0, description="Redis failures are logged at most once per interval")
-
-    @model_validator(mode="after")
-    def _shipped_checkpoint(self) -> "Settings":
-        if self.checkpoint is None and self.model_variant == "scenes":
-            self.checkpoint = SCENES_CHECKPOINT
-        return self
 
     @property
     def triton_grpc_url(self) -> str:
         return f"{self.triton_host}:{self.triton_grpc_port}"
 
     @property
-    def model_id(self) -> str:
-        if self.checkpoint is not None:
-            return f"{self.model_variant}:{self.checkpoint.stem}"
-        return f"{self.model_variant}-random-seed{self.random_seed}"
+    def gateway_target(self) -> str:
+        return f"{self.gateway_host}:{self.gateway_port}"
+
+
+class StackSettings(GatewaySettings):
+    """What ``samserve up`` adds: the Triton and Redis processes it launches on this machine."""
+
+    workdir: Path = Field(Path(".samserve"), description="folder for generated artifacts")
+    triton_http_port: int = 8000
+    triton_metrics_port: int = 8002
+    triton_start_timeout_s: float = Field(300.0, description="how long to wait for Triton's models to be ready")
+    triton_log_verbose: int = 0
+    redis_server_port: int = Field(6379, description="port of the redis-server that `samserve up` starts")
+
+    @property
+    def repository(self) -> Path:
+        """The rendered Triton model repository (``samserve-build prepare`` writes it)."""
+        return self.workdir / "repository"

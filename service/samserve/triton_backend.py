@@ -1,4 +1,4 @@
-"""The SAM encoder and decoder as Triton python-backend models (CPU target, ONNX Runtime).
+"""The SAM encoder and decoder as Triton python-backend models running ONNX Runtime (target ``cpu-onnxruntime``).
 
 ``model_repository/sam_*/1/model.py`` import these classes. Each request is validated on its own: a bad request
 gets its own ``InferenceResponse(error=...)`` and never fails the rest of the batch. Valid encoder requests of
@@ -49,9 +49,7 @@ def _expect_shape(name: str, array: np.ndarray, expected: tuple[int | None, ...]
 
 
 class _OnnxModel:
-    """Shared set-up: config parameters, metadata, the ONNX Runtime session of this model version."""
-
-    onnx_file: str
+    """Shared set-up: config parameters, metadata, the ONNX Runtime session of the graph the config names."""
 
     def initialize(self, args: dict[str, str]) -> None:
         config = json.loads(args["model_config"])
@@ -62,8 +60,12 @@ class _OnnxModel:
         threads = int(parameters.get("intra_op_threads", "0"))
         self.shrink_arena = parameters.get("arena_shrinkage", "0") == "1"
         self.max_prompts_per_run = int(parameters.get("max_prompts_per_run", "0"))
-        path = Path(args["model_repository"]) / args["model_version"] / self.onnx_file
-        self.session = onnx_backend.create_session(path, intra_op_threads=threads)
+        if "model_file" not in parameters:
+            raise RuntimeError(f"{config['name']}: config lacks the model_file parameter (the ONNX graph to load)")
+        path = Path(args["model_repository"]) / args["model_version"] / parameters["model_file"]
+        providers = [p.strip() for p in parameters.get("execution_providers", "").split(",") if p.strip()]
+        self.session = onnx_backend.create_session(path, intra_op_threads=threads,
+                                                   providers=providers or onnx_backend.DEFAULT_PROVIDERS)
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return onnx_backend.run(self.session, feeds, shrink_arena=self.shrink_arena)
@@ -80,8 +82,6 @@ class _OnnxModel:
 
 class EncoderModel(_OnnxModel):
     """image (uint8 B x S x S x 3) + input_size (int64 B x 2) -> image_embeddings (float32 B x C x h x w)."""
-
-    onnx_file = model_spec.ENCODER_FILE
 
     def _inputs(self, request: Any) -> tuple[np.ndarray, np.ndarray]:
         pb_utils = _pb_utils()
@@ -129,8 +129,6 @@ class DecoderModel(_OnnxModel):
     working memory grows with the prompts of one run (vit_b: 3.6 GB peak for 64 prompts, 1.0 GB for 16) while
     the time per prompt hardly changes.
     """
-
-    onnx_file = model_spec.DECODER_FILE
 
     def _decode_image(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One image's prompts (embedding 1 x C x h x w, the rest N x ...) -> outputs N x ..."""

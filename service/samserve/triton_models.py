@@ -1,248 +1,191 @@
-"""Async client of the ``sam_encoder`` and ``sam_decoder`` Triton models (tensor contract: model_spec).
+"""Async client of the ``sam_encoder`` and ``sam_decoder`` Triton models (tensor contract: :mod:`model_spec`).
 
-Embedding transport: every decoder call needs the image embedding (4 MiB in fp32 for the released models).
-``shm`` stages it once in a Triton system shared-memory region that later decoder calls reference by name
-(gateway and Triton on one host); ``grpc`` sends it inside every request. Measured on the 2-core CPU with vit_b
-(bench/results/models_cpu.json): shm saves 4-9 ms per decoder call, so it is the default where possible.
-With ``shm`` the decoder's outputs come back through shared memory too (1 MiB of logits per prompt for the
-released models: 64 MiB per GenerateMasks batch), from a small pool of reusable regions.
+Nothing here is fixed to one serving target: the request layout (a leading batch axis or not, each tensor's
+rank) and dtypes come from the served models' configs (:class:`ModelLayout`), the sizes from their metadata, and
+the way tensors travel from a :mod:`samserve.transports` object. Triton's failures leave this module as
+:mod:`samserve.errors` (:data:`TRITON_STATUS`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import enum
-import uuid
-import warnings
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
 import tritonclient.grpc.aio as grpcclient
-from tritonclient.utils import InferenceServerException, np_to_triton_dtype
-
-with warnings.catch_warnings():  # it imports the deprecated pkg_resources (hence setuptools<81)
-    warnings.simplefilter("ignore", UserWarning)
-    import tritonclient.utils.shared_memory as system_shm
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype, triton_to_np_dtype
 
 from samserve import metrics, model_spec
+from samserve.embedding import EmbeddedImage, Embedding
+from samserve.errors import DeadlineExceeded, Internal, ResourceExhausted, SamServeError, Unavailable
 from samserve.processing import DecoderBatch, PreparedImage
+from samserve.settings import TransportName
+from samserve.transports import OutputSpec, create_transport, infer_inline
 
 
 class ModelMismatchError(RuntimeError):
     """Encoder and decoder in Triton were exported from different models."""
 
 
-def _input(name: str, array: np.ndarray) -> grpcclient.InferInput:
-    tensor = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
-    tensor.set_data_from_numpy(np.ascontiguousarray(array))
-    return tensor
+TRITON_STATUS: dict[str, type[SamServeError]] = {
+    "StatusCode.UNAVAILABLE": Unavailable,  # unreachable, or the model is not ready
+    "StatusCode.NOT_FOUND": Unavailable,  # the model is not loaded
+    "StatusCode.DEADLINE_EXCEEDED": DeadlineExceeded,
+    "StatusCode.RESOURCE_EXHAUSTED": ResourceExhausted,
+}
+"""Triton's gRPC status -> domain error; any other status is Internal (the gateway validates every request, so a
+request Triton rejects is the service's fault)."""
 
 
-class EmbeddingTransport(str, enum.Enum):
-    GRPC = "grpc"
-    SHM = "shm"
+@contextlib.contextmanager
+def triton_errors() -> Iterator[None]:
+    """Turn a Triton client failure into the matching :mod:`samserve.errors` error."""
+    try:
+        yield
+    except InferenceServerException as error:
+        kind = TRITON_STATUS.get(str(error.status()), Internal)
+        raise kind(f"Triton: {error.message() or error}") from error
 
 
-@dataclasses.dataclass(eq=False)
-class StagedEmbedding:
-    """An image embedding ready for decoder calls."""
+@dataclasses.dataclass(frozen=True)
+class ModelLayout:
+    """How one served model takes its tensors, read from its Triton model config."""
 
-    array: np.ndarray
-    """float32, C x h x w."""
-    region: str | None = None
-    """Name of the Triton system shared-memory region holding ``array`` (None: sent inline over gRPC)."""
-    handle: Any = None
+    batched: bool
+    """``max_batch_size`` > 0: every tensor carries a leading batch axis (one item per image here)."""
+    ranks: Mapping[str, int]
+    """Rank of each tensor per batch item (``dims`` in the config)."""
+    dtypes: Mapping[str, np.dtype]
+    """Declared dtype of each input and output."""
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> ModelLayout:
+        """From Triton's model config as JSON (``get_model_config(..., as_json=True)["config"]``)."""
+        tensors = [*config.get("input", []), *config.get("output", [])]
+        return cls(
+            batched=int(config.get("max_batch_size", 0)) > 0,
+            ranks={t["name"]: len(t.get("dims", [])) for t in tensors},
+            dtypes={t["name"]: np.dtype(triton_to_np_dtype(t["data_type"].removeprefix("TYPE_"))) for t in tensors},
+        )
+
+    def wire_shape(self, name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The request shape of one item given its array shape: leading unit axes up to the declared rank, then
+        the batch axis when the model batches."""
+        item = (1,) * max(self.ranks[name] - len(shape), 0) + tuple(shape)
+        return (1, *item) if self.batched else item
+
+    def declare(self, name: str, array: np.ndarray) -> tuple[grpcclient.InferInput, np.ndarray]:
+        """(request tensor without data, ``array`` in the declared dtype and the wire shape, C-contiguous)."""
+        data = np.ascontiguousarray(array, dtype=self.dtypes[name]).reshape(self.wire_shape(name, array.shape))
+        return grpcclient.InferInput(name, list(data.shape), np_to_triton_dtype(data.dtype)), data
+
+    def tensor(self, name: str, array: np.ndarray) -> grpcclient.InferInput:
+        """A request tensor holding ``array`` inline."""
+        tensor, data = self.declare(name, array)
+        tensor.set_data_from_numpy(data)
+        return tensor
+
+    def output(self, name: str, shape: tuple[int, ...]) -> tuple[tuple[int, ...], np.dtype]:
+        return self.wire_shape(name, shape), self.dtypes[name]
+
+    def unwrap(self, array: np.ndarray) -> np.ndarray:
+        """One item's output as float32 without the batch axis."""
+        return (array[0] if self.batched else array).astype(np.float32, copy=False)
 
 
-@dataclasses.dataclass(eq=False)
-class _Region:
-    """A registered system shared-memory region for decoder outputs."""
+@dataclasses.dataclass(frozen=True)
+class ServedModels:
+    """What the gateway knows of the two served models: the shared metadata and each model's layout."""
 
-    name: str
-    handle: Any
-    nbytes: int
-
-
-class _OutputRegions:
-    """Reusable output regions. Sizes are rounded up to 8 classes per power of two (at most 12.5 % unused);
-    idle regions are kept up to ``max_idle_bytes`` in all, so concurrent calls reuse them instead of registering
-    new ones with Triton."""
-
-    def __init__(self, client: grpcclient.InferenceServerClient, max_idle_bytes: int = 256 << 20) -> None:
-        self.client = client
-        self.max_idle_bytes = max_idle_bytes
-        self._idle: dict[int, list[_Region]] = {}
-        self._idle_bytes = 0
-
-    @staticmethod
-    def size_class(nbytes: int) -> int:
-        step = 1 << max(nbytes.bit_length() - 4, 0)
-        return -(-nbytes // step) * step
-
-    async def acquire(self, nbytes: int) -> _Region:
-        size = self.size_class(nbytes)
-        idle = self._idle.get(size)
-        if idle:
-            self._idle_bytes -= size
-            return idle.pop()
-        name = f"samserve-out-{uuid.uuid4().hex}"
-        handle = system_shm.create_shared_memory_region(name, f"/{name}", size)
-        try:
-            await self.client.register_system_shared_memory(name, f"/{name}", size)
-        except BaseException:
-            system_shm.destroy_shared_memory_region(handle)
-            raise
-        return _Region(name, handle, size)
-
-    async def release(self, region: _Region) -> None:
-        if self._idle_bytes + region.nbytes <= self.max_idle_bytes:
-            self._idle.setdefault(region.nbytes, []).append(region)
-            self._idle_bytes += region.nbytes
-        else:
-            await self._destroy(region)
-
-    async def _destroy(self, region: _Region) -> None:
-        try:
-            await self.client.unregister_system_shared_memory(region.name)
-        except InferenceServerException:
-            pass  # Triton restarted or is unreachable: freeing our side is what matters
-        finally:
-            system_shm.destroy_shared_memory_region(region.handle)
-
-    async def close(self) -> None:
-        for regions in self._idle.values():
-            for region in regions:
-                await self._destroy(region)
-        self._idle.clear()
-        self._idle_bytes = 0
+    meta: model_spec.ModelMetadata
+    encoder: ModelLayout
+    decoder: ModelLayout
 
 
 class TritonSam:
-    """Encoder and decoder calls on one Triton server (gRPC)."""
+    """Encoder and decoder calls on one Triton server (gRPC). Also the cache's :class:`samserve.cache.Stager`."""
 
-    def __init__(self, url: str, embedding_transport: EmbeddingTransport | str = EmbeddingTransport.SHM) -> None:
+    def __init__(self, url: str, embedding_transport: TransportName | str = TransportName.SHM) -> None:
         self.url = url
         self.client = grpcclient.InferenceServerClient(url)
-        self.embedding_transport = EmbeddingTransport(embedding_transport)
-        self._staged: dict[str, StagedEmbedding] = {}
-        self._outputs = _OutputRegions(self.client)
-        self.meta: model_spec.ModelMetadata | None = None
-        """The served model's metadata, once :meth:`metadata` has read it (output shapes come from it)."""
+        self.transport = create_transport(embedding_transport, self.client)
+        self._served: ServedModels | None = None
+
+    @property
+    def served(self) -> ServedModels:
+        if self._served is None:
+            raise Unavailable("the served models' configs have not been read yet")
+        return self._served
 
     async def metadata(self) -> model_spec.ModelMetadata:
-        """The served model's metadata, read from both model configs; they must agree."""
-        found = []
-        for model in (model_spec.ENCODER_MODEL, model_spec.DECODER_MODEL):
-            config = await self.client.get_model_config(model, as_json=True)
-            raw = config["config"]["parameters"][model_spec.METADATA_PARAMETER]["string_value"]
-            found.append(model_spec.ModelMetadata.from_json(raw))
-        if found[0] != found[1]:
-            raise ModelMismatchError(f"encoder {found[0].model_id} and decoder {found[1].model_id} differ")
-        self.meta = found[0]
-        return found[0]
+        """Read both model configs (metadata and layout); their metadata must agree. Call after every (re)load."""
+        metas, layouts = [], []
+        with triton_errors():
+            for model in (model_spec.ENCODER_MODEL, model_spec.DECODER_MODEL):
+                config = (await self.client.get_model_config(model, as_json=True))["config"]
+                raw = config["parameters"][model_spec.METADATA_PARAMETER]["string_value"]
+                metas.append(model_spec.ModelMetadata.from_json(raw))
+                layouts.append(ModelLayout.from_config(config))
+        if metas[0] != metas[1]:
+            raise ModelMismatchError(f"encoder {metas[0].model_id} and decoder {metas[1].model_id} differ")
+        self._served = ServedModels(metas[0], layouts[0], layouts[1])
+        return metas[0]
 
-    async def encode(self, image: PreparedImage, timeout_s: float | None = None) -> np.ndarray:
-        """The embedding of one prepared image: float32, C x h x w. ``timeout_s`` bounds the call."""
+    async def encode(self, image: PreparedImage, timeout_s: float | None = None) -> Embedding:
+        """The embedding of one prepared image (float32 C x h x w). ``timeout_s`` bounds the call."""
+        layout = self.served.encoder
         inputs = [
-            _input(model_spec.ENC_IMAGE, image.padded[None]),
-            _input(model_spec.ENC_INPUT_SIZE, np.asarray([image.input_size], dtype=np.int64)),
+            layout.tensor(model_spec.ENC_IMAGE, image.padded),
+            layout.tensor(model_spec.ENC_INPUT_SIZE, np.asarray(image.input_size, dtype=np.int64)),
         ]
-        outputs = [grpcclient.InferRequestedOutput(model_spec.ENC_EMBEDDING)]
-        with metrics.TRITON_CALL.labels(model_spec.ENCODER_MODEL).time():
-            result = await self.client.infer(
-                model_spec.ENCODER_MODEL, inputs, outputs=outputs, client_timeout=timeout_s
-            )
-        return result.as_numpy(model_spec.ENC_EMBEDDING)[0]
+        with metrics.TRITON_CALL.labels(model_spec.ENCODER_MODEL).time(), triton_errors():
+            result = await infer_inline(self.client, model_spec.ENCODER_MODEL, inputs, model_spec.ENCODER_OUTPUTS,
+                                        timeout_s)
+        return Embedding(layout.unwrap(result[model_spec.ENC_EMBEDDING]), image.original_size, image.input_size)
 
-    async def stage_embedding(self, embedding: np.ndarray) -> StagedEmbedding:
-        """Make ``embedding`` (float32 C x h x w) ready for decoder calls; release it with release_embedding."""
-        embedding = np.ascontiguousarray(embedding, dtype=np.float32)
-        if self.embedding_transport is EmbeddingTransport.GRPC:
-            return StagedEmbedding(embedding)
-        region = f"samserve-{uuid.uuid4().hex}"
-        handle = system_shm.create_shared_memory_region(region, f"/{region}", embedding.nbytes)
-        try:
-            system_shm.set_shared_memory_region(handle, [embedding])
-            await self.client.register_system_shared_memory(region, f"/{region}", embedding.nbytes)
-        except BaseException:
-            system_shm.destroy_shared_memory_region(handle)
-            raise
-        staged = StagedEmbedding(embedding, region, handle)
-        self._staged[region] = staged
-        return staged
+    # -- the cache's Stager ------------------------------------------------------------------------------------
+    async def stage(self, embedding: Embedding) -> EmbeddedImage:
+        """``embedding`` in the decoder's input dtype, staged by the transport; undo with :meth:`release`."""
+        dtype = self.served.decoder.dtypes[model_spec.DEC_EMBEDDING]
+        value = dataclasses.replace(embedding, array=np.ascontiguousarray(embedding.array, dtype=dtype))
+        with triton_errors():
+            return EmbeddedImage(value, await self.transport.stage(value.array))
 
-    async def release_embedding(self, staged: StagedEmbedding) -> None:
-        """Free the shared-memory region behind ``staged`` (no-op for gRPC transport)."""
-        if staged.region is None or self._staged.pop(staged.region, None) is None:
-            return
-        try:
-            await self.client.unregister_system_shared_memory(staged.region)
-        except InferenceServerException:
-            pass  # Triton restarted (it forgot the region) or is unreachable: freeing our side is what matters
-        finally:
-            system_shm.destroy_shared_memory_region(staged.handle)
+    async def release(self, image: EmbeddedImage) -> None:
+        await self.transport.release(image.staged)
 
-    def _embedding_input(self, staged: StagedEmbedding) -> grpcclient.InferInput:
-        if staged.region is None:
-            return _input(model_spec.DEC_EMBEDDING, staged.array[None])
-        tensor = grpcclient.InferInput(model_spec.DEC_EMBEDDING, [1, *staged.array.shape], "FP32")
-        tensor.set_shared_memory(staged.region, staged.array.nbytes)
-        return tensor
-
+    # -- decoder ---------------------------------------------------------------------------------------------
     async def decode(
-        self, embedding: StagedEmbedding, batch: DecoderBatch, timeout_s: float | None = None
+        self, image: EmbeddedImage, batch: DecoderBatch, timeout_s: float | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Decode N prompts of one image.
-
-        Returns (low-res logits float32 N x M x 4h x 4w, predicted IoU float32 N x M).
-        """
+        """Decode N prompts of one image: (low-res logits float32 N x M x 4h x 4w, predicted IoU float32 N x M)."""
+        served = self.served
+        layout = served.decoder
+        embedding, data = layout.declare(model_spec.DEC_EMBEDDING, image.embedding.array)
+        self.transport.attach(embedding, data, image.staged)
         inputs = [
-            self._embedding_input(embedding),
-            _input(model_spec.DEC_POINT_COORDS, batch.point_coords[None]),
-            _input(model_spec.DEC_POINT_LABELS, batch.point_labels[None]),
-            _input(model_spec.DEC_MASK_INPUT, batch.mask_input[None]),
-            _input(model_spec.DEC_HAS_MASK_INPUT, batch.has_mask_input[None]),
+            embedding,
+            layout.tensor(model_spec.DEC_POINT_COORDS, batch.point_coords),
+            layout.tensor(model_spec.DEC_POINT_LABELS, batch.point_labels),
+            layout.tensor(model_spec.DEC_MASK_INPUT, batch.mask_input),
+            layout.tensor(model_spec.DEC_HAS_MASK_INPUT, batch.has_mask_input),
         ]
-        metrics.DECODER_BATCH_PROMPTS.observe(len(batch.prompt_indices))
-        if self.embedding_transport is EmbeddingTransport.SHM and self.meta is not None:
-            return await self._decode_into_shm(inputs, batch, timeout_s)
-        outputs = [grpcclient.InferRequestedOutput(name) for name in model_spec.DECODER_OUTPUTS]
-        with metrics.TRITON_CALL.labels(model_spec.DECODER_MODEL).time():
-            result = await self.client.infer(
-                model_spec.DECODER_MODEL, inputs, outputs=outputs, client_timeout=timeout_s
-            )
-        return result.as_numpy(model_spec.DEC_LOW_RES_MASKS)[0], result.as_numpy(model_spec.DEC_IOU_PREDICTIONS)[0]
+        n, m = len(batch.prompt_indices), served.meta.num_mask_tokens
+        outputs: OutputSpec = {
+            model_spec.DEC_LOW_RES_MASKS: layout.output(model_spec.DEC_LOW_RES_MASKS,
+                                                        (n, m, *served.meta.low_res_mask_size)),
+            model_spec.DEC_IOU_PREDICTIONS: layout.output(model_spec.DEC_IOU_PREDICTIONS, (n, m)),
+        }
+        metrics.DECODER_BATCH_PROMPTS.observe(n)
+        with metrics.TRITON_CALL.labels(model_spec.DECODER_MODEL).time(), triton_errors():
+            result = await self.transport.infer(model_spec.DECODER_MODEL, inputs, outputs, timeout_s)
+        return layout.unwrap(result[model_spec.DEC_LOW_RES_MASKS]), layout.unwrap(result[model_spec.DEC_IOU_PREDICTIONS])
 
-    async def _decode_into_shm(
-        self, inputs: list[grpcclient.InferInput], batch: DecoderBatch, timeout_s: float | None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """The decoder call with both outputs written by Triton into one shared-memory region (no gRPC payload)."""
-        assert self.meta is not None
-        n, m = len(batch.prompt_indices), self.meta.num_mask_tokens
-        shapes = {model_spec.DEC_LOW_RES_MASKS: (1, n, m, *self.meta.low_res_mask_size),
-                  model_spec.DEC_IOU_PREDICTIONS: (1, n, m)}
-        sizes = {name: int(np.prod(shape)) * 4 for name, shape in shapes.items()}
-        region = await self._outputs.acquire(sum(sizes.values()))
-        try:
-            outputs, offset, offsets = [], 0, {}
-            for name in model_spec.DECODER_OUTPUTS:
-                output = grpcclient.InferRequestedOutput(name)
-                output.set_shared_memory(region.name, sizes[name], offset=offset)
-                outputs.append(output)
-                offsets[name], offset = offset, offset + sizes[name]
-            with metrics.TRITON_CALL.labels(model_spec.DECODER_MODEL).time():
-                await self.client.infer(model_spec.DECODER_MODEL, inputs, outputs=outputs, client_timeout=timeout_s)
-            low_res, iou = (
-                system_shm.get_contents_as_numpy(region.handle, np.float32, shapes[name], offsets[name])[0].copy()
-                for name in model_spec.DECODER_OUTPUTS
-            )
-        finally:
-            await self._outputs.release(region)
-        return low_res, iou
-
-    async def forget_output_regions(self) -> None:
-        """Drop the idle output regions (after a Triton restart, which forgets registered regions)."""
-        await self._outputs.close()
+    async def forget_regions(self) -> None:
+        """After a Triton restart (it forgets registered regions): idle output regions are not reused."""
+        await self.transport.forget()
 
     async def models_ready(self) -> bool:
         """Whether Triton is reachable and both SAM models are ready."""
@@ -257,12 +200,11 @@ class TritonSam:
 
     async def inference_count(self, model: str) -> int:
         """How many inferences Triton has run for ``model`` (its own statistics)."""
-        stats = await self.client.get_inference_statistics(model, as_json=True)
+        with triton_errors():
+            stats = await self.client.get_inference_statistics(model, as_json=True)
         return sum(int(entry.get("inference_count", 0)) for entry in stats.get("model_stats", []))
 
     async def close(self) -> None:
-        """Release every staged embedding, then close the channel."""
-        for staged in list(self._staged.values()):
-            await self.release_embedding(staged)
-        await self._outputs.close()
+        """Release every staged embedding and region, then close the channel."""
+        await self.transport.close()
         await self.client.close()

@@ -138,10 +138,10 @@ class TritonServer:
             *self.extra_args,
         ]
 
-    def start(self, foreground_log: bool = False) -> None:
-        """Start the process; with ``foreground_log`` its log goes to this terminal instead of a file."""
+    def start(self) -> None:
+        """Start the process; its log goes to :attr:`log_path`."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        output = None if foreground_log else open(self.log_path, "wb")
+        output = open(self.log_path, "wb")
         LOG.info("starting tritonserver on %s (repository %s)", self.grpc_url, self.repository)
         self.process = subprocess.Popen(self.command(), env=_environment(), stdout=output, stderr=subprocess.STDOUT)
 
@@ -163,7 +163,7 @@ class TritonServer:
 
     def log_tail(self, lines: int = 40) -> str:
         if not self.log_path.exists():
-            return "(log went to the terminal)"
+            return "(no log written)"
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
     def stop(self, timeout_s: float = 30.0) -> None:

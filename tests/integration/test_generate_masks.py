@@ -27,7 +27,7 @@ from segment_anything import SamAutomaticMaskGenerator
 from samserve import model_spec
 from samserve.api import pb
 from samserve.client import SamServeClient
-from samserve.settings import SCENES_CHECKPOINT
+from samserve_build.settings import SCENES_CHECKPOINT
 from samserve_build import architectures, scenes
 from tests.amg_reference import match
 from tests.conftest import synthetic_image

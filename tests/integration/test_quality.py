@@ -23,7 +23,7 @@ from PIL import Image
 
 from samserve import model_spec
 from samserve.client import SamServeClient
-from samserve.settings import SCENES_CHECKPOINT
+from samserve_build.settings import SCENES_CHECKPOINT
 from samserve_build import architectures, evaluation, scenes
 
 from tests.conftest import ExportedModel, serve

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import subprocess
@@ -17,7 +18,8 @@ import tritonclient.grpc.aio as aioclient
 from tritonclient.utils import InferenceServerException
 
 from samserve import model_spec, onnx_backend, processing, segmentation, triton_server
-from samserve.triton_models import TritonSam
+from samserve.errors import Internal, Unavailable
+from samserve.triton_models import ModelLayout, TritonSam
 from samserve_build import repository
 from tests.conftest import free_port, synthetic_image
 
@@ -172,17 +174,17 @@ def test_prepare_then_up_serves_and_stops_cleanly(tmp_path):
 
 
 def test_embedding_transports_give_identical_answers_and_release_their_memory(tiny_triton, event_loop_runner):
-    meta = tiny_triton.model.metadata
     image = synthetic_image(90, 120, seed=11)
     prompt = processing.Prompt(points=np.array([[60.0, 45.0]]), labels=np.array([1]))
 
     async def run(transport: str):
         client = TritonSam(tiny_triton.url, embedding_transport=transport)
         try:
-            embedded = await segmentation.embed(client, meta, image)
+            meta = await client.metadata()
+            embedded = await client.stage(await client.encode(processing.prepare_image(image, meta.image_size)))
             answer = (await segmentation.segment(client, meta, embedded, [prompt]))[0]
             regions_while_staged = await client.client.get_system_shared_memory_status(as_json=True)
-            await client.release_embedding(embedded.embedding)
+            await client.release(embedded)
             regions_after = await client.client.get_system_shared_memory_status(as_json=True)
             return embedded, answer, regions_while_staged, regions_after
         finally:
@@ -190,8 +192,53 @@ def test_embedding_transports_give_identical_answers_and_release_their_memory(ti
 
     grpc_embedded, grpc_answer, _, _ = event_loop_runner.run(run("grpc"))
     shm_embedded, shm_answer, staged, after = event_loop_runner.run(run("shm"))
-    assert grpc_embedded.embedding.region is None
-    region = shm_embedded.embedding.region
+    assert grpc_embedded.staged.region is None and grpc_embedded.staged.shared_bytes == 0
+    region = shm_embedded.staged.region
     assert region is not None and region in str(staged) and region not in str(after)
+    assert shm_embedded.nbytes == 2 * shm_embedded.embedding.array.nbytes
     np.testing.assert_array_equal(grpc_answer.low_res_logits, shm_answer.low_res_logits)
     np.testing.assert_array_equal(grpc_answer.iou_predictions, shm_answer.iou_predictions)
+
+
+def test_request_layout_comes_from_the_served_configs(tiny_triton, event_loop_runner):
+    """Batch axis, ranks and dtypes are read from Triton's model configs, not assumed."""
+    async def read():
+        client = TritonSam(tiny_triton.url)
+        try:
+            await client.metadata()
+            return client.served
+        finally:
+            await client.close()
+
+    served = event_loop_runner.run(read())
+    assert served.encoder.batched and served.decoder.batched
+    assert served.encoder.dtypes[model_spec.ENC_IMAGE] == np.uint8
+    assert served.encoder.dtypes[model_spec.ENC_INPUT_SIZE] == np.int64
+    assert served.decoder.dtypes[model_spec.DEC_EMBEDDING] == np.float32
+    assert served.decoder.ranks[model_spec.DEC_POINT_COORDS] == 3
+    # The same item in a model without a batch axis and with a 4-D embedding input (a TensorRT plan's layout).
+    unbatched = ModelLayout(batched=False, ranks={model_spec.DEC_EMBEDDING: 4}, dtypes={model_spec.DEC_EMBEDDING: np.float16})
+    tensor, data = unbatched.declare(model_spec.DEC_EMBEDDING, np.zeros((8, 4, 4), np.float32))
+    assert tensor.shape() == [1, 8, 4, 4] and tensor.datatype() == "FP16" and data.dtype == np.float16
+    assert served.decoder.wire_shape(model_spec.DEC_EMBEDDING, (8, 4, 4)) == (1, 8, 4, 4)
+    assert served.decoder.wire_shape(model_spec.DEC_POINT_COORDS, (5, 2, 2)) == (1, 5, 2, 2)
+
+
+def test_triton_failures_become_domain_errors(tiny_triton, event_loop_runner):
+    """Unreachable Triton is UNAVAILABLE; a request Triton rejects is the service's fault (INTERNAL)."""
+    async def scenario():
+        unreachable = TritonSam(f"127.0.0.1:{free_port()}")
+        with pytest.raises(Unavailable):
+            await unreachable.metadata()
+        await unreachable.close()
+        client = TritonSam(tiny_triton.url)
+        try:
+            meta = await client.metadata()
+            prepared = processing.prepare_image(synthetic_image(40, 50, seed=3), meta.image_size)
+            broken = dataclasses.replace(prepared, input_size=(meta.image_size + 1, 5))
+            with pytest.raises(Internal, match="input_size must lie in"):
+                await client.encode(broken)
+        finally:
+            await client.close()
+
+    event_loop_runner.run(scenario())

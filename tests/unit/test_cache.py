@@ -1,4 +1,5 @@
-"""The embedding cache's pieces on their own: record codec, tier-1 accounting, failure logging, encode limiter."""
+"""The embedding cache's pieces on their own (a fake stager, no Triton): record codec, tier-1 accounting, the fp16
+round trip, single flight, failure logging, encode limiter."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ import logging
 import numpy as np
 import pytest
 
-from samserve.cache import CorruptRecord, Embedding, EmbeddingCache, EmbeddingCodec, FailureLog, round_trip_fp16
+from samserve import metrics
+from samserve.cache import CorruptRecord, EmbeddingCache, EmbeddingCodec, FailureLog, Missing
+from samserve.embedder import EncodeLimiter
+from samserve.embedding import EmbeddedImage, Embedding, Staged
 from samserve.errors import ResourceExhausted
-from samserve.gateway import EncodeLimiter
-from samserve.triton_models import TritonSam
 
 
 def embedding(seed: int = 0, shape=(8, 4, 4)) -> Embedding:
@@ -25,7 +27,7 @@ def test_codec_round_trip_is_fp16_exact():
     assert len(record) == EmbeddingCodec.HEADER.size + 8 * 4 * 4 * 2 + EmbeddingCodec.TRAILER.size
     decoded = EmbeddingCodec.decode(record)
     assert decoded.original_size == (480, 640) and decoded.input_size == (768, 1024)
-    np.testing.assert_array_equal(decoded.array.astype(np.float32), round_trip_fp16(original).array)
+    np.testing.assert_array_equal(decoded.array.astype(np.float32), original.round_trip_fp16().array)
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "version", "empty"])
@@ -43,50 +45,92 @@ def test_codec_rejects_damaged_records(damage):
         EmbeddingCodec.decode(bytes(record))
 
 
+class FakeStager:
+    """Stages by keeping the array (as the gRPC transport does); records what is staged now."""
+
+    def __init__(self) -> None:
+        self.staged: set[int] = set()
+
+    async def stage(self, value: Embedding) -> EmbeddedImage:
+        image = EmbeddedImage(value, Staged())
+        self.staged.add(id(image))
+        return image
+
+    async def release(self, image: EmbeddedImage) -> None:
+        self.staged.remove(id(image))
+
+
 def test_tier_one_is_bounded_in_bytes_and_keeps_entries_in_use():
     async def scenario():
-        triton = TritonSam("127.0.0.1:1", embedding_transport="grpc")  # grpc transport: staging needs no server
+        stager = FakeStager()
         one = embedding().array.nbytes
-        cache = EmbeddingCache(triton, "ns", l1_bytes=2 * one)
+        cache = EmbeddingCache(stager, "ns", l1_bytes=2 * one)
         computed = []
 
         async def compute_for(i: int):
             computed.append(i)
             return embedding(i)
 
-        first, cached = await cache.get_or_compute("a", lambda: compute_for(0))
-        assert not cached
-        await cache.get_or_compute("b", lambda: compute_for(1))
-        await cache.release((await cache.get("b")))
-        await cache.get_or_compute("c", lambda: compute_for(2))  # evicts "a" (least recently used)
-        assert cache.l1_used_bytes <= 2 * one
-        assert await cache.get("a") is None and first.evicted and first.users == 1
-        await cache.release(first)
-        assert first.users == 0
-        again, cached = await cache.get_or_compute("a", lambda: compute_for(3))
-        assert not cached and computed == [0, 1, 2, 3]
-        await triton.close()
+        async with cache.lease("a", lambda: compute_for(0)) as (first, cached):
+            assert not cached
+            async with cache.lease("b", lambda: compute_for(1)):
+                pass
+            async with cache.lease("b") as (_, cached):  # a lookup by id alone
+                assert cached
+            async with cache.lease("c", lambda: compute_for(2)):  # evicts "a" (least recently used)
+                pass
+            assert cache.l1_used_bytes <= 2 * one
+            with pytest.raises(Missing):
+                async with cache.lease("a"):
+                    pass
+            assert id(first) in stager.staged  # evicted while in use: still staged
+        assert id(first) not in stager.staged  # released with its last lease
+        async with cache.lease("a", lambda: compute_for(3)) as (_, cached):
+            assert not cached and computed == [0, 1, 2, 3]
+        await cache.close()
+        assert not stager.staged
+
+    asyncio.run(scenario())
+
+
+def test_every_served_embedding_is_the_fp16_round_trip():
+    async def scenario():
+        cache = EmbeddingCache(FakeStager(), "ns", l1_bytes=1 << 20)
+        original = embedding(7)
+        async with cache.lease("k", lambda: asyncio.sleep(0, original)) as (image, _):
+            np.testing.assert_array_equal(image.embedding.array, original.round_trip_fp16().array)
+            assert not np.array_equal(image.embedding.array, original.array)
 
     asyncio.run(scenario())
 
 
 def test_single_flight_within_a_process():
     async def scenario():
-        triton = TritonSam("127.0.0.1:1", embedding_transport="grpc")
-        cache = EmbeddingCache(triton, "ns", l1_bytes=1 << 20)
+        cache = EmbeddingCache(FakeStager(), "ns", l1_bytes=1 << 20)
+        waits_before = metrics.SINGLE_FLIGHT_WAITS._value.get()
+        release = asyncio.Event()
         calls = 0
 
-        async def slow():
+        async def held_until_released():
             nonlocal calls
             calls += 1
-            await asyncio.sleep(0.05)
+            await release.wait()
             return embedding()
 
-        results = await asyncio.gather(*(cache.get_or_compute("k", slow) for _ in range(10)))
-        assert calls == 1
-        assert [cached for _, cached in results].count(False) == 1
-        assert cache.stats.single_flight_waits == 9
-        await triton.close()
+        async def one():
+            async with cache.lease("k", held_until_released) as (_, cached):
+                return cached
+
+        tasks = [asyncio.create_task(one()) for _ in range(10)]
+        for _ in range(1000):  # bounded: every other caller must be waiting on the first one's encode
+            if metrics.SINGLE_FLIGHT_WAITS._value.get() - waits_before == 9:
+                break
+            await asyncio.sleep(0)
+        assert metrics.SINGLE_FLIGHT_WAITS._value.get() - waits_before == 9
+        assert calls == 1 and not any(task.done() for task in tasks)  # they waited
+        release.set()
+        results = await asyncio.gather(*tasks)
+        assert calls == 1 and results.count(False) == 1
 
     asyncio.run(scenario())
 

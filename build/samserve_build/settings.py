@@ -1,0 +1,48 @@
+"""What the build side reads on top of the stack's settings: the model to export and the serving target."""
+
+from __future__ import annotations
+
+import importlib.resources
+from pathlib import Path
+
+from pydantic import Field, field_validator, model_validator
+
+from samserve.settings import StackSettings
+from samserve_build.targets import ServingTargetName
+
+SCENES_CHECKPOINT = Path(str(importlib.resources.files("samserve_build.checkpoints") / "samserve_scenes_v1.pth"))
+"""The small SAM trained on generated scenes (model card beside it): served when no other model is configured."""
+
+
+class BuildSettings(StackSettings):
+    model_variant: str = Field(
+        "scenes", description="scenes (the shipped model) | vit_h | vit_l | vit_b | tiny | custom"
+    )
+    checkpoint: Path | None = Field(
+        None, description="Meta-format checkpoint; unset = the shipped checkpoint for `scenes`, else seeded random weights"
+    )
+    random_seed: int = Field(0, description="seed of the random weights used when no checkpoint is set")
+    serving_target: ServingTargetName = Field(
+        ServingTargetName.CPU_ONNXRUNTIME, description="how Triton runs the models (samserve_build.targets)"
+    )
+
+    @field_validator("model_variant")
+    @classmethod
+    def _known_variant(cls, value: str) -> str:
+        from samserve_build.architectures import ARCHITECTURES
+
+        if value != "custom" and value not in ARCHITECTURES:
+            raise ValueError(f"unknown model variant {value!r}; one of {sorted(ARCHITECTURES)} or custom")
+        return value
+
+    @model_validator(mode="after")
+    def _shipped_checkpoint(self) -> BuildSettings:
+        if self.checkpoint is None and self.model_variant == "scenes":
+            self.checkpoint = SCENES_CHECKPOINT
+        return self
+
+    @property
+    def model_id(self) -> str:
+        if self.checkpoint is not None:
+            return f"{self.model_variant}:{self.checkpoint.stem}"
+        return f"{self.model_variant}-random-seed{self.random_seed}"

@@ -1,0 +1,120 @@
+"""THE path from an image reference (+ crop) to an embedded image ready for the decoder.
+
+Every RPC, the benchmarks and the parity tests take this path: decode the bytes (at most once per request, only
+when needed), crop, resize and pad, run the encoder under the encode limiter, round-trip through the cache's fp16
+form, stage for the decoder. The cache (:mod:`samserve.cache`) makes it run once per image across requests and
+replicas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from samserve import images, metrics, processing
+from samserve.cache import EmbeddingCache, Missing
+from samserve.embedding import CropBox, EmbeddedImage, Embedding
+from samserve.errors import InvalidArgument, NotFound, ResourceExhausted
+
+if TYPE_CHECKING:  # the embedder takes any encoder with this method; unit tests give it fakes
+    from samserve.triton_models import TritonSam
+
+class EncodeLimiter:
+    """At most ``concurrent`` encoder calls in flight and ``queued`` waiting; beyond that RESOURCE_EXHAUSTED."""
+
+    def __init__(self, concurrent: int, queued: int) -> None:
+        self._slots = asyncio.Semaphore(concurrent)
+        self.queued_limit = queued
+        self.waiting = 0
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        if self._slots.locked() and self.waiting >= self.queued_limit:
+            raise ResourceExhausted(f"{self.waiting} image encodes are already queued; retry later")
+        self.waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self.waiting -= 1
+        try:
+            yield
+        finally:
+            self._slots.release()
+
+
+class ImageRef:
+    """A request's image: its id, and its encoded bytes when the request sent them (decoded at most once, only
+    on a cache miss)."""
+
+    def __init__(self, image_id: str, data: bytes | None = None, max_pixels: int = 0) -> None:
+        self.image_id = image_id
+        self._data = data
+        self._max_pixels = max_pixels
+        self._pixels: np.ndarray | None = None
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, max_pixels: int, field: str = "image") -> ImageRef:
+        """An image sent by value; its id is the content address of the bytes. Empty bytes are INVALID_ARGUMENT."""
+        if not data:
+            raise InvalidArgument("empty image", field=field)
+        metrics.IMAGE_BYTES.observe(len(data))
+        return cls(images.image_id(data), data, max_pixels)
+
+    @property
+    def has_bytes(self) -> bool:
+        return self._data is not None
+
+    async def pixels(self) -> np.ndarray:
+        """uint8, H x W x 3 RGB, EXIF orientation applied (size-checked before decoding)."""
+        assert self._data is not None
+        async with self._lock:
+            if self._pixels is None:
+                self._pixels = await asyncio.to_thread(images.decode_image, self._data, self._max_pixels)
+                metrics.IMAGE_PIXELS.observe(self._pixels.shape[0] * self._pixels.shape[1])
+            return self._pixels
+
+
+def crop_id(image_id: str, crop: CropBox) -> str:
+    """Cache id of one crop's embedding (the whole image uses the image id itself, shared with Embed)."""
+    return f"{image_id}:crop:{','.join(map(str, crop))}"
+
+
+@dataclasses.dataclass
+class ImageEmbedder:
+    """Image reference (+ crop) -> :class:`EmbeddedImage`, through the cache. One per served model."""
+
+    triton: TritonSam
+    image_size: int
+    """S of the served model's encoder input."""
+    cache: EmbeddingCache
+    limiter: EncodeLimiter
+
+    @contextlib.asynccontextmanager
+    async def embedded(
+        self, image: ImageRef, crop: CropBox | None = None, timeout_s: float | None = None
+    ) -> AsyncIterator[tuple[EmbeddedImage, bool]]:
+        """(embedded image, cached) held for the block. An id the cache lacks is NOT_FOUND unless the bytes came
+        with the request. For a crop, ``original_size`` is the crop's size."""
+        key = image.image_id if crop is None else crop_id(image.image_id, crop)
+
+        async def compute() -> Embedding:
+            pixels = await image.pixels()
+            if crop is not None:
+                x0, y0, x1, y1 = crop
+                pixels = pixels[y0:y1, x0:x1]
+            prepared = await asyncio.to_thread(processing.prepare_image, pixels, self.image_size)
+            async with self.limiter.slot():
+                return await self.triton.encode(prepared, timeout_s)
+
+        try:
+            async with self.cache.lease(key, compute if image.has_bytes else None) as leased:
+                yield leased
+        except Missing:
+            what = "image_id" if crop is None else f"crop {crop} of image_id"
+            raise NotFound(f"{what} {image.image_id} is unknown or expired; send the image bytes again") from None

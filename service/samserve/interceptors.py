@@ -1,0 +1,203 @@
+"""What every RPC of ``samserve.v1.SegmentAnything`` gets, as grpc.aio server interceptors (outermost first):
+
+* :class:`RequestIdInterceptor`: a request id (the client's ``x-request-id`` metadata, else a new one) in a
+  context variable that every log record of the call carries (:class:`RequestIdLogFilter`); sent back as
+  initial metadata.
+* :class:`MetricsInterceptor`: the in-flight gauge, the request counter and the latency histogram, by method and
+  final status code.
+* :class:`ErrorInterceptor`: THE place that maps errors to status codes (:data:`STATUS_CODES`), with rich status
+  details: a ``google.rpc.BadRequest`` field violation when a request field is at fault, the request id as
+  ``google.rpc.RequestInfo``. Anything unmapped is INTERNAL with a generic message; the cause is logged.
+
+Servicer methods just raise :mod:`samserve.errors`. Auth and quotas will be one more interceptor here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+
+from samserve import metrics
+from samserve.api import SERVICE_NAME
+from samserve.errors import (
+    DeadlineExceeded,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    SamServeError,
+    Unavailable,
+)
+
+LOG = logging.getLogger(__name__)
+
+REQUEST_ID_HEADER = "x-request-id"
+STATUS_DETAILS_HEADER = "grpc-status-details-bin"
+"""Trailing metadata key of the serialized ``google.rpc.Status`` (what grpcio-status and other stacks read)."""
+_VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+request_id: contextvars.ContextVar[str] = contextvars.ContextVar("samserve_request_id", default="-")
+"""The id of the RPC being served (``-`` outside an RPC)."""
+
+STATUS_CODES: dict[type[BaseException], grpc.StatusCode] = {
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    TimeoutError: grpc.StatusCode.DEADLINE_EXCEEDED,  # asyncio.TimeoutError is TimeoutError
+    Internal: grpc.StatusCode.INTERNAL,
+}
+"""Error type -> status code; a subclass takes its nearest base's code."""
+
+Behavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+
+
+def status_code(error: BaseException) -> grpc.StatusCode | None:
+    """The status code :data:`STATUS_CODES` gives ``error`` (None: unmapped, i.e. an internal failure)."""
+    for kind in type(error).__mro__:
+        if kind in STATUS_CODES:
+            return STATUS_CODES[kind]
+    return None
+
+
+def status_details(code: grpc.StatusCode, message: str, error: BaseException | None) -> status_pb2.Status:
+    """The ``google.rpc.Status`` sent in the trailers: code, message, BadRequest (when a field is at fault) and
+    RequestInfo."""
+    details = []
+    field = getattr(error, "field", None)
+    if field:
+        bad_request = error_details_pb2.BadRequest(
+            field_violations=[error_details_pb2.BadRequest.FieldViolation(field=field, description=message)]
+        )
+        details.append(bad_request)
+    details.append(error_details_pb2.RequestInfo(request_id=request_id.get()))
+    packed = []
+    for detail in details:
+        holder = any_pb2.Any()
+        holder.Pack(detail)
+        packed.append(holder)
+    return status_pb2.Status(code=code.value[0], message=message, details=packed)
+
+
+def _ours(details: grpc.HandlerCallDetails) -> bool:
+    return details.method.startswith(f"/{SERVICE_NAME}/")  # type: ignore[attr-defined]
+
+
+def _method_name(details: grpc.HandlerCallDetails) -> str:
+    return details.method.rsplit("/", 1)[-1]  # type: ignore[attr-defined]
+
+
+def _wrap_unary(handler: grpc.RpcMethodHandler, wrap: Callable[[Behavior], Behavior]) -> grpc.RpcMethodHandler:
+    return grpc.unary_unary_rpc_method_handler(
+        wrap(handler.unary_unary), request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+class _UnaryInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps the unary-unary methods of our service (health and reflection pass through untouched)."""
+
+    def wrap(self, method: str, behavior: Behavior) -> Behavior:
+        raise NotImplementedError
+
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None or not _ours(handler_call_details):
+            return handler
+        method = _method_name(handler_call_details)
+        return _wrap_unary(handler, lambda behavior: self.wrap(method, behavior))
+
+
+class RequestIdInterceptor(_UnaryInterceptor):
+    """Sets :data:`request_id` for the call and returns it to the client as initial metadata."""
+
+    def wrap(self, method: str, behavior: Behavior) -> Behavior:
+        async def with_request_id(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            given = dict(context.invocation_metadata() or ()).get(REQUEST_ID_HEADER, "")
+            value = given if _VALID_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex[:16]
+            token = request_id.set(value)
+            try:
+                await context.send_initial_metadata(((REQUEST_ID_HEADER, value),))
+                return await behavior(request, context)
+            finally:
+                request_id.reset(token)
+
+        return with_request_id
+
+
+class MetricsInterceptor(_UnaryInterceptor):
+    """In-flight gauge, request counter and latency histogram by method and final status code."""
+
+    def wrap(self, method: str, behavior: Behavior) -> Behavior:
+        async def measured(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            code = grpc.StatusCode.OK
+            started = time.perf_counter()
+            metrics.INFLIGHT.labels(method).inc()
+            try:
+                return await behavior(request, context)
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except BaseException:
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            finally:
+                metrics.INFLIGHT.labels(method).dec()
+                metrics.RPC_REQUESTS.labels(method, code.name).inc()
+                metrics.RPC_DURATION.labels(method, code.name).observe(time.perf_counter() - started)
+
+        return measured
+
+
+class ErrorInterceptor(_UnaryInterceptor):
+    """Raised errors become status codes (:data:`STATUS_CODES`) with rich details; a cancelled call (client gone
+    or deadline passed) drops its work; anything else is INTERNAL, logged with its request id."""
+
+    def wrap(self, method: str, behavior: Behavior) -> Behavior:
+        async def mapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                return await behavior(request, context)
+            except (asyncio.CancelledError, grpc.aio.AbortError):
+                raise
+            except Exception as error:  # noqa: BLE001 - every failure leaves as a status, never a traceback
+                code = status_code(error)
+                if code is None or code is grpc.StatusCode.INTERNAL:
+                    LOG.error("%s failed", method, exc_info=error)
+                    message = f"internal error (logged by the gateway as request {request_id.get()})"
+                    code = grpc.StatusCode.INTERNAL
+                elif isinstance(error, SamServeError):
+                    message = str(error)
+                else:
+                    message = "deadline exceeded"
+                status = status_details(code, message, error)
+                await context.abort(code, message, trailing_metadata=((STATUS_DETAILS_HEADER,
+                                                                       status.SerializeToString()),))
+
+        return mapped
+
+
+def interceptors() -> list[grpc.aio.ServerInterceptor]:
+    """The gateway's interceptors, outermost first."""
+    return [RequestIdInterceptor(), MetricsInterceptor(), ErrorInterceptor()]
+
+
+class RequestIdLogFilter(logging.Filter):
+    """Adds ``request_id`` to every record (``-`` outside an RPC), for a ``%(request_id)s`` log format."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = request_id.get()
+        return True

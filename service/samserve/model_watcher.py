@@ -1,0 +1,103 @@
+"""Keeps the gateway in step with Triton: health (SERVING only while both SAM models are ready) and the served
+model (metadata, its embedding cache and embedder), renewed whenever the model changes or Triton comes back."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+from typing import Any
+
+from grpc_health.v1 import health, health_pb2
+
+from samserve import __version__, metrics, model_spec
+from samserve.api import SERVICE_NAME
+from samserve.cache import EmbeddingCache
+from samserve.embedder import EncodeLimiter, ImageEmbedder
+from samserve.errors import Unavailable
+from samserve.settings import GatewaySettings
+from samserve.triton_models import TritonSam
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServedModel:
+    """The model Triton serves now and the path to its embeddings."""
+
+    meta: model_spec.ModelMetadata
+    embedder: ImageEmbedder
+
+
+class ModelWatcher:
+    """Polls Triton every ``health_check_interval_s``; :meth:`current` is the served model or UNAVAILABLE."""
+
+    def __init__(self, settings: GatewaySettings, triton: TritonSam, redis: Any | None) -> None:
+        self.settings = settings
+        self.triton = triton
+        self.redis = redis
+        self.health = health.aio.HealthServicer()
+        self.limiter = EncodeLimiter(settings.max_concurrent_encodes, settings.max_queued_encodes)
+        self._model: ServedModel | None = None
+        self._ready = False
+        self._task: asyncio.Task[None] | None = None
+
+    def current(self) -> ServedModel:
+        if self._model is None or not self._ready:
+            raise Unavailable("Triton's SAM models are not ready")
+        return self._model
+
+    async def start(self) -> None:
+        await self._set_health(False)
+        self._task = asyncio.create_task(self._watch(), name="watch-triton")
+
+    async def _set_health(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, status)
+
+    async def _watch(self) -> None:
+        was_ready: bool | None = None
+        while True:
+            ready = await self.triton.models_ready()
+            if ready:
+                try:
+                    meta = await self.triton.metadata()
+                    # A new model, or Triton back after an outage: it forgot the shared-memory regions that
+                    # tier 1 staged, so tier 1 starts afresh (tier 2 still has the embeddings).
+                    if self._model is None or self._model.meta != meta or was_ready is False:
+                        await self._use(meta)
+                except Exception as error:  # noqa: BLE001 - metadata unreadable means not ready
+                    LOG.warning("cannot read the served model's metadata: %s", error)
+                    ready = False
+            if ready != was_ready:
+                LOG.info("Triton models %s", "ready: SERVING" if ready else "not ready: NOT_SERVING")
+                await self._set_health(ready)
+                was_ready = ready
+            self._ready = ready
+            await asyncio.sleep(self.settings.health_check_interval_s)
+
+    async def _use(self, meta: model_spec.ModelMetadata) -> None:
+        if self._model is not None:
+            await self._model.embedder.cache.close()
+        await self.triton.forget_regions()
+        settings = self.settings
+        cache = EmbeddingCache(
+            self.triton, meta.cache_namespace, settings.l1_cache_bytes, self.redis,
+            ttl_s=settings.redis_ttl_s, redis_timeout_s=settings.redis_timeout_s,
+            lock_ttl_s=settings.redis_lock_ttl_s, failure_log_interval_s=settings.failure_log_interval_s,
+        )
+        self._model = ServedModel(meta, ImageEmbedder(self.triton, meta.image_size, cache, self.limiter))
+        metrics.set_build_info(__version__, meta.model_id, meta.weights_sha256)
+        LOG.info("serving %s (weights %s..., %d px, embedding %s)", meta.model_id, meta.weights_sha256[:12],
+                 meta.image_size, "x".join(map(str, meta.embedding_shape)))
+
+    async def close(self) -> None:
+        """Stop watching and drop tier 1."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._model is not None:
+            await self._model.embedder.cache.close()

@@ -1,0 +1,101 @@
+"""The gateway's gRPC server: wiring of servicer, model watcher, health, reflection and interceptors.
+
+``create_server`` takes its dependencies (Triton client, Redis client), so a test builds the whole gateway in
+process on port 0; ``serve`` is what ``samserve gateway`` runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from samserve import metrics
+from samserve.api import SERVICE_NAME, pb_grpc
+from samserve.interceptors import interceptors
+from samserve.model_watcher import ModelWatcher
+from samserve.servicer import SegmentAnythingServicer
+from samserve.settings import GatewaySettings
+from samserve.triton_models import TritonSam
+
+LOG = logging.getLogger(__name__)
+
+
+def connect_redis(settings: GatewaySettings) -> Any | None:
+    """A redis.asyncio client (or Cluster client) for tier 2, or None when no URL is configured."""
+    if not settings.redis_url:
+        LOG.warning("SAMSERVE_REDIS_URL is not set: embedding cache runs on tier 1 (in-process) alone")
+        return None
+    import redis.asyncio as redis_asyncio
+    from redis.asyncio.cluster import RedisCluster
+
+    options = dict(socket_timeout=settings.redis_timeout_s, socket_connect_timeout=settings.redis_timeout_s)
+    if settings.redis_cluster:
+        return RedisCluster.from_url(settings.redis_url, **options)
+    return redis_asyncio.Redis.from_url(settings.redis_url, **options)
+
+
+@dataclasses.dataclass
+class Gateway:
+    """A started gateway: the gRPC server, the port it bound, and what :meth:`close` releases."""
+
+    server: grpc.aio.Server
+    port: int
+    watcher: ModelWatcher
+    triton: TritonSam
+    redis: Any | None
+
+    async def stop(self, grace_s: float | None) -> None:
+        """Health NOT_SERVING, in-flight calls get ``grace_s`` to finish, then every resource is released."""
+        await self.watcher.health.enter_graceful_shutdown()
+        await self.server.stop(grace_s)
+        await self.watcher.close()
+        await self.triton.close()
+        if self.redis is not None:
+            with contextlib.suppress(Exception):
+                await self.redis.aclose()
+
+
+async def create_server(
+    settings: GatewaySettings, triton: TritonSam, redis: Any | None, metrics_port: int | None = None
+) -> Gateway:
+    """Build and start the gateway on ``settings.gateway_host:gateway_port`` (port 0 picks a free one).
+
+    ``metrics_port`` None serves no ``/metrics`` endpoint (the metrics are still counted)."""
+    watcher = ModelWatcher(settings, triton, redis)
+    server = grpc.aio.server(
+        interceptors=interceptors(),
+        options=[
+            ("grpc.max_receive_message_length", settings.max_request_bytes),
+            ("grpc.max_send_message_length", 1 << 30),
+        ],
+    )
+    pb_grpc.add_SegmentAnythingServicer_to_server(SegmentAnythingServicer(settings, triton, watcher), server)
+    health_pb2_grpc.add_HealthServicer_to_server(watcher.health, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(f"{settings.gateway_host}:{settings.gateway_port}")
+    if metrics_port is not None:
+        metrics.serve_metrics(metrics_port, settings.gateway_host)
+    await server.start()
+    await watcher.start()
+    LOG.info("gateway listening on %s:%d", settings.gateway_host, port)
+    return Gateway(server, port, watcher, triton, redis)
+
+
+async def serve(settings: GatewaySettings, stop: asyncio.Event) -> None:
+    """Run the gateway until ``stop`` is set, then drain gracefully (health NOT_SERVING, in-flight calls finish)."""
+    triton = TritonSam(settings.triton_grpc_url, embedding_transport=settings.embedding_transport)
+    gateway = await create_server(settings, triton, connect_redis(settings), settings.metrics_port)
+    try:
+        await stop.wait()
+    finally:
+        LOG.info("gateway draining (grace %.0f s)", settings.shutdown_grace_s)
+        await gateway.stop(settings.shutdown_grace_s)

@@ -1,0 +1,120 @@
+"""``samserve.v1.SegmentAnything``: the RPC methods, and nothing else.
+
+Each method validates its request (:mod:`samserve.convert`), takes the image's embedding from the served model's
+embedder (:mod:`samserve.embedder`), runs the decoder path (:mod:`samserve.segmentation`, :mod:`samserve.amg`) and
+answers. Errors are raised as :mod:`samserve.errors`; status codes, metrics and request ids are the interceptors'
+(:mod:`samserve.interceptors`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import numpy as np
+
+from samserve import amg, convert, metrics, processing, segmentation
+from samserve.api import pb, pb_grpc
+from samserve.embedder import ImageRef
+from samserve.embedding import CropBox, EmbeddedImage
+from samserve.errors import InvalidArgument
+from samserve.model_watcher import ModelWatcher
+from samserve.settings import GatewaySettings
+from samserve.triton_models import TritonSam
+
+
+class SegmentAnythingServicer(pb_grpc.SegmentAnythingServicer):
+    def __init__(self, settings: GatewaySettings, triton: TritonSam, watcher: ModelWatcher) -> None:
+        self.settings = settings
+        self.triton = triton
+        self.watcher = watcher
+
+    def _timeout(self, context: grpc.aio.ServicerContext) -> float:
+        """The call's remaining time, bounded by ``triton_timeout_s``: every Triton call of the RPC gets it."""
+        remaining = context.time_remaining()
+        return self.settings.triton_timeout_s if remaining is None else min(remaining, self.settings.triton_timeout_s)
+
+    def _image(self, request: Any) -> ImageRef:
+        """The image of a request with ``oneof image {image_bytes, image_id}``."""
+        which = request.WhichOneof("image")
+        if which == "image_bytes":
+            return ImageRef.from_bytes(request.image_bytes, self.settings.max_image_pixels, field="image_bytes")
+        if which == "image_id":
+            return ImageRef(request.image_id)
+        raise InvalidArgument("set image_bytes or image_id", field="image")
+
+    async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
+        model = self.watcher.current()
+        image = ImageRef.from_bytes(request.image, self.settings.max_image_pixels)
+        async with model.embedder.embedded(image, timeout_s=self._timeout(context)) as (embedded, cached):
+            height, width = embedded.original_size
+        return pb.EmbedResponse(image_id=image.image_id, width=width, height=height, cached=cached,
+                                model_id=model.meta.model_id)
+
+    async def Segment(self, request: pb.SegmentRequest, context: grpc.aio.ServicerContext) -> pb.SegmentResponse:
+        model = self.watcher.current()
+        if not request.prompts:
+            raise InvalidArgument("a Segment request needs at least one prompt", field="prompts")
+        if len(request.prompts) > self.settings.max_prompts:
+            raise InvalidArgument(f"{len(request.prompts)} prompts; the limit is {self.settings.max_prompts}",
+                                  field="prompts")
+        image = self._image(request)
+        timeout = self._timeout(context)
+        async with model.embedder.embedded(image, timeout_s=timeout) as (embedded, cached):
+            original = embedded.original_size
+            prompts = [
+                convert.prompt_from_proto(p, i, original, model.meta, self.settings.max_points_per_prompt)
+                for i, p in enumerate(request.prompts)
+            ]
+            results = await segmentation.segment(self.triton, model.meta, embedded, prompts, timeout)
+        return pb.SegmentResponse(
+            image_id=image.image_id, width=original[1], height=original[0], cached=cached,
+            model_id=model.meta.model_id,
+            results=await convert.results_to_proto(results, request.mask_encoding, request.return_low_res_logits),
+        )
+
+    async def GenerateMasks(
+        self, request: pb.GenerateMasksRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GenerateMasksResponse:
+        model = self.watcher.current()
+        params = convert.amg_params_from_proto(request)
+        params.validate(self.settings.max_generate_points, self.settings.max_generate_points_per_batch)
+        image = self._image(request)
+        timeout = self._timeout(context)
+        encoded_any = False
+
+        async with model.embedder.embedded(image, timeout_s=timeout) as (whole, cached):
+            original = whole.original_size
+            encoded_any |= not cached
+
+            @contextlib.asynccontextmanager
+            async def crop_embedding(crop: CropBox) -> AsyncIterator[EmbeddedImage]:
+                nonlocal encoded_any
+                if crop == (0, 0, original[1], original[0]):  # the whole image: already held for this request
+                    yield whole
+                    return
+                async with model.embedder.embedded(image, crop, timeout) as (embedded, hit):
+                    encoded_any |= not hit
+                    yield embedded
+
+            async def decode(
+                embedded: EmbeddedImage, batch: processing.DecoderBatch
+            ) -> tuple[np.ndarray, np.ndarray]:
+                return await self.triton.decode(embedded, batch, timeout)
+
+            generator = amg.MaskGenerator(params, model.meta, decode, crop_embedding,
+                                          self.settings.generate_decoder_calls_in_flight)
+            masks = await generator.generate(original)
+        metrics.GENERATED_MASKS.observe(len(masks))
+        metrics.GENERATE_POINTS.inc(generator.progress.points)
+        records = await asyncio.get_running_loop().run_in_executor(
+            segmentation.POSTPROCESS_POOL, convert.generated_masks_to_proto, masks, original, request.mask_encoding
+        )
+        return pb.GenerateMasksResponse(
+            image_id=image.image_id, width=original[1], height=original[0], cached=not encoded_any,
+            model_id=model.meta.model_id, masks=records, crops=generator.progress.crops,
+            points=generator.progress.points,
+        )
