@@ -32,8 +32,7 @@ from segment_anything import SamPredictor
 from segment_anything.modeling import Sam
 from tqdm import tqdm
 
-from samserve_build import architectures, scenes
-from samserve_build.training import error_point
+from samserve_build import architectures, clicks, scenes
 
 QUALITY_TARGETS = {
     "miou_point_top": 0.80,
@@ -184,10 +183,10 @@ def evaluate_torch(sam: Sam, scene_indices: Iterable[int], seed_offset: int = sc
 
 
 def _interactive(segmenter: Segmenter, target: np.ndarray, prompts: ObjectPrompts, mask: np.ndarray,
-                 low_res: np.ndarray, clicks: int = 3) -> float:
+                 low_res: np.ndarray, click_count: int = 3) -> float:
     points, labels = [prompts.point], [1]
-    for _ in range(clicks - 1):
-        x, y, label = error_point(mask, target, None)
+    for _ in range(click_count - 1):
+        x, y, label = clicks.error_point(mask, target, None)
         points.append((x, y))
         labels.append(int(label))
         masks, _, lows = segmenter.predict(points, labels, None, low_res, False)

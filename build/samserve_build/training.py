@@ -36,7 +36,7 @@ from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 from tqdm import tqdm
 
-from samserve_build import architectures, scenes
+from samserve_build import architectures, clicks, evaluation, scenes
 
 LOG = logging.getLogger(__name__)
 
@@ -201,28 +201,6 @@ def first_prompts(masks: torch.Tensor, is_box: torch.Tensor, rng: np.random.Gene
     return coords, labels
 
 
-def error_point(predicted: np.ndarray, target: np.ndarray, rng: np.random.Generator | None) -> tuple[float, float, float]:
-    """(x, y, label) of the next corrective click. With ``rng``: uniform over the error region (SAM's training);
-    without: the pixel farthest from the boundary of the largest connected error region (the evaluation's rule).
-    The label is 1 where the object was missed and 0 where the mask spilled over."""
-    error = predicted != target
-    if not error.any():
-        ys, xs = np.nonzero(target)
-        pick = 0 if rng is None else int(rng.integers(len(ys)))
-        return float(xs[pick]), float(ys[pick]), 1.0
-    if rng is not None:
-        ys, xs = np.nonzero(error)
-        pick = int(rng.integers(len(ys)))
-        y, x = int(ys[pick]), int(xs[pick])
-    else:
-        count, components = cv2.connectedComponents(error.astype(np.uint8), connectivity=8)
-        sizes = np.bincount(components.ravel(), minlength=count)
-        sizes[0] = 0
-        largest = components == int(np.argmax(sizes))
-        x, y = (int(v) for v in scenes.farthest_interior_point(largest))
-    return float(x), float(y), 1.0 if target[y, x] else 0.0
-
-
 def insert_point(coords: torch.Tensor, labels: torch.Tensor, point: tuple[float, float, float]
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Add one click to a prompt of 1 x T tokens the way ``SamPredictor`` lays tokens out: clicks first, then the
@@ -268,7 +246,7 @@ def training_loss(sam: Sam, batch: Batch, config: TrainConfig, rng: np.random.Ge
             mask_input = low_candidates[rows, best][:, None].detach()
             next_coords, next_labels = [], []
             for k in range(chosen.shape[0]):
-                point = error_point((chosen[k] > 0).numpy(), targets[k, 0].numpy() > 0.5,
+                point = clicks.error_point((chosen[k] > 0).numpy(), targets[k, 0].numpy() > 0.5,
                                     rng if rng.random() < 0.5 else None)
                 c, lab = insert_point(coords[k:k + 1], labels[k:k + 1], point)
                 next_coords.append(c)
@@ -355,7 +333,6 @@ def train(run_dir: Path, config: TrainConfig, max_minutes: float | None = None) 
                                       "lr": rate,
                                       **{f"loss_{k}": round(float(v.detach()), 5) for k, v in losses.items()}}
             if step % config.eval_every == 0:
-                from samserve_build import evaluation   # evaluation imports this module
                 sam.eval()
                 record["eval"] = evaluation.evaluate_torch(sam, range(config.eval_scenes), seed_offset=scenes.EVAL_SEED_OFFSET // 2,
                                                            interactive=False).summary()

@@ -10,7 +10,7 @@ import pytest
 import torch
 from segment_anything import SamPredictor
 
-from samserve_build import architectures, evaluation, scenes, training
+from samserve_build import architectures, clicks, evaluation, scenes, training
 
 
 def test_scenes_are_a_pure_function_of_the_seed_and_not_square() -> None:
@@ -114,9 +114,9 @@ def test_error_point_clicks_the_centre_of_the_largest_error() -> None:
     predicted = target.copy()
     predicted[5:25, 5:12] = False                  # missed a 20 x 7 strip (foreground click)
     predicted[0:2, 0:2] = True                      # small spill-over
-    x, y, label = training.error_point(predicted, target, None)
+    x, y, label = clicks.error_point(predicted, target, None)
     assert label == 1.0 and 5 <= x < 12 and 5 <= y < 25 and not predicted[int(y), int(x)]
-    x, y, label = training.error_point(target | (np.arange(30)[:, None] > 26), target, None)
+    x, y, label = clicks.error_point(target | (np.arange(30)[:, None] > 26), target, None)
     assert label == 0.0 and y > 26
 
 
