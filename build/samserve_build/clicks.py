@@ -10,18 +10,21 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from samserve import model_spec
 from samserve_build import scenes
 
 
-def error_point(predicted: np.ndarray, target: np.ndarray, rng: np.random.Generator | None) -> tuple[float, float, float]:
+def error_point(
+    predicted: np.ndarray, target: np.ndarray, rng: np.random.Generator | None
+) -> tuple[float, float, float]:
     """(x, y, label) of the next corrective click. With ``rng``: uniform over the error region (SAM's training);
     without: the pixel farthest from the boundary of the largest connected error region (the evaluation's rule).
-    The label is 1 where the object was missed and 0 where the mask spilled over."""
+    The label is foreground where the object was missed and background where the mask spilled over."""
     error = predicted != target
     if not error.any():
         ys, xs = np.nonzero(target)
         pick = 0 if rng is None else int(rng.integers(len(ys)))
-        return float(xs[pick]), float(ys[pick]), 1.0
+        return float(xs[pick]), float(ys[pick]), float(model_spec.LABEL_FOREGROUND)
     if rng is not None:
         ys, xs = np.nonzero(error)
         pick = int(rng.integers(len(ys)))
@@ -32,4 +35,4 @@ def error_point(predicted: np.ndarray, target: np.ndarray, rng: np.random.Genera
         sizes[0] = 0
         largest = components == int(np.argmax(sizes))
         x, y = (int(v) for v in scenes.farthest_interior_point(largest))
-    return float(x), float(y), 1.0 if target[y, x] else 0.0
+    return float(x), float(y), float(model_spec.LABEL_FOREGROUND if target[y, x] else model_spec.LABEL_BACKGROUND)

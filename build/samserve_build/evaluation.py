@@ -27,6 +27,7 @@ from typing import Any, Iterable, Protocol
 
 import numpy as np
 from PIL import Image
+from samserve import model_spec
 from samserve.client import PromptSpec, SamServeClient
 from segment_anything import SamPredictor
 from segment_anything.modeling import Sam
@@ -162,7 +163,7 @@ def evaluate(segmenter: Segmenter, scene_indices: Iterable[int], seed_offset: in
         for instance in scene.instances:
             prompts = object_prompts(instance)
             report.areas.append(instance.area)
-            masks, scores, low_res = segmenter.predict([prompts.point], [1], None, None, True)
+            masks, scores, low_res = segmenter.predict([prompts.point], [model_spec.LABEL_FOREGROUND], None, None, True)
             ious = [iou(mask, instance.mask) for mask in masks]
             top = int(np.argmax(scores))
             report.point_top.append(ious[top])
@@ -184,7 +185,7 @@ def evaluate_torch(sam: Sam, scene_indices: Iterable[int], seed_offset: int = sc
 
 def _interactive(segmenter: Segmenter, target: np.ndarray, prompts: ObjectPrompts, mask: np.ndarray,
                  low_res: np.ndarray, click_count: int = 3) -> float:
-    points, labels = [prompts.point], [1]
+    points, labels = [prompts.point], [model_spec.LABEL_FOREGROUND]
     for _ in range(click_count - 1):
         x, y, label = clicks.error_point(mask, target, None)
         points.append((x, y))

@@ -36,7 +36,8 @@ from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 from tqdm import tqdm
 
-from samserve_build import architectures, clicks, evaluation, scenes
+from samserve import model_spec
+from samserve_build import architectures, clicks, evaluation, prompt_tokens, scenes
 
 LOG = logging.getLogger(__name__)
 
@@ -128,24 +129,12 @@ def training_batch(sam: Sam, config: TrainConfig, rng: np.random.Generator) -> B
     return Batch(torch.cat(images), masks, is_box)
 
 
-def embed_tokens(sam: Sam, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """K x T x 2 (x, y) input-pixel coords and K x T labels -> K x T x C sparse embeddings, exactly as the official
-    ``PromptEncoder._embed_points``/``_embed_boxes`` (labels -1 pad, 0 background, 1 foreground, 2/3 box corners)."""
-    encoder = sam.prompt_encoder
-    embedding = encoder.pe_layer.forward_with_coords(coords + 0.5, encoder.input_image_size)
-    embedding = torch.where((labels == -1)[..., None], torch.zeros_like(embedding), embedding)
-    embedding = embedding + (labels == -1)[..., None] * encoder.not_a_point_embed.weight
-    for label in range(4):
-        embedding = embedding + (labels == label)[..., None] * encoder.point_embeddings[label].weight
-    return embedding
-
-
 def decode(sam: Sam, embedding: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor,
            mask_input: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """One image's prompts -> (K x 4 x 4h x 4w low-res logits of all mask tokens, K x 4 predicted IoU).
 
     ``embedding`` is 1 x C x h x w; ``mask_input`` K x 1 x 4h x 4w logits or None."""
-    sparse = embed_tokens(sam, coords, labels)
+    sparse = prompt_tokens.embed_point_tokens(sam.prompt_encoder, coords, labels)
     if mask_input is None:
         h, w = sam.prompt_encoder.image_embedding_size
         dense = sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(coords.shape[0], -1, h, w)
@@ -185,7 +174,7 @@ def first_prompts(masks: torch.Tensor, is_box: torch.Tensor, rng: np.random.Gene
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """K x S x S targets -> (K x 2 x 2 coords, K x 2 labels): a uniform point + padding token, or a noisy box."""
     coords = torch.zeros(masks.shape[0], 2, 2)
-    labels = torch.full((masks.shape[0], 2), -1.0)
+    labels = torch.full((masks.shape[0], 2), float(model_spec.LABEL_PADDING))
     for k, mask in enumerate(masks.numpy()):
         ys, xs = np.nonzero(mask)
         if is_box[k]:
@@ -193,11 +182,11 @@ def first_prompts(masks: torch.Tensor, is_box: torch.Tensor, rng: np.random.Gene
             noise = rng.normal(0, box_noise, size=4) * np.array([x1 - x0, y1 - y0, x1 - x0, y1 - y0])
             box = np.array([x0, y0, x1, y1], np.float32) + np.clip(noise, -5, 5)
             coords[k] = torch.from_numpy(box.reshape(2, 2))
-            labels[k] = torch.tensor([2.0, 3.0])
+            labels[k] = torch.tensor([float(model_spec.LABEL_BOX_TOP_LEFT), float(model_spec.LABEL_BOX_BOTTOM_RIGHT)])
         else:
             pick = int(rng.integers(len(ys)))
             coords[k, 0] = torch.tensor([float(xs[pick]), float(ys[pick])])
-            labels[k, 0] = 1.0
+            labels[k, 0] = float(model_spec.LABEL_FOREGROUND)
     return coords, labels
 
 
@@ -206,7 +195,7 @@ def insert_point(coords: torch.Tensor, labels: torch.Tensor, point: tuple[float,
     """Add one click to a prompt of 1 x T tokens the way ``SamPredictor`` lays tokens out: clicks first, then the
     padding token (point prompts) or the two box corners (box prompts)."""
     x, y, label = point
-    click_count = int(((labels[0] == 0) | (labels[0] == 1)).sum())
+    click_count = int(((labels[0] == model_spec.LABEL_BACKGROUND) | (labels[0] == model_spec.LABEL_FOREGROUND)).sum())
     new_coords = torch.cat([coords[:, :click_count], torch.tensor([[[x, y]]]), coords[:, click_count:]], dim=1)
     new_labels = torch.cat([labels[:, :click_count], torch.tensor([[label]]), labels[:, click_count:]], dim=1)
     return new_coords, new_labels

@@ -10,7 +10,7 @@ import pytest
 import torch
 from segment_anything import SamPredictor
 
-from samserve_build import architectures, clicks, evaluation, scenes, training
+from samserve_build import architectures, clicks, evaluation, prompt_tokens, scenes, training
 
 
 def test_scenes_are_a_pure_function_of_the_seed_and_not_square() -> None:
@@ -62,7 +62,8 @@ def test_prompt_tokens_equal_the_official_prompt_encoder(tiny_sam) -> None:
     point = torch.tensor([[[30.0, 40.0]]])
     with torch.no_grad():
         official, _ = encoder(points=(point, torch.tensor([[1]])), boxes=None, masks=None)   # point + padding token
-        ours = training.embed_tokens(tiny_sam, torch.tensor([[[30.0, 40.0], [0.0, 0.0]]]), torch.tensor([[1.0, -1.0]]))
+        point_and_padding = torch.tensor([[[30.0, 40.0], [0.0, 0.0]]])
+        ours = prompt_tokens.embed_point_tokens(encoder, point_and_padding, torch.tensor([[1.0, -1.0]]))
         assert torch.allclose(ours, official, atol=1e-6)
         box = torch.tensor([[10.0, 20.0, 90.0, 70.0]])
         clicks = torch.tensor([[[50.0, 50.0], [12.0, 22.0]]])
@@ -71,7 +72,7 @@ def test_prompt_tokens_equal_the_official_prompt_encoder(tiny_sam) -> None:
         for x, y, label in ((50.0, 50.0, 1.0), (12.0, 22.0, 0.0)):
             coords, labels = training.insert_point(coords, labels, (x, y, label))
         assert labels.tolist() == [[1.0, 0.0, 2.0, 3.0]]
-        assert torch.allclose(training.embed_tokens(tiny_sam, coords, labels), official, atol=1e-6)
+        assert torch.allclose(prompt_tokens.embed_point_tokens(encoder, coords, labels), official, atol=1e-6)
 
 
 def test_decode_equals_the_official_predictor(tiny_sam) -> None:
