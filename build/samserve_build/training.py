@@ -87,7 +87,7 @@ class Batch:
     """Per image, K bool: the first prompt is the object's box (else one point)."""
 
 
-def prepare_image(sam: Sam, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
+def encoder_input_tensor(sam: Sam, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
     """H x W x 3 uint8 -> (1 x 3 x S x S normalized and padded, resized (h, w)) the way ``SamPredictor`` does."""
     transform = ResizeLongestSide(sam.image_encoder.img_size)
     resized = transform.apply_image(image)
@@ -111,7 +111,7 @@ def training_batch(sam: Sam, config: TrainConfig, rng: np.random.Generator) -> B
         scene = scenes.generate_scene(int(rng.integers(0, scenes.EVAL_SEED_OFFSET)))
         if not scene.instances:
             continue
-        tensor, resized_hw = prepare_image(sam, scene.image)
+        tensor, resized_hw = encoder_input_tensor(sam, scene.image)
         targets = []
         for index in rng.choice(len(scene.instances), size=config.prompts_per_image,
                                 replace=len(scene.instances) < config.prompts_per_image):

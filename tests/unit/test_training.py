@@ -81,7 +81,7 @@ def test_decode_equals_the_official_predictor(tiny_sam) -> None:
     predictor.set_image(image)
     _, scores, low_res = predictor.predict(point_coords=np.array([[100.0, 60.0]]), point_labels=np.array([1]))
     with torch.no_grad():
-        tensor, _ = training.prepare_image(tiny_sam, image)
+        tensor, _ = training.encoder_input_tensor(tiny_sam, image)
         embedding = tiny_sam.image_encoder(tensor)
         coords = torch.tensor([[[100.0, 60.0], [0.0, 0.0]]])     # 200 x 256 needs no resize at 256 px
         ours_low, ours_iou = training.decode(tiny_sam, embedding, coords, torch.tensor([[1.0, -1.0]]), None)
