@@ -22,17 +22,18 @@ import io
 import json
 import platform
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image
-from samserve import model_spec
-from samserve.client import PromptSpec, SamServeClient
 from segment_anything import SamPredictor
 from segment_anything.modeling import Sam
 from tqdm import tqdm
 
+from samserve import model_spec
+from samserve.client import PromptSpec, SamServeClient
 from samserve_build import architectures, clicks, scenes
 
 QUALITY_TARGETS = {
@@ -122,9 +123,12 @@ class PredictorSegmenter:
     def set_image(self, image: np.ndarray) -> None:
         self.predictor.set_image(image)
 
-    def predict(self, points, labels, box, mask_input, multimask):  # type: ignore[no-untyped-def]
+    def predict(self, points: list[tuple[float, float]] | None, labels: list[int] | None,
+                box: tuple[float, float, float, float] | None, mask_input: np.ndarray | None,
+                multimask: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return self.predictor.predict(
-            point_coords=None if points is None else np.array(points), point_labels=None if labels is None else np.array(labels),
+            point_coords=None if points is None else np.array(points),
+            point_labels=None if labels is None else np.array(labels),
             box=None if box is None else np.array(box), mask_input=None if mask_input is None else mask_input[None],
             multimask_output=multimask)
 
@@ -144,10 +148,14 @@ class ServiceSegmenter:
         Image.fromarray(image).save(buffer, format="PNG")
         self.image_id = self.client.embed(buffer.getvalue()).image_id
 
-    def predict(self, points, labels, box, mask_input, multimask):  # type: ignore[no-untyped-def]
+    def predict(self, points: list[tuple[float, float]] | None, labels: list[int] | None,
+                box: tuple[float, float, float, float] | None, mask_input: np.ndarray | None,
+                multimask: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         prompt = PromptSpec(points=points or (), labels=labels or (), box=box, mask_input=mask_input,
                             multimask_output=multimask)
         (answer,) = self.client.segment(self.image_id, [prompt], return_low_res_logits=True)
+        if answer.low_res_logits is None:
+            raise RuntimeError("the service answered without the low-res logits it was asked for")
         return answer.masks, answer.predicted_iou, answer.low_res_logits
 
 

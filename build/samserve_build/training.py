@@ -106,7 +106,9 @@ def resize_mask(mask: np.ndarray, resized_hw: tuple[int, int], size: int) -> np.
 
 def training_batch(sam: Sam, config: TrainConfig, rng: np.random.Generator) -> Batch:
     size = sam.image_encoder.img_size
-    images, masks, is_box = [], [], []
+    images: list[torch.Tensor] = []
+    masks: list[torch.Tensor] = []
+    is_box: list[torch.Tensor] = []
     while len(images) < config.images_per_step:
         scene = scenes.generate_scene(int(rng.integers(0, scenes.EVAL_SEED_OFFSET)))
         if not scene.instances:
@@ -216,13 +218,15 @@ def training_loss(sam: Sam, batch: Batch, config: TrainConfig, rng: np.random.Ge
             if round_index == 0:
                 # A lone point: all 3 multimask outputs are scored, the best one counts. Boxes: token 0.
                 single_point = ~batch.is_box[i]
-                candidates = torch.where(single_point[:, None, None, None], logits[:, 1:], logits[:, :1].expand(-1, 3, -1, -1))
+                per_pixel = single_point[:, None, None, None]
+                candidates = torch.where(per_pixel, logits[:, 1:], logits[:, :1].expand(-1, 3, -1, -1))
                 iou_candidates = torch.where(single_point[:, None], iou_pred[:, 1:], iou_pred[:, :1].expand(-1, 3))
-                low_candidates = torch.where(single_point[:, None, None, None], low_res[:, 1:], low_res[:, :1].expand(-1, 3, -1, -1))
+                low_candidates = torch.where(per_pixel, low_res[:, 1:], low_res[:, :1].expand(-1, 3, -1, -1))
             else:
                 candidates, iou_candidates, low_candidates = logits[:, :1], iou_pred[:, :1], low_res[:, :1]
             expanded = targets.expand_as(candidates)
-            per_mask = config.focal_weight * focal_loss(candidates, expanded) + config.dice_weight * dice_loss(candidates, expanded)
+            per_mask = (config.focal_weight * focal_loss(candidates, expanded)
+                        + config.dice_weight * dice_loss(candidates, expanded))
             best = per_mask.argmin(dim=1)
             rows = torch.arange(candidates.shape[0])
             true_iou = mask_iou(candidates, expanded).detach()
@@ -293,9 +297,9 @@ def train(run_dir: Path, config: TrainConfig, max_minutes: float | None = None) 
 
     def save_state() -> None:
         tmp = state_path.with_suffix(".tmp")
-        torch.save({"config": dataclasses.asdict(config), "model": sam.state_dict(), "optimizer": optimizer.state_dict(),
-                    "step": step, "elapsed_s": time.monotonic() - started, "rng": rng.bit_generator.state,
-                    "torch_rng": torch.get_rng_state()}, tmp)
+        torch.save({"config": dataclasses.asdict(config), "model": sam.state_dict(),
+                    "optimizer": optimizer.state_dict(), "step": step, "elapsed_s": time.monotonic() - started,
+                    "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state()}, tmp)
         tmp.replace(state_path)
 
     progress = tqdm(total=config.steps, initial=step, desc="training", unit="step", dynamic_ncols=True)
@@ -323,8 +327,9 @@ def train(run_dir: Path, config: TrainConfig, max_minutes: float | None = None) 
                                       **{f"loss_{k}": round(float(v.detach()), 5) for k, v in losses.items()}}
             if step % config.eval_every == 0:
                 sam.eval()
-                record["eval"] = evaluation.evaluate_torch(sam, range(config.eval_scenes), seed_offset=scenes.EVAL_SEED_OFFSET // 2,
-                                                           interactive=False).summary()
+                record["eval"] = evaluation.evaluate_torch(
+                    sam, range(config.eval_scenes), seed_offset=scenes.EVAL_SEED_OFFSET // 2, interactive=False,
+                ).summary()
                 sam.train()
                 LOG.info("step %d: %s", step, record["eval"])
             log.write(json.dumps(record) + "\n")
