@@ -53,7 +53,7 @@ class SamArchitecture:
         return raw
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "SamArchitecture":
+    def from_dict(cls, raw: dict[str, Any]) -> SamArchitecture:
         raw = dict(raw)
         raw["encoder_global_attn_indexes"] = tuple(raw["encoder_global_attn_indexes"])
         return cls(**raw)
@@ -158,7 +158,9 @@ def architecture_for(variant: str, checkpoint: Path | None) -> SamArchitecture:
     if variant in ARCHITECTURES:
         return ARCHITECTURES[variant]
     if variant != "custom" or checkpoint is None:
-        raise ValueError(f"unknown SAM variant {variant!r}; known: {sorted(ARCHITECTURES)} or 'custom' with a checkpoint")
+        raise ValueError(
+            f"unknown SAM variant {variant!r}; known: {sorted(ARCHITECTURES)} or 'custom' with a checkpoint"
+        )
     config = Path(checkpoint).with_suffix(ARCHITECTURE_SUFFIX)
     if not config.exists():
         raise FileNotFoundError(f"custom checkpoint {checkpoint} needs its architecture in {config}")

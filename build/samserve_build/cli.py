@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     p_eval.add_argument("--scenes", type=int, default=500)
     p_eval.add_argument("--out", type=Path, help="write the quality table as JSON here")
 
-    commands.add_parser("prepare", help="export the configured model (SAMSERVE_* settings) once and render the repository")
+    commands.add_parser("prepare",
+                        help="export the configured model (SAMSERVE_* settings) once and render the repository")
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

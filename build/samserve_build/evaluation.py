@@ -22,18 +22,19 @@ import io
 import json
 import platform
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image
-from samserve.client import PromptSpec, SamServeClient
 from segment_anything import SamPredictor
 from segment_anything.modeling import Sam
 from tqdm import tqdm
 
-from samserve_build import architectures, scenes
-from samserve_build.training import error_point
+from samserve import model_spec
+from samserve.client import PromptSpec, SamServeClient
+from samserve_build import architectures, clicks, scenes
 
 QUALITY_TARGETS = {
     "miou_point_top": 0.80,
@@ -122,9 +123,12 @@ class PredictorSegmenter:
     def set_image(self, image: np.ndarray) -> None:
         self.predictor.set_image(image)
 
-    def predict(self, points, labels, box, mask_input, multimask):  # type: ignore[no-untyped-def]
+    def predict(self, points: list[tuple[float, float]] | None, labels: list[int] | None,
+                box: tuple[float, float, float, float] | None, mask_input: np.ndarray | None,
+                multimask: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return self.predictor.predict(
-            point_coords=None if points is None else np.array(points), point_labels=None if labels is None else np.array(labels),
+            point_coords=None if points is None else np.array(points),
+            point_labels=None if labels is None else np.array(labels),
             box=None if box is None else np.array(box), mask_input=None if mask_input is None else mask_input[None],
             multimask_output=multimask)
 
@@ -144,10 +148,14 @@ class ServiceSegmenter:
         Image.fromarray(image).save(buffer, format="PNG")
         self.image_id = self.client.embed(buffer.getvalue()).image_id
 
-    def predict(self, points, labels, box, mask_input, multimask):  # type: ignore[no-untyped-def]
+    def predict(self, points: list[tuple[float, float]] | None, labels: list[int] | None,
+                box: tuple[float, float, float, float] | None, mask_input: np.ndarray | None,
+                multimask: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         prompt = PromptSpec(points=points or (), labels=labels or (), box=box, mask_input=mask_input,
                             multimask_output=multimask)
         (answer,) = self.client.segment(self.image_id, [prompt], return_low_res_logits=True)
+        if answer.low_res_logits is None:
+            raise RuntimeError("the service answered without the low-res logits it was asked for")
         return answer.masks, answer.predicted_iou, answer.low_res_logits
 
 
@@ -163,7 +171,7 @@ def evaluate(segmenter: Segmenter, scene_indices: Iterable[int], seed_offset: in
         for instance in scene.instances:
             prompts = object_prompts(instance)
             report.areas.append(instance.area)
-            masks, scores, low_res = segmenter.predict([prompts.point], [1], None, None, True)
+            masks, scores, low_res = segmenter.predict([prompts.point], [model_spec.LABEL_FOREGROUND], None, None, True)
             ious = [iou(mask, instance.mask) for mask in masks]
             top = int(np.argmax(scores))
             report.point_top.append(ious[top])
@@ -184,10 +192,10 @@ def evaluate_torch(sam: Sam, scene_indices: Iterable[int], seed_offset: int = sc
 
 
 def _interactive(segmenter: Segmenter, target: np.ndarray, prompts: ObjectPrompts, mask: np.ndarray,
-                 low_res: np.ndarray, clicks: int = 3) -> float:
-    points, labels = [prompts.point], [1]
-    for _ in range(clicks - 1):
-        x, y, label = error_point(mask, target, None)
+                 low_res: np.ndarray, click_count: int = 3) -> float:
+    points, labels = [prompts.point], [model_spec.LABEL_FOREGROUND]
+    for _ in range(click_count - 1):
+        x, y, label = clicks.error_point(mask, target, None)
         points.append((x, y))
         labels.append(int(label))
         masks, _, lows = segmenter.predict(points, labels, None, low_res, False)

@@ -29,7 +29,7 @@ from segment_anything.modeling import Sam
 from torch import nn
 
 from samserve import model_spec, onnx_backend
-from samserve_build import architectures
+from samserve_build import architectures, prompt_tokens
 
 LOG = logging.getLogger(__name__)
 EXPORTER_VERSION = "samserve-export/1"
@@ -69,25 +69,14 @@ class EncoderGraph(nn.Module):
 class DecoderGraph(nn.Module):
     """Prompt encoder + mask decoder for one embedding and N prompts; all mask tokens, no upscaling.
 
-    Point embedding follows the official ``SamOnnxModel`` (labels -1/0/1/2/3 select the learned embeddings),
-    which equals ``PromptEncoder`` for points, padding and box corners; ``has_mask_input`` is per prompt.
+    Point tokens are embedded by :func:`prompt_tokens.embed_point_tokens` (as the official ``SamOnnxModel``, which
+    equals ``PromptEncoder`` for points, padding and box corners); ``has_mask_input`` is per prompt.
     """
 
     def __init__(self, sam: Sam) -> None:
         super().__init__()
         self.prompt_encoder = sam.prompt_encoder
         self.mask_decoder = sam.mask_decoder
-        self.image_size = sam.image_encoder.img_size
-
-    def _embed_points(self, point_coords: torch.Tensor, point_labels: torch.Tensor) -> torch.Tensor:
-        coords = (point_coords + 0.5) / self.image_size
-        embedding = self.prompt_encoder.pe_layer._pe_encoding(coords)  # N x P x D
-        labels = point_labels.unsqueeze(-1).expand_as(embedding)
-        embedding = embedding * (labels != model_spec.LABEL_PADDING)
-        embedding = embedding + self.prompt_encoder.not_a_point_embed.weight * (labels == model_spec.LABEL_PADDING)
-        for label in range(self.prompt_encoder.num_point_embeddings):
-            embedding = embedding + self.prompt_encoder.point_embeddings[label].weight * (labels == label)
-        return embedding
 
     def _embed_masks(self, mask_input: torch.Tensor, has_mask_input: torch.Tensor) -> torch.Tensor:
         has_mask = has_mask_input.reshape(-1, 1, 1, 1)
@@ -105,7 +94,7 @@ class DecoderGraph(nn.Module):
         masks, iou_predictions = self.mask_decoder.predict_masks(
             image_embeddings=image_embeddings,
             image_pe=self.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=self._embed_points(point_coords, point_labels),
+            sparse_prompt_embeddings=prompt_tokens.embed_point_tokens(self.prompt_encoder, point_coords, point_labels),
             dense_prompt_embeddings=self._embed_masks(mask_input, has_mask_input),
         )
         return masks, iou_predictions

@@ -83,8 +83,8 @@ def _texture(rng: np.random.Generator, kind: str, height: int, width: int, base:
         period = rng.uniform(4, 16)
         wave = np.sign(np.sin(2 * np.pi * along / period))
         return base.astype(np.float32) + wave[..., None] * rng.uniform(10, 25)
-    noise = rng.normal(0, 1, size=(max(height // 4, 1), max(width // 4, 1), 3)).astype(np.float32)
-    noise = cv2.resize(noise, (width, height), interpolation=cv2.INTER_LINEAR)
+    coarse = rng.normal(0, 1, size=(max(height // 4, 1), max(width // 4, 1), 3)).astype(np.float32)
+    noise = cv2.resize(coarse, (width, height), interpolation=cv2.INTER_LINEAR)
     return base.astype(np.float32) + noise * rng.uniform(8, 20)
 
 
@@ -123,9 +123,9 @@ def _rotate(points: np.ndarray, angle: float) -> np.ndarray:
 def _raster(outlines: list[np.ndarray], height: int, width: int) -> np.ndarray:
     canvas = np.zeros((height, width), np.uint8)
     scaled = [np.round(outline * 16).astype(np.int32) for outline in outlines]   # 4 bits of sub-pixel precision
-    cv2.fillPoly(canvas, scaled[:1], 1, lineType=cv2.LINE_8, shift=4)
+    cv2.fillPoly(canvas, scaled[:1], (1,), lineType=cv2.LINE_8, shift=4)
     if len(scaled) > 1:
-        cv2.fillPoly(canvas, scaled[1:], 0, lineType=cv2.LINE_8, shift=4)
+        cv2.fillPoly(canvas, scaled[1:], (0,), lineType=cv2.LINE_8, shift=4)
     return canvas.astype(bool)
 
 
@@ -186,10 +186,12 @@ def _nest_site(rng: np.random.Generator, drawn: list[tuple[str, np.ndarray, int 
 
 def _instances(drawn: list[tuple[str, np.ndarray, int | None]]) -> list[Instance]:
     """Visible masks (each object minus everything drawn after it) and wholes (object plus nested descendants)."""
+    if not drawn:
+        return []
     count = len(drawn)
     visible = []
-    covered = np.zeros_like(drawn[0][1]) if drawn else None
-    for shape, mask, _ in reversed(drawn):
+    covered = np.zeros_like(drawn[0][1])
+    for _, mask, _ in reversed(drawn):
         visible.append(mask & ~covered)
         covered = covered | mask
     visible.reverse()

@@ -36,7 +36,8 @@ from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 from tqdm import tqdm
 
-from samserve_build import architectures, scenes
+from samserve import model_spec
+from samserve_build import architectures, clicks, evaluation, prompt_tokens, scenes
 
 LOG = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ class Batch:
     """Per image, K bool: the first prompt is the object's box (else one point)."""
 
 
-def prepare_image(sam: Sam, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
+def encoder_input_tensor(sam: Sam, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
     """H x W x 3 uint8 -> (1 x 3 x S x S normalized and padded, resized (h, w)) the way ``SamPredictor`` does."""
     transform = ResizeLongestSide(sam.image_encoder.img_size)
     resized = transform.apply_image(image)
@@ -105,12 +106,14 @@ def resize_mask(mask: np.ndarray, resized_hw: tuple[int, int], size: int) -> np.
 
 def training_batch(sam: Sam, config: TrainConfig, rng: np.random.Generator) -> Batch:
     size = sam.image_encoder.img_size
-    images, masks, is_box = [], [], []
+    images: list[torch.Tensor] = []
+    masks: list[torch.Tensor] = []
+    is_box: list[torch.Tensor] = []
     while len(images) < config.images_per_step:
         scene = scenes.generate_scene(int(rng.integers(0, scenes.EVAL_SEED_OFFSET)))
         if not scene.instances:
             continue
-        tensor, resized_hw = prepare_image(sam, scene.image)
+        tensor, resized_hw = encoder_input_tensor(sam, scene.image)
         targets = []
         for index in rng.choice(len(scene.instances), size=config.prompts_per_image,
                                 replace=len(scene.instances) < config.prompts_per_image):
@@ -128,24 +131,12 @@ def training_batch(sam: Sam, config: TrainConfig, rng: np.random.Generator) -> B
     return Batch(torch.cat(images), masks, is_box)
 
 
-def embed_tokens(sam: Sam, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """K x T x 2 (x, y) input-pixel coords and K x T labels -> K x T x C sparse embeddings, exactly as the official
-    ``PromptEncoder._embed_points``/``_embed_boxes`` (labels -1 pad, 0 background, 1 foreground, 2/3 box corners)."""
-    encoder = sam.prompt_encoder
-    embedding = encoder.pe_layer.forward_with_coords(coords + 0.5, encoder.input_image_size)
-    embedding = torch.where((labels == -1)[..., None], torch.zeros_like(embedding), embedding)
-    embedding = embedding + (labels == -1)[..., None] * encoder.not_a_point_embed.weight
-    for label in range(4):
-        embedding = embedding + (labels == label)[..., None] * encoder.point_embeddings[label].weight
-    return embedding
-
-
 def decode(sam: Sam, embedding: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor,
            mask_input: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """One image's prompts -> (K x 4 x 4h x 4w low-res logits of all mask tokens, K x 4 predicted IoU).
 
     ``embedding`` is 1 x C x h x w; ``mask_input`` K x 1 x 4h x 4w logits or None."""
-    sparse = embed_tokens(sam, coords, labels)
+    sparse = prompt_tokens.embed_point_tokens(sam.prompt_encoder, coords, labels)
     if mask_input is None:
         h, w = sam.prompt_encoder.image_embedding_size
         dense = sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(coords.shape[0], -1, h, w)
@@ -185,7 +176,7 @@ def first_prompts(masks: torch.Tensor, is_box: torch.Tensor, rng: np.random.Gene
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """K x S x S targets -> (K x 2 x 2 coords, K x 2 labels): a uniform point + padding token, or a noisy box."""
     coords = torch.zeros(masks.shape[0], 2, 2)
-    labels = torch.full((masks.shape[0], 2), -1.0)
+    labels = torch.full((masks.shape[0], 2), float(model_spec.LABEL_PADDING))
     for k, mask in enumerate(masks.numpy()):
         ys, xs = np.nonzero(mask)
         if is_box[k]:
@@ -193,34 +184,12 @@ def first_prompts(masks: torch.Tensor, is_box: torch.Tensor, rng: np.random.Gene
             noise = rng.normal(0, box_noise, size=4) * np.array([x1 - x0, y1 - y0, x1 - x0, y1 - y0])
             box = np.array([x0, y0, x1, y1], np.float32) + np.clip(noise, -5, 5)
             coords[k] = torch.from_numpy(box.reshape(2, 2))
-            labels[k] = torch.tensor([2.0, 3.0])
+            labels[k] = torch.tensor([float(model_spec.LABEL_BOX_TOP_LEFT), float(model_spec.LABEL_BOX_BOTTOM_RIGHT)])
         else:
             pick = int(rng.integers(len(ys)))
             coords[k, 0] = torch.tensor([float(xs[pick]), float(ys[pick])])
-            labels[k, 0] = 1.0
+            labels[k, 0] = float(model_spec.LABEL_FOREGROUND)
     return coords, labels
-
-
-def error_point(predicted: np.ndarray, target: np.ndarray, rng: np.random.Generator | None) -> tuple[float, float, float]:
-    """(x, y, label) of the next corrective click. With ``rng``: uniform over the error region (SAM's training);
-    without: the pixel farthest from the boundary of the largest connected error region (the evaluation's rule).
-    The label is 1 where the object was missed and 0 where the mask spilled over."""
-    error = predicted != target
-    if not error.any():
-        ys, xs = np.nonzero(target)
-        pick = 0 if rng is None else int(rng.integers(len(ys)))
-        return float(xs[pick]), float(ys[pick]), 1.0
-    if rng is not None:
-        ys, xs = np.nonzero(error)
-        pick = int(rng.integers(len(ys)))
-        y, x = int(ys[pick]), int(xs[pick])
-    else:
-        count, components = cv2.connectedComponents(error.astype(np.uint8), connectivity=8)
-        sizes = np.bincount(components.ravel(), minlength=count)
-        sizes[0] = 0
-        largest = components == int(np.argmax(sizes))
-        x, y = (int(v) for v in scenes.farthest_interior_point(largest))
-    return float(x), float(y), 1.0 if target[y, x] else 0.0
 
 
 def insert_point(coords: torch.Tensor, labels: torch.Tensor, point: tuple[float, float, float]
@@ -228,7 +197,7 @@ def insert_point(coords: torch.Tensor, labels: torch.Tensor, point: tuple[float,
     """Add one click to a prompt of 1 x T tokens the way ``SamPredictor`` lays tokens out: clicks first, then the
     padding token (point prompts) or the two box corners (box prompts)."""
     x, y, label = point
-    click_count = int(((labels[0] == 0) | (labels[0] == 1)).sum())
+    click_count = int(((labels[0] == model_spec.LABEL_BACKGROUND) | (labels[0] == model_spec.LABEL_FOREGROUND)).sum())
     new_coords = torch.cat([coords[:, :click_count], torch.tensor([[[x, y]]]), coords[:, click_count:]], dim=1)
     new_labels = torch.cat([labels[:, :click_count], torch.tensor([[label]]), labels[:, click_count:]], dim=1)
     return new_coords, new_labels
@@ -249,13 +218,15 @@ def training_loss(sam: Sam, batch: Batch, config: TrainConfig, rng: np.random.Ge
             if round_index == 0:
                 # A lone point: all 3 multimask outputs are scored, the best one counts. Boxes: token 0.
                 single_point = ~batch.is_box[i]
-                candidates = torch.where(single_point[:, None, None, None], logits[:, 1:], logits[:, :1].expand(-1, 3, -1, -1))
+                per_pixel = single_point[:, None, None, None]
+                candidates = torch.where(per_pixel, logits[:, 1:], logits[:, :1].expand(-1, 3, -1, -1))
                 iou_candidates = torch.where(single_point[:, None], iou_pred[:, 1:], iou_pred[:, :1].expand(-1, 3))
-                low_candidates = torch.where(single_point[:, None, None, None], low_res[:, 1:], low_res[:, :1].expand(-1, 3, -1, -1))
+                low_candidates = torch.where(per_pixel, low_res[:, 1:], low_res[:, :1].expand(-1, 3, -1, -1))
             else:
                 candidates, iou_candidates, low_candidates = logits[:, :1], iou_pred[:, :1], low_res[:, :1]
             expanded = targets.expand_as(candidates)
-            per_mask = config.focal_weight * focal_loss(candidates, expanded) + config.dice_weight * dice_loss(candidates, expanded)
+            per_mask = (config.focal_weight * focal_loss(candidates, expanded)
+                        + config.dice_weight * dice_loss(candidates, expanded))
             best = per_mask.argmin(dim=1)
             rows = torch.arange(candidates.shape[0])
             true_iou = mask_iou(candidates, expanded).detach()
@@ -268,7 +239,7 @@ def training_loss(sam: Sam, batch: Batch, config: TrainConfig, rng: np.random.Ge
             mask_input = low_candidates[rows, best][:, None].detach()
             next_coords, next_labels = [], []
             for k in range(chosen.shape[0]):
-                point = error_point((chosen[k] > 0).numpy(), targets[k, 0].numpy() > 0.5,
+                point = clicks.error_point((chosen[k] > 0).numpy(), targets[k, 0].numpy() > 0.5,
                                     rng if rng.random() < 0.5 else None)
                 c, lab = insert_point(coords[k:k + 1], labels[k:k + 1], point)
                 next_coords.append(c)
@@ -326,9 +297,9 @@ def train(run_dir: Path, config: TrainConfig, max_minutes: float | None = None) 
 
     def save_state() -> None:
         tmp = state_path.with_suffix(".tmp")
-        torch.save({"config": dataclasses.asdict(config), "model": sam.state_dict(), "optimizer": optimizer.state_dict(),
-                    "step": step, "elapsed_s": time.monotonic() - started, "rng": rng.bit_generator.state,
-                    "torch_rng": torch.get_rng_state()}, tmp)
+        torch.save({"config": dataclasses.asdict(config), "model": sam.state_dict(),
+                    "optimizer": optimizer.state_dict(), "step": step, "elapsed_s": time.monotonic() - started,
+                    "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state()}, tmp)
         tmp.replace(state_path)
 
     progress = tqdm(total=config.steps, initial=step, desc="training", unit="step", dynamic_ncols=True)
@@ -355,10 +326,10 @@ def train(run_dir: Path, config: TrainConfig, max_minutes: float | None = None) 
                                       "lr": rate,
                                       **{f"loss_{k}": round(float(v.detach()), 5) for k, v in losses.items()}}
             if step % config.eval_every == 0:
-                from samserve_build import evaluation   # evaluation imports this module
                 sam.eval()
-                record["eval"] = evaluation.evaluate_torch(sam, range(config.eval_scenes), seed_offset=scenes.EVAL_SEED_OFFSET // 2,
-                                                           interactive=False).summary()
+                record["eval"] = evaluation.evaluate_torch(
+                    sam, range(config.eval_scenes), seed_offset=scenes.EVAL_SEED_OFFSET // 2, interactive=False,
+                ).summary()
                 sam.train()
                 LOG.info("step %d: %s", step, record["eval"])
             log.write(json.dumps(record) + "\n")

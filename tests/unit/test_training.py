@@ -10,7 +10,7 @@ import pytest
 import torch
 from segment_anything import SamPredictor
 
-from samserve_build import architectures, evaluation, scenes, training
+from samserve_build import architectures, clicks, evaluation, prompt_tokens, scenes, training
 
 
 def test_scenes_are_a_pure_function_of_the_seed_and_not_square() -> None:
@@ -62,7 +62,8 @@ def test_prompt_tokens_equal_the_official_prompt_encoder(tiny_sam) -> None:
     point = torch.tensor([[[30.0, 40.0]]])
     with torch.no_grad():
         official, _ = encoder(points=(point, torch.tensor([[1]])), boxes=None, masks=None)   # point + padding token
-        ours = training.embed_tokens(tiny_sam, torch.tensor([[[30.0, 40.0], [0.0, 0.0]]]), torch.tensor([[1.0, -1.0]]))
+        point_and_padding = torch.tensor([[[30.0, 40.0], [0.0, 0.0]]])
+        ours = prompt_tokens.embed_point_tokens(encoder, point_and_padding, torch.tensor([[1.0, -1.0]]))
         assert torch.allclose(ours, official, atol=1e-6)
         box = torch.tensor([[10.0, 20.0, 90.0, 70.0]])
         clicks = torch.tensor([[[50.0, 50.0], [12.0, 22.0]]])
@@ -71,7 +72,7 @@ def test_prompt_tokens_equal_the_official_prompt_encoder(tiny_sam) -> None:
         for x, y, label in ((50.0, 50.0, 1.0), (12.0, 22.0, 0.0)):
             coords, labels = training.insert_point(coords, labels, (x, y, label))
         assert labels.tolist() == [[1.0, 0.0, 2.0, 3.0]]
-        assert torch.allclose(training.embed_tokens(tiny_sam, coords, labels), official, atol=1e-6)
+        assert torch.allclose(prompt_tokens.embed_point_tokens(encoder, coords, labels), official, atol=1e-6)
 
 
 def test_decode_equals_the_official_predictor(tiny_sam) -> None:
@@ -80,7 +81,7 @@ def test_decode_equals_the_official_predictor(tiny_sam) -> None:
     predictor.set_image(image)
     _, scores, low_res = predictor.predict(point_coords=np.array([[100.0, 60.0]]), point_labels=np.array([1]))
     with torch.no_grad():
-        tensor, _ = training.prepare_image(tiny_sam, image)
+        tensor, _ = training.encoder_input_tensor(tiny_sam, image)
         embedding = tiny_sam.image_encoder(tensor)
         coords = torch.tensor([[[100.0, 60.0], [0.0, 0.0]]])     # 200 x 256 needs no resize at 256 px
         ours_low, ours_iou = training.decode(tiny_sam, embedding, coords, torch.tensor([[1.0, -1.0]]), None)
@@ -114,9 +115,9 @@ def test_error_point_clicks_the_centre_of_the_largest_error() -> None:
     predicted = target.copy()
     predicted[5:25, 5:12] = False                  # missed a 20 x 7 strip (foreground click)
     predicted[0:2, 0:2] = True                      # small spill-over
-    x, y, label = training.error_point(predicted, target, None)
+    x, y, label = clicks.error_point(predicted, target, None)
     assert label == 1.0 and 5 <= x < 12 and 5 <= y < 25 and not predicted[int(y), int(x)]
-    x, y, label = training.error_point(target | (np.arange(30)[:, None] > 26), target, None)
+    x, y, label = clicks.error_point(target | (np.arange(30)[:, None] > 26), target, None)
     assert label == 0.0 and y > 26
 
 
