@@ -57,7 +57,7 @@ class EncoderGraph(nn.Module):
     def forward(self, image: torch.Tensor, input_size: torch.Tensor) -> torch.Tensor:
         """image: uint8 B x S x S x 3; input_size: int64 B x 2 (h, w). Returns B x C x h' x w'."""
         x = image.permute(0, 3, 1, 2).to(torch.float32)
-        x = (x - self.pixel_mean) / self.pixel_std
+        x = (x - self.get_buffer("pixel_mean")) / self.get_buffer("pixel_std")
         positions = torch.arange(self.image_size, device=image.device).unsqueeze(0)  # 1 x S
         valid_rows = positions < input_size[:, 0:1]  # B x S
         valid_cols = positions < input_size[:, 1:2]  # B x S
@@ -100,10 +100,17 @@ class DecoderGraph(nn.Module):
         return masks, iou_predictions
 
 
+def _rgb(values: torch.Tensor) -> tuple[float, float, float]:
+    """A per-channel normalization constant (3 values), rounded as the metadata records it."""
+    red, green, blue = (round(float(v), 4) for v in values.flatten())
+    return red, green, blue
+
+
 def model_metadata(sam: Sam, variant: str, weights_sha256: str, model_id: str, arch: dict) -> model_spec.ModelMetadata:
     """Metadata of ``sam`` (sizes measured from the modules, never assumed)."""
     image_size = int(sam.image_encoder.img_size)
     embed_h, embed_w = sam.prompt_encoder.image_embedding_size
+    mask_h, mask_w = sam.prompt_encoder.mask_input_size
     channels = int(sam.prompt_encoder.embed_dim)
     return model_spec.ModelMetadata(
         model_id=model_id,
@@ -111,11 +118,11 @@ def model_metadata(sam: Sam, variant: str, weights_sha256: str, model_id: str, a
         weights_sha256=weights_sha256,
         image_size=image_size,
         embedding_shape=(channels, int(embed_h), int(embed_w)),
-        low_res_mask_size=tuple(int(v) for v in sam.prompt_encoder.mask_input_size),
+        low_res_mask_size=(int(mask_h), int(mask_w)),
         num_mask_tokens=int(sam.mask_decoder.num_mask_tokens),
         mask_threshold=float(sam.mask_threshold),
-        pixel_mean=tuple(round(float(v), 4) for v in sam.pixel_mean.flatten()),
-        pixel_std=tuple(round(float(v), 4) for v in sam.pixel_std.flatten()),
+        pixel_mean=_rgb(sam.pixel_mean),
+        pixel_std=_rgb(sam.pixel_std),
         preprocessing_version=model_spec.PREPROCESSING_VERSION,
         exporter_version=f"{EXPORTER_VERSION} torch-{torch.__version__} onnx-opset-{OPSET}",
         architecture=arch,
@@ -175,9 +182,10 @@ def check_graph(
             expected = module(*(torch.from_numpy(feeds[name]) for name in input_names))
         if isinstance(expected, torch.Tensor):
             expected = (expected,)
-        for name, reference in zip(output_names, expected):
+        for name, reference in zip(output_names, expected, strict=True):
             if got[name].shape != tuple(reference.shape):
-                raise ExportCheckError(f"{path.name}: {name} shape {got[name].shape} != PyTorch {tuple(reference.shape)}")
+                raise ExportCheckError(
+                    f"{path.name}: {name} shape {got[name].shape} != PyTorch {tuple(reference.shape)}")
             worst[name] = max(worst[name], relative_error(got[name], reference.numpy()))
     for name, error in worst.items():
         if not error < RELATIVE_TOLERANCE:

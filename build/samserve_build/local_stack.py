@@ -66,7 +66,7 @@ class GatewayProcess:
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
-    def start(self, wait_serving: bool = True, timeout_s: float = 60.0) -> "GatewayProcess":
+    def start(self, wait_serving: bool = True, timeout_s: float = 60.0) -> GatewayProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
             [str(Path(sys.executable).parent / "samserve"), "gateway"], env=self.env,
@@ -101,7 +101,7 @@ class GatewayProcess:
         code = terminate(self.process, 30.0, "gateway")
         return 0 if code is None else code
 
-    def __enter__(self) -> "GatewayProcess":
+    def __enter__(self) -> GatewayProcess:
         return self.start() if self.process is None else self
 
     def __exit__(self, *exc: object) -> None:

@@ -19,7 +19,8 @@ class BuildSettings(StackSettings):
         "scenes", description="scenes (the shipped model) | vit_h | vit_l | vit_b | tiny | custom"
     )
     checkpoint: Path | None = Field(
-        None, description="Meta-format checkpoint; unset = the shipped checkpoint for `scenes`, else seeded random weights"
+        None,
+        description="Meta-format checkpoint; unset = the shipped checkpoint for `scenes`, else seeded random weights",
     )
     random_seed: int = Field(0, description="seed of the random weights used when no checkpoint is set")
     serving_target: ServingTargetName = Field(

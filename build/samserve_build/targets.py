@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from samserve import model_spec
 
 
-class ServingTargetName(str, enum.Enum):
+class ServingTargetName(enum.StrEnum):
     CPU_ONNXRUNTIME = "cpu-onnxruntime"
 
 

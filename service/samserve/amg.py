@@ -37,9 +37,9 @@ import cv2
 import numpy as np
 
 from samserve import mask_encoding, model_spec, processing
+from samserve.embedding import CropBox, EmbeddedImage
 from samserve.errors import InvalidArgument
 from samserve.processing import DecoderBatch
-from samserve.embedding import CropBox, EmbeddedImage
 from samserve.segmentation import POSTPROCESS_POOL, map_in_pool, postprocess_plane
 
 STABILITY_PREFILTER_MARGIN = 0.1
@@ -213,7 +213,7 @@ def remove_small_regions(mask: np.ndarray, area_thresh: float, mode: str) -> tup
     bool mask; returns (mask, changed). 8-connectivity; if every island is small the largest stays (official)."""
     holes = mode == "holes"
     working = np.ascontiguousarray(holes ^ mask, dtype=np.uint8)
-    n_labels, regions, stats, _ = cv2.connectedComponentsWithStats(working, 8)
+    n_labels, regions, stats, _ = cv2.connectedComponentsWithStats(working, connectivity=8)
     sizes = stats[1:, cv2.CC_STAT_AREA]
     small = np.flatnonzero(sizes < area_thresh) + 1
     if len(small) == 0:
@@ -254,17 +254,17 @@ class MaskSet:
     """int64, K x 4 XYXY: the crop each mask was generated in."""
 
     @classmethod
-    def empty(cls) -> "MaskSet":
+    def empty(cls) -> MaskSet:
         boxes = np.zeros((0, 4), np.int64)
         return cls([], boxes, boxes, np.zeros(0, np.float32), np.zeros(0, np.float32), np.zeros((0, 2)), boxes)
 
-    def take(self, keep: np.ndarray) -> "MaskSet":
+    def take(self, keep: np.ndarray) -> MaskSet:
         keep = np.asarray(keep, dtype=np.int64)
         return MaskSet([self.masks[i] for i in keep], self.frames[keep], self.boxes[keep], self.predicted_iou[keep],
                        self.stability_score[keep], self.points[keep], self.crop_boxes[keep])
 
     @classmethod
-    def concat(cls, parts: Sequence["MaskSet"]) -> "MaskSet":
+    def concat(cls, parts: Sequence[MaskSet]) -> MaskSet:
         parts = [p for p in parts if len(p)]
         if not parts:
             return cls.empty()
@@ -373,7 +373,8 @@ class MaskGenerator:
         parts = await asyncio.gather(*(self._crop(box, grids[layer], original_hw) for box, layer in crops))
         masks = MaskSet.concat(parts)
         if len(crops) > 1 and len(masks):
-            crop_area = (masks.crop_boxes[:, 2] - masks.crop_boxes[:, 0]) * (masks.crop_boxes[:, 3] - masks.crop_boxes[:, 1])
+            boxes = masks.crop_boxes
+            crop_area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
             masks = masks.take(box_nms(masks.boxes, 1.0 / crop_area.astype(np.float32), params.crop_nms_thresh))
         if params.min_mask_region_area > 0 and len(masks):
             masks = await asyncio.get_running_loop().run_in_executor(
@@ -431,12 +432,14 @@ class MaskGenerator:
         )
         passed = np.array([rle is not None for _, _, rle in planes], dtype=bool)
         keep = keep[passed] if len(keep) else keep
-        planes = [plane for plane, ok in zip(planes, passed) if ok]
+        planes = [plane for plane, ok in zip(planes, passed, strict=True) if ok]
         boxes = np.array([box for _, box, _ in planes], dtype=np.int64).reshape(-1, 4)
         inside = ~near_crop_edge(boxes, crop, original_hw)
         crop_rows = np.tile(np.asarray(crop, dtype=np.int64), (int(inside.sum()), 1))
         return MaskSet(
-            [rle for (_, _, rle), ok in zip(planes, inside) if ok], crop_rows, boxes[inside], scores[keep][inside],
+            [rle for (_, _, rle), ok in zip(planes, inside, strict=True) if ok and rle is not None],
+            crop_rows, boxes[inside],
+            scores[keep][inside],
             np.array([score for score, _, _ in planes], dtype=np.float32)[inside], point_of[keep][inside], crop_rows,
         )
 

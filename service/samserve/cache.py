@@ -144,7 +144,7 @@ class EmbeddingCache:
         self.stager = stager
         self.namespace = namespace
         self.l1_bytes = l1_bytes
-        self.redis = redis
+        self.redis: Any = redis  # redis.asyncio client or None; every use goes through _redis, which checks
         self.ttl_s = ttl_s
         self.redis_timeout_s = redis_timeout_s
         self.lock_ttl_ms = int(lock_ttl_s * 1000)

@@ -99,7 +99,10 @@ def segment_command(args: argparse.Namespace) -> int:
         parts = [float(v) for v in text.split(",")]
         points.append((parts[0], parts[1]))
         labels.append(int(parts[2]) if len(parts) > 2 else FOREGROUND)
-    box = tuple(float(v) for v in args.box.split(",")) if args.box else None
+    box = None
+    if args.box:
+        x0, y0, x1, y1 = (float(v) for v in args.box.split(","))
+        box = (x0, y0, x1, y1)
     prompt = PromptSpec(points=points, labels=labels, box=box, multimask_output=not args.single)
     with SamServeClient(args.target) as client:
         embedded = client.embed(data)
@@ -112,7 +115,7 @@ def segment_command(args: argparse.Namespace) -> int:
     if args.out:
         best = int(np.argmax(answer.predicted_iou))
         image = decode_image(data, max_pixels=1 << 31)
-        overlay = draw_overlay(image, answer.masks[best], points, [l == FOREGROUND for l in labels], box)
+        overlay = draw_overlay(image, answer.masks[best], points, [label == FOREGROUND for label in labels], box)
         Path(args.out).write_bytes(overlay)
         print(f"wrote {args.out} (mask token {answer.token_index[best]}, the highest predicted IoU)")
     return 0
@@ -153,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     p_bulk.add_argument("--timeout", type=float, default=None, help="seconds per image (default: the client's 600)")
     p_bulk.add_argument("--quiet", action="store_true", help="no progress bar")
     p_bulk.add_argument("--target", default=None, help="gateway address (default from SAMSERVE_GATEWAY_*)")
-    from samserve.amg import AmgParams, SCALAR_PARAMETERS
+    from samserve.amg import SCALAR_PARAMETERS, AmgParams
 
     for name in SCALAR_PARAMETERS:
         default = getattr(AmgParams(), name)

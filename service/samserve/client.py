@@ -49,7 +49,7 @@ class PromptSpec:
             raise ValueError("points and labels must have the same length")
         message = pb.Prompt(
             points=[pb.Point(x=x, y=y, label=_LABELS.get(label, pb.POINT_LABEL_UNSPECIFIED))
-                    for (x, y), label in zip(self.points, self.labels)],
+                    for (x, y), label in zip(self.points, self.labels, strict=True)],
             multimask_output=self.multimask_output,
         )
         if self.box is not None:
@@ -152,7 +152,7 @@ class SamServeClient:
         self,
         image: bytes | str,
         prompts: Sequence[PromptSpec],
-        encoding: int = pb.MASK_ENCODING_RLE,
+        encoding: pb.MaskEncoding = pb.MASK_ENCODING_RLE,
         return_low_res_logits: bool = False,
     ) -> list[Masks]:
         """Masks per prompt. ``image``: encoded bytes, or an ``image_id`` string from :meth:`embed`."""
@@ -174,7 +174,9 @@ class SamServeClient:
         """Segment everything. ``params``: the official generator's parameters by name (points_per_side,
         pred_iou_thresh, crop_n_layers, min_mask_region_area, ...); unset ones keep its defaults.
         ``point_grids``: per crop layer, G x 2 (x, y) in [0, 1] (instead of points_per_side)."""
-        request = pb.GenerateMasksRequest(mask_encoding=pb.MASK_ENCODING_RLE, **params)
+        request = pb.GenerateMasksRequest(mask_encoding=pb.MASK_ENCODING_RLE)
+        for name, value in params.items():
+            setattr(request, name, value)
         for grid in point_grids or ():
             grid = np.asarray(grid, dtype=np.float64)
             request.point_grids.add(x=grid[:, 0].tolist(), y=grid[:, 1].tolist())
@@ -189,7 +191,7 @@ class SamServeClient:
     def close(self) -> None:
         self.channel.close()
 
-    def __enter__(self) -> "SamServeClient":
+    def __enter__(self) -> SamServeClient:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -15,7 +15,10 @@ from samserve import amg, mask_encoding, model_spec, processing, segmentation
 from samserve.api import pb
 from samserve.errors import InvalidArgument
 
-LABELS = {pb.POINT_LABEL_BACKGROUND: model_spec.LABEL_BACKGROUND, pb.POINT_LABEL_FOREGROUND: model_spec.LABEL_FOREGROUND}
+LABELS = {
+    pb.POINT_LABEL_BACKGROUND: model_spec.LABEL_BACKGROUND,
+    pb.POINT_LABEL_FOREGROUND: model_spec.LABEL_FOREGROUND,
+}
 WANT_RLE = {pb.MASK_ENCODING_UNSPECIFIED, pb.MASK_ENCODING_RLE, pb.MASK_ENCODING_RLE_AND_PNG}
 WANT_PNG = {pb.MASK_ENCODING_PNG, pb.MASK_ENCODING_RLE_AND_PNG}
 
@@ -42,7 +45,8 @@ def prompt_from_proto(
         if not _finite(point.x, point.y):
             raise InvalidArgument(f"{field} is not finite", field=field)
         if not (0 <= point.x <= width and 0 <= point.y <= height):
-            raise InvalidArgument(f"{field} ({point.x}, {point.y}) lies outside the {width}x{height} image", field=field)
+            raise InvalidArgument(f"{field} ({point.x}, {point.y}) lies outside the {width}x{height} image",
+                                  field=field)
         if point.label not in LABELS:
             raise InvalidArgument(f"{field}.label must be POINT_LABEL_FOREGROUND or POINT_LABEL_BACKGROUND",
                                   field=f"{field}.label")
@@ -64,7 +68,8 @@ def prompt_from_proto(
         if got != expected or len(message.mask_input.data) != expected[0] * expected[1] * 4:
             raise InvalidArgument(
                 f"{where}.mask_input must be {expected[0]}x{expected[1]} float32 logits "
-                f"({expected[0] * expected[1] * 4} bytes), got {got[0]}x{got[1]} with {len(message.mask_input.data)} bytes",
+                f"({expected[0] * expected[1] * 4} bytes), "
+                f"got {got[0]}x{got[1]} with {len(message.mask_input.data)} bytes",
                 field=f"{where}.mask_input",
             )
         mask_input = np.frombuffer(message.mask_input.data, dtype="<f4").reshape(expected)

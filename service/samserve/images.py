@@ -33,8 +33,8 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
             raise InvalidArgument(f"image has no pixels ({width}x{height})")
         if width * height > max_pixels:
             raise InvalidArgument(f"image has {width}x{height} pixels, over the limit of {max_pixels}")
-        image = ImageOps.exif_transpose(image)
-        return np.asarray(image.convert("RGB"))
+        upright = ImageOps.exif_transpose(image)
+        return np.asarray(upright.convert("RGB"))
     except InvalidArgument:
         raise
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:

@@ -91,11 +91,11 @@ def status_details(code: grpc.StatusCode, message: str, error: BaseException | N
 
 
 def _ours(details: grpc.HandlerCallDetails) -> bool:
-    return details.method.startswith(f"/{SERVICE_NAME}/")  # type: ignore[attr-defined]
+    return details.method.startswith(f"/{SERVICE_NAME}/")
 
 
 def _method_name(details: grpc.HandlerCallDetails) -> str:
-    return details.method.rsplit("/", 1)[-1]  # type: ignore[attr-defined]
+    return details.method.rsplit("/", 1)[-1]
 
 
 def _wrap_unary(handler: grpc.RpcMethodHandler, wrap: Callable[[Behavior], Behavior]) -> grpc.RpcMethodHandler:

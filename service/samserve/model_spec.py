@@ -110,7 +110,7 @@ class ModelMetadata:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "ModelMetadata":
+    def from_json(cls, text: str) -> ModelMetadata:
         raw = json.loads(text)
         version = int(raw.get("schema_version", 1))
         if version > METADATA_SCHEMA_VERSION:
@@ -130,7 +130,7 @@ class ModelMetadata:
         return path
 
     @classmethod
-    def read(cls, directory: Path) -> "ModelMetadata":
+    def read(cls, directory: Path) -> ModelMetadata:
         return cls.from_json((Path(directory) / METADATA_FILE).read_text())
 
     @property

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
 
 
@@ -45,4 +44,4 @@ def run(
     options = ort.RunOptions()
     if shrink_arena:
         options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
-    return dict(zip(names, session.run(names, dict(feeds), options)))
+    return dict(zip(names, session.run(names, dict(feeds), options), strict=True))

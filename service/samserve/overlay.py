@@ -31,7 +31,7 @@ def draw_overlay(
     if box is not None:
         x0, y0, x1, y1 = (int(round(v)) for v in box)
         cv2.rectangle(canvas, (x0, y0), (x1, y1), BOX_COLOR, thickness)
-    for (x, y), is_foreground in zip(points, foreground):
+    for (x, y), is_foreground in zip(points, foreground, strict=True):
         color = FOREGROUND_COLOR if is_foreground else BACKGROUND_COLOR
         cv2.circle(canvas, (int(round(x)), int(round(y))), 3 * thickness + 2, color, -1)
         cv2.circle(canvas, (int(round(x)), int(round(y))), 3 * thickness + 2, (255, 255, 255), thickness)

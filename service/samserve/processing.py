@@ -83,7 +83,9 @@ def scale_coords(coords: np.ndarray, original_hw: tuple[int, int], input_hw: tup
     return out
 
 
-def prompt_tokens(prompt: Prompt, original_hw: tuple[int, int], input_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def prompt_tokens(
+    prompt: Prompt, original_hw: tuple[int, int], input_hw: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
     """The decoder's point tokens for one prompt: (P x 2 float32 coords in resized pixels, P float32 labels).
 
     Points come first, then the two box corners (labels 2, 3); without a box one padding point (0, 0) with

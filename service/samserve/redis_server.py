@@ -33,7 +33,7 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://{self.host}:{self.port}/0"
 
-    def start(self, timeout_s: float = 15.0) -> "RedisServer":
+    def start(self, timeout_s: float = 15.0) -> RedisServer:
         binary = redis_binary()
         if binary is None:
             raise RedisStartError("redis-server not found: install Debian's redis-server (make does, as root)")

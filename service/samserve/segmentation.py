@@ -56,9 +56,12 @@ async def map_in_pool(function: Callable[[T], R], items: Sequence[T], pixels_per
         return [function(item) for item in items]
     step = -(-len(items) // POSTPROCESS_THREADS)
     loop = asyncio.get_running_loop()
+
+    def run(part: Sequence[T]) -> list[R]:
+        return [function(x) for x in part]
+
     chunks = await asyncio.gather(*(
-        loop.run_in_executor(POSTPROCESS_POOL, lambda part=items[i : i + step]: [function(x) for x in part])
-        for i in range(0, len(items), step)
+        loop.run_in_executor(POSTPROCESS_POOL, run, items[i : i + step]) for i in range(0, len(items), step)
     ))
     return [result for chunk in chunks for result in chunk]
 
@@ -74,7 +77,7 @@ async def segment(
     batches = processing.decoder_batches(prompts, image.original_size, image.input_size, meta.low_res_mask_size)
     decoded = await asyncio.gather(*(triton.decode(image, batch, timeout_s) for batch in batches))
     chosen: dict[int, tuple[np.ndarray, np.ndarray, slice]] = {}  # prompt index -> (logits, iou, tokens)
-    for batch, (low_res, iou) in zip(batches, decoded):
+    for batch, (low_res, iou) in zip(batches, decoded, strict=True):
         for row, index in enumerate(batch.prompt_indices):
             tokens = processing.select_masks(prompts[index].multimask_output, meta.num_mask_tokens)
             chosen[index] = (low_res[row, tokens], iou[row, tokens], tokens)

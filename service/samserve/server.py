@@ -35,10 +35,10 @@ def connect_redis(settings: GatewaySettings) -> Any | None:
     import redis.asyncio as redis_asyncio
     from redis.asyncio.cluster import RedisCluster
 
-    options = dict(socket_timeout=settings.redis_timeout_s, socket_connect_timeout=settings.redis_timeout_s)
+    timeout = settings.redis_timeout_s
     if settings.redis_cluster:
-        return RedisCluster.from_url(settings.redis_url, **options)
-    return redis_asyncio.Redis.from_url(settings.redis_url, **options)
+        return RedisCluster.from_url(settings.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout)
+    return redis_asyncio.Redis.from_url(settings.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout)
 
 
 @dataclasses.dataclass

@@ -15,14 +15,14 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
-class TransportName(str, enum.Enum):
+class TransportName(enum.StrEnum):
     """How embeddings and decoder outputs travel between gateway and Triton (see :mod:`samserve.transports`)."""
 
     GRPC = "grpc"
     SHM = "shm"
 
 
-class LogLevel(str, enum.Enum):
+class LogLevel(enum.StrEnum):
     DEBUG = "DEBUG"
     INFO = "INFO"
     WARNING = "WARNING"
@@ -55,7 +55,8 @@ class GatewaySettings(BaseSettings):
     max_concurrent_encodes: int = Field(2, description="encoder calls in flight per gateway")
     max_queued_encodes: int = Field(32, description="encodes waiting beyond that; more -> RESOURCE_EXHAUSTED")
     max_generate_points: int = Field(
-        16384, description="GenerateMasks: grid points per crop layer (points_per_side <= 128); more -> INVALID_ARGUMENT"
+        16384,
+        description="GenerateMasks: grid points per crop layer (points_per_side <= 128); more -> INVALID_ARGUMENT",
     )
     max_generate_points_per_batch: int = Field(256, description="GenerateMasks: largest points_per_batch")
     generate_decoder_calls_in_flight: int = Field(

@@ -42,7 +42,7 @@ def _pb_utils() -> Any:
 
 def _expect_shape(name: str, array: np.ndarray, expected: tuple[int | None, ...]) -> None:
     """Raise InvalidRequest unless ``array.shape`` matches ``expected`` (None = any size)."""
-    ok = array.ndim == len(expected) and all(e is None or e == s for s, e in zip(array.shape, expected))
+    ok = array.ndim == len(expected) and all(e is None or e == s for s, e in zip(array.shape, expected, strict=True))
     if not ok:
         layout = " x ".join("*" if e is None else str(e) for e in expected)
         raise InvalidRequest(f"{name} must be {layout}, got {' x '.join(map(str, array.shape))}")
@@ -159,7 +159,8 @@ class DecoderModel(_OnnxModel):
             raise InvalidRequest("a decoder request needs at least one prompt with at least one point token")
         labels = feeds[model_spec.DEC_POINT_LABELS]
         _expect_shape(model_spec.DEC_POINT_LABELS, labels, (batch, prompts, tokens))
-        _expect_shape(model_spec.DEC_MASK_INPUT, feeds[model_spec.DEC_MASK_INPUT], (batch, prompts, 1, *meta.low_res_mask_size))
+        _expect_shape(model_spec.DEC_MASK_INPUT, feeds[model_spec.DEC_MASK_INPUT],
+                      (batch, prompts, 1, *meta.low_res_mask_size))
         has_mask = feeds[model_spec.DEC_HAS_MASK_INPUT]
         _expect_shape(model_spec.DEC_HAS_MASK_INPUT, has_mask, (batch, prompts))
         if not np.all(np.isfinite(coords)):

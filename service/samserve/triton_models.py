@@ -181,7 +181,8 @@ class TritonSam:
         metrics.DECODER_BATCH_PROMPTS.observe(n)
         with metrics.TRITON_CALL.labels(model_spec.DECODER_MODEL).time(), triton_errors():
             result = await self.transport.infer(model_spec.DECODER_MODEL, inputs, outputs, timeout_s)
-        return layout.unwrap(result[model_spec.DEC_LOW_RES_MASKS]), layout.unwrap(result[model_spec.DEC_IOU_PREDICTIONS])
+        return (layout.unwrap(result[model_spec.DEC_LOW_RES_MASKS]),
+                layout.unwrap(result[model_spec.DEC_IOU_PREDICTIONS]))
 
     async def forget_regions(self) -> None:
         """After a Triton restart (it forgets registered regions): idle output regions are not reused."""
