@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from samserve.settings import REPO_ROOT
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
 
 
 EXPECTED_CALL = {"MixedUser": "Segment hot (image_id)", "EverythingUser": "GenerateMasks (image_id)"}

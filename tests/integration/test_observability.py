@@ -17,9 +17,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from samserve.client import PromptSpec, SamServeClient
-from samserve.settings import REPO_ROOT
 from tests.conftest import free_port
 from tests.integration.test_gateway import new_image
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 OBSERVABILITY = REPO_ROOT / "deploy" / "observability"
 

@@ -12,6 +12,12 @@ from samserve_build import repository
 from samserve_build.targets import SERVING_TARGETS
 
 
+CONTRACT = {
+    model_spec.ENCODER_MODEL: (model_spec.ENCODER_INPUTS, model_spec.ENCODER_OUTPUTS),
+    model_spec.DECODER_MODEL: (model_spec.DECODER_INPUTS, model_spec.DECODER_OUTPUTS),
+}
+
+
 def parse(text: str) -> model_config_pb2.ModelConfig:
     return text_format.Parse(text, model_config_pb2.ModelConfig())
 
@@ -24,10 +30,9 @@ def test_templates_agree_with_the_registry(target):
         assert config.name == model
         assert config.parameters["model_file"].string_value == model_file
         assert config.max_batch_size > 0 and config.HasField("dynamic_batching")
-        declared = {tensor.name for tensor in [*config.input, *config.output]}
-        expected = (model_spec.ENCODER_INPUTS + model_spec.ENCODER_OUTPUTS if model == model_spec.ENCODER_MODEL
-                    else model_spec.DECODER_INPUTS + model_spec.DECODER_OUTPUTS)
-        assert declared == set(expected)
+        inputs, outputs = CONTRACT[model]
+        assert [tensor.name for tensor in config.input] == list(inputs)  # exactly model_spec's names, in order
+        assert [tensor.name for tensor in config.output] == list(outputs)
 
 
 def test_rendered_repository_configs_parse_and_carry_the_metadata(tiny_model, tmp_path):

@@ -18,8 +18,7 @@ from segment_anything.utils import amg as official
 from torchvision.ops import batched_nms
 
 from samserve import amg, mask_encoding, model_spec, processing
-from samserve.segmentation import EmbeddedImage
-from samserve.triton_models import StagedEmbedding
+from samserve.embedding import EmbeddedImage, Embedding, Staged
 from samserve_build import architectures
 from tests.amg_reference import SceneDecoder, match, official_generate
 
@@ -127,7 +126,7 @@ def ours_generate(decoder: SceneDecoder, **params) -> tuple[amg.MaskSet, list[di
     @contextlib.asynccontextmanager
     async def crop_embedding(crop):
         crop_hw = (crop[3] - crop[1], crop[2] - crop[0])
-        yield EmbeddedImage(StagedEmbedding(np.asarray(crop)), crop_hw, processing.resized_size(crop_hw, IMAGE_SIZE))
+        yield EmbeddedImage(Embedding(np.asarray(crop), crop_hw, processing.resized_size(crop_hw, IMAGE_SIZE)), Staged())
 
     async def decode(image: EmbeddedImage, batch: processing.DecoderBatch):
         crop = tuple(int(v) for v in image.embedding.array)
@@ -188,7 +187,7 @@ def test_low_res_stability_estimate_is_close_to_the_exact_score(seed):
     the margin (or are small enough to skip the estimate), so no mask that passes a threshold is pre-filtered."""
     decoder = SceneDecoder(HW, seed=seed, image_size=IMAGE_SIZE, low_res=LOW_RES)
     input_hw = processing.resized_size(HW, IMAGE_SIZE)
-    image = EmbeddedImage(StagedEmbedding(np.zeros(1)), HW, input_hw)
+    image = EmbeddedImage(Embedding(np.zeros(1), HW, input_hw), Staged())
     points = amg.build_point_grid(16) * np.array([[HW[1], HW[0]]])
     logits, _ = decoder(processing.scale_coords(points, HW, input_hw), (0, 0, HW[1], HW[0]), input_hw, HW)
     planes = logits[:, 1:].reshape(-1, LOW_RES, LOW_RES)

@@ -125,38 +125,3 @@ def test_stability_score_matches_official():
 def test_select_masks():
     assert processing.select_masks(True, 4) == slice(1, 4)
     assert processing.select_masks(False, 4) == slice(0, 1)
-
-
-def test_metadata_roundtrip_and_strictness(tmp_path):
-    meta = model_spec.ModelMetadata(
-        model_id="m", variant="tiny", weights_sha256="ab" * 32, image_size=256, embedding_shape=(64, 16, 16),
-        low_res_mask_size=(64, 64), num_mask_tokens=4, mask_threshold=0.0, pixel_mean=(1.0, 2.0, 3.0),
-        pixel_std=(4.0, 5.0, 6.0), preprocessing_version=1, exporter_version="x",
-    )
-    meta.write(tmp_path)
-    assert model_spec.ModelMetadata.read(tmp_path) == meta
-    with pytest.raises(ValueError, match="unknown"):
-        model_spec.ModelMetadata.from_json(meta.to_json()[:-1] + ', "surprise": 1}')
-    assert meta.cache_namespace == f"m:{'ab' * 32}:pp1"
-
-
-@pytest.mark.parametrize(
-    "model, inputs, outputs",
-    [
-        (model_spec.ENCODER_MODEL, model_spec.ENCODER_INPUTS, model_spec.ENCODER_OUTPUTS),
-        (model_spec.DECODER_MODEL, model_spec.DECODER_INPUTS, model_spec.DECODER_OUTPUTS),
-    ],
-)
-def test_triton_configs_declare_the_contract_names(model, inputs, outputs):
-    """config.pbtxt must name the tensors exactly as model_spec does, and batch (max_batch_size > 0)."""
-    import re
-
-    from samserve_build.repository import SOURCE_REPOSITORY
-
-    config = (SOURCE_REPOSITORY / model / "config.pbtxt").read_text()
-    sections = {key: re.findall(r'name: "(\w+)"', body) for key, body in re.findall(r"\n(input|output) \[(.*?)\n\]", config, re.S)}
-    assert sections["input"] == list(inputs)
-    assert sections["output"] == list(outputs)
-    assert f'name: "{model}"' in config
-    assert int(re.search(r"max_batch_size: (\d+)", config).group(1)) > 0
-    assert "dynamic_batching" in config

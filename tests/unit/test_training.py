@@ -162,11 +162,15 @@ def test_evaluation_scores_a_perfect_segmenter_one() -> None:
 
 
 def test_the_shipped_model_is_served_unless_another_is_configured(monkeypatch) -> None:
-    from samserve.settings import SCENES_CHECKPOINT, Settings
+    from samserve_build.settings import SCENES_CHECKPOINT, BuildSettings as Settings
 
     for name in ("SAMSERVE_MODEL_VARIANT", "SAMSERVE_CHECKPOINT"):
         monkeypatch.delenv(name, raising=False)
     default = Settings()
+    monkeypatch.setenv("SAMSERVE_MODEL_VARIANT", "vit_q")
+    with pytest.raises(ValueError, match="unknown model variant 'vit_q'"):
+        Settings()  # choices are validated when the settings are read, before anything starts
+    monkeypatch.delenv("SAMSERVE_MODEL_VARIANT")
     assert (default.model_variant, default.checkpoint) == ("scenes", SCENES_CHECKPOINT)
     assert SCENES_CHECKPOINT.exists() and SCENES_CHECKPOINT.with_suffix(".json").exists()
     assert default.model_id == "scenes:samserve_scenes_v1"
