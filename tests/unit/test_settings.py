@@ -1,0 +1,47 @@
+"""The settings: every knob documented in the README, choices validated when a command reads them."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from samserve.settings import GatewaySettings, StackSettings, TransportName
+from samserve_build.settings import BuildSettings
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def documented() -> set[str]:
+    """Variables named in the README's settings table (``SAMSERVE_A`` / ``_B`` rows name two)."""
+    names = set()
+    for row in re.findall(r"^\| (`SAMSERVE_[^|]+)\|", README.read_text(), re.M):
+        first, *more = re.findall(r"`([A-Z0-9_]+)`", row)
+        names.add(first)
+        prefix = first.rsplit("_", 2)[0] if first.endswith("_PORT") else first.rsplit("_", 1)[0]
+        names.update(prefix + suffix for suffix in more)
+    return names
+
+
+def test_every_setting_is_documented_in_the_readme():
+    fields = {f"SAMSERVE_{name.upper()}" for name in BuildSettings.model_fields}
+    assert fields - documented() == set()
+
+
+def test_the_gateway_reads_only_what_it_needs():
+    gateway = set(GatewaySettings.model_fields)
+    assert not gateway & {"workdir", "model_variant", "checkpoint", "serving_target", "redis_server_port"}
+    assert gateway < set(StackSettings.model_fields) < set(BuildSettings.model_fields)
+
+
+def test_choices_are_validated_at_start_up(monkeypatch):
+    monkeypatch.setenv("SAMSERVE_EMBEDDING_TRANSPORT", "carrier-pigeon")
+    with pytest.raises(ValidationError, match="'grpc' or 'shm'"):
+        GatewaySettings()
+    monkeypatch.setenv("SAMSERVE_EMBEDDING_TRANSPORT", "grpc")
+    assert GatewaySettings().embedding_transport is TransportName.GRPC
+    monkeypatch.setenv("SAMSERVE_LOG_LEVEL", "LOUD")
+    with pytest.raises(ValidationError):
+        GatewaySettings()
