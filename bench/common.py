@@ -13,6 +13,7 @@ import logging
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 import warnings
@@ -65,18 +66,47 @@ def summary(samples: list[float]) -> dict[str, float]:
     }
 
 
+CPU_FLAGS_OF_INTEREST = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "amx_tile", "fma")
+"""The instruction-set flags that change the runtimes' speed on a CPU (recorded with every result)."""
+
+
+def cpu() -> dict[str, object]:
+    """Model name and the flags of :data:`CPU_FLAGS_OF_INTEREST` that this CPU has (from /proc/cpuinfo)."""
+    model, flags = platform.processor(), set()
+    try:
+        for line in open("/proc/cpuinfo"):
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:
+        pass
+    return {"model": model, "cores": os.cpu_count(), "flags": [f for f in CPU_FLAGS_OF_INTEREST if f in flags]}
+
+
+def git_commit() -> str:
+    """The commit the benchmark ran on, with ``-dirty`` when tracked files differed from it."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
+
+    commit = git("rev-parse", "HEAD") or "unknown"
+    return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
 def environment() -> dict[str, object]:
     import onnxruntime
     import torch
 
-    cpu = platform.processor()
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    processor = cpu()
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{cpu}, {os.cpu_count()} cores, no GPU",
+        "commit": git_commit(),
+        "command": " ".join([Path(sys.argv[0]).relative_to(REPO_ROOT).as_posix()
+                             if Path(sys.argv[0]).resolve().is_relative_to(REPO_ROOT) else sys.argv[0],
+                             *sys.argv[1:]]),
+        "machine": f"{processor['model']}, {processor['cores']} cores, no GPU",
+        "cpu": processor,
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
