@@ -10,7 +10,6 @@ import grpc
 import numpy as np
 import pytest
 import torch
-import tritonclient.grpc as tritongrpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 from segment_anything import SamPredictor
@@ -21,36 +20,10 @@ from samserve.client import PromptSpec, SamServeClient
 from samserve.redis_server import RedisServer
 from samserve_build import architectures
 from samserve_build.evaluation import iou
-from tests.conftest import free_port, synthetic_image
-from tests.integration.test_parity import prompt_for
-
-_image_seed = iter(range(1000, 100000))
-
-
-def png_bytes(image: np.ndarray, **options) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, "PNG", **options)
-    return buffer.getvalue()
-
-
-def new_image(height: int = 120, width: int = 160) -> bytes:
-    """A PNG no earlier call has sent (so its embedding is not cached anywhere)."""
-    return png_bytes(synthetic_image(height, width, seed=next(_image_seed)))
-
-
-def inference_count(triton_url: str, model: str) -> int:
-    """How many inferences Triton ran for ``model`` (its own statistics)."""
-    client = tritongrpc.InferenceServerClient(triton_url)
-    try:
-        stats = client.get_inference_statistics(model, as_json=True)
-        return sum(int(m.get("inference_count", 0)) for m in stats["model_stats"])
-    finally:
-        client.close()
-
-
-def encoder_count(triton_url: str) -> int:
-    return inference_count(triton_url, model_spec.ENCODER_MODEL)
-
+from tests.support.images import new_image, png_bytes, synthetic_image
+from tests.support.local_stack import free_port
+from tests.support.prompts import prompt_for
+from tests.support.triton_stats import encoder_count
 
 def spec(kwargs: dict) -> PromptSpec:
     points = kwargs.get("point_coords")

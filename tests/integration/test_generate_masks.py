@@ -29,9 +29,9 @@ from samserve.api import pb
 from samserve.client import SamServeClient
 from samserve.settings import SCENES_CHECKPOINT
 from samserve_build import architectures, scenes
-from tests.amg_reference import match
-from tests.conftest import synthetic_image
-from tests.integration.test_gateway import encoder_count, inference_count, new_image, png_bytes
+from tests.support.amg_reference import match
+from tests.support.images import new_image, png_bytes, synthetic_image
+from tests.support.triton_stats import encoder_count, inference_count
 
 HW = (240, 320)
 LOWERED = dict(points_per_side=16, pred_iou_thresh=0.02, stability_score_thresh=0.0, box_nms_thresh=1.0,

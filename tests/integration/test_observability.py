@@ -18,8 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from samserve.client import PromptSpec, SamServeClient
 from samserve.settings import REPO_ROOT
-from tests.conftest import free_port
-from tests.integration.test_gateway import new_image
+from tests.support.images import new_image
+from tests.support.local_stack import free_port
 
 OBSERVABILITY = REPO_ROOT / "deploy" / "observability"
 

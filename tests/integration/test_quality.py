@@ -25,8 +25,7 @@ from samserve import model_spec
 from samserve.client import SamServeClient
 from samserve.settings import SCENES_CHECKPOINT
 from samserve_build import architectures, evaluation, scenes
-
-from tests.conftest import ExportedModel, serve
+from tests.support.served_models import ExportedModel, serve
 
 SCENES = range(50)
 TOLERANCE = 0.01

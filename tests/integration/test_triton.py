@@ -19,7 +19,8 @@ from tritonclient.utils import InferenceServerException
 from samserve import model_spec, onnx_backend, processing, segmentation, triton_server
 from samserve.triton_models import TritonSam
 from samserve_build import repository
-from tests.conftest import free_port, synthetic_image
+from tests.support.images import synthetic_image
+from tests.support.local_stack import free_port
 
 
 def test_served_metadata_equals_exported(tiny_triton, event_loop_runner):

@@ -21,7 +21,7 @@ from samserve import amg, mask_encoding, model_spec, processing
 from samserve.segmentation import EmbeddedImage
 from samserve.triton_models import StagedEmbedding
 from samserve_build import architectures
-from tests.amg_reference import SceneDecoder, match, official_generate
+from tests.support.amg_reference import SceneDecoder, match, official_generate
 
 IMAGE_SIZE, LOW_RES = 256, 64
 META = model_spec.ModelMetadata(

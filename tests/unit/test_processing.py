@@ -10,7 +10,7 @@ from segment_anything.utils.transforms import ResizeLongestSide
 from torch.nn import functional as F
 
 from samserve import model_spec, processing
-from tests.conftest import synthetic_image
+from tests.support.images import synthetic_image
 
 SIZES = [(37, 53), (53, 37), (480, 640), (600, 338), (1, 1500), (1024, 1024), (777, 1001)]
 
