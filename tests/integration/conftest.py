@@ -1,6 +1,10 @@
 """The integration tier's fixtures: exported models (seeded random weights and the shipped checkpoint), a real
 Triton server per model, a real Redis, real gateway processes. Every test under tests/integration is marked
-``integration``."""
+``integration``.
+
+Gateways: ``gateway`` / ``scenes_gateway`` are one process per test module, for tests that neither stop them nor
+read their log or metrics (each such test sends images no other test sent, see ``tests.support.images.new_image``);
+tests that do any of that, or need other settings, start their own with ``gateway_factory``."""
 
 from __future__ import annotations
 
@@ -101,3 +105,18 @@ def gateway_factory(tmp_path: Path) -> Iterator[GatewayFactory]:
     """Start gateways for a test; all are stopped at its end."""
     with _gateways(tmp_path) as make:
         yield make
+
+
+@pytest.fixture(scope="module")
+def gateway(tiny_triton: ServedModel, redis_server: RedisServer,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    """One gateway per test module: tiny Triton and the session's Redis, default settings."""
+    with _gateways(tmp_path_factory.mktemp("gateway")) as make:
+        yield make(tiny_triton.url, redis_server.url)
+
+
+@pytest.fixture(scope="module")
+def scenes_gateway(scenes_triton: ServedModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    """One gateway per test module on the shipped model, without Redis."""
+    with _gateways(tmp_path_factory.mktemp("scenes-gateway")) as make:
+        yield make(scenes_triton.url, None)

@@ -41,11 +41,6 @@ def official_tiny(tiny_triton):
     return architectures.load_sam("tiny", tiny_triton.model.checkpoint)
 
 
-@pytest.fixture
-def gateway(gateway_factory, tiny_triton, redis_server):
-    return gateway_factory(tiny_triton.url, redis_server.url)
-
-
 @pytest.mark.parametrize("multimask", [True, False], ids=["multimask", "single"])
 def test_embed_then_segment_by_id_matches_official_predictor(gateway, official_tiny, multimask):
     height, width = 300, 400
@@ -139,11 +134,10 @@ def test_sixteen_concurrent_segments_on_a_new_image_run_one_encoder(gateway, tin
     assert all(np.array_equal(r[0].masks, results[0][0].masks) for r in results)
 
 
-def test_two_gateways_sharing_redis_run_one_encoder_between_them(gateway_factory, tiny_triton, redis_server):
-    first = gateway_factory(tiny_triton.url, redis_server.url)
+def test_two_gateways_sharing_redis_run_one_encoder_between_them(gateway, gateway_factory, tiny_triton, redis_server):
     second = gateway_factory(tiny_triton.url, redis_server.url)
     before = encoder_count(tiny_triton.url)
-    results = _concurrent_segments([first.target, second.target], new_image(200, 260), 8)
+    results = _concurrent_segments([gateway.target, second.target], new_image(200, 260), 8)
     assert encoder_count(tiny_triton.url) == before + 1
     assert all(np.array_equal(r[0].masks, results[0][0].masks) for r in results)
 
@@ -289,10 +283,9 @@ def test_reflection_lists_the_service(gateway):
     assert SERVICE_NAME in names and "grpc.health.v1.Health" in names
 
 
-def test_corrupt_redis_record_is_recomputed(gateway_factory, tiny_triton, redis_server):
+def test_corrupt_redis_record_is_recomputed(gateway, gateway_factory, tiny_triton, redis_server):
     import redis
 
-    gateway = gateway_factory(tiny_triton.url, redis_server.url)
     data = new_image()
     with SamServeClient(gateway.target) as client:
         image_id = client.embed(data).image_id
@@ -411,14 +404,13 @@ def test_triton_restart_unavailable_then_recovers_from_redis(gateway_factory, ti
         server.stop()
 
 
-def test_a_crashed_holders_lock_expires(gateway_factory, tiny_triton, redis_server):
+def test_a_crashed_holders_lock_expires(gateway, tiny_triton, redis_server):
     """A replica died holding the single-flight lock of an image: the lock expires and the next request
     encodes the image itself instead of waiting forever."""
     import hashlib
 
     import redis
 
-    gateway = gateway_factory(tiny_triton.url, redis_server.url)
     data = new_image()
     namespace = tiny_triton.model.metadata.cache_namespace
     lock = f"samserve:emb:{namespace}:{hashlib.sha256(data).hexdigest()}:lock"

@@ -44,11 +44,6 @@ def official_tiny(tiny_triton):
     return architectures.load_sam("tiny", tiny_triton.model.checkpoint)
 
 
-@pytest.fixture
-def gateway(gateway_factory, tiny_triton, redis_server):
-    return gateway_factory(tiny_triton.url, redis_server.url)
-
-
 @pytest.mark.parametrize("extra", [{}, {"crop_n_layers": 1}, {"min_mask_region_area": 30}],
                          ids=["whole_image", "crop_layers_1", "min_region_area"])
 def test_matches_official_generator(gateway, official_tiny, extra):
@@ -71,14 +66,14 @@ def test_matches_official_generator(gateway, official_tiny, extra):
 
 @pytest.mark.parametrize("extra", [{}, {"crop_n_layers": 1, "min_mask_region_area": 40}],
                          ids=["whole_image", "crops_and_small_regions"])
-def test_trained_model_matches_official_generator(gateway_factory, scenes_triton, extra):
+def test_trained_model_matches_official_generator(scenes_gateway, extra):
     torch.set_num_threads(2)
     sam = architectures.load_sam("scenes", SCENES_CHECKPOINT)
     image = scenes.generate_scene(scenes.EVAL_SEED_OFFSET + 7).image
     params = dict(points_per_side=16, pred_iou_thresh=0.2, stability_score_thresh=0.5, **extra)
     with torch.no_grad():
         expected = SamAutomaticMaskGenerator(sam, output_mode="coco_rle", **params).generate(image)
-    with SamServeClient(gateway_factory(scenes_triton.url, None).target) as client:
+    with SamServeClient(scenes_gateway.target) as client:
         got = client.generate_masks(png_bytes(image), **params)
     assert len(expected) >= 15
     result = match([e["segmentation"] for e in expected], [a["segmentation"] for a in got.annotations])
@@ -89,7 +84,7 @@ def test_trained_model_matches_official_generator(gateway_factory, scenes_triton
         assert abs(expected[theirs]["stability_score"] - got.annotations[ours]["stability_score"]) < 2e-2
 
 
-def test_no_surviving_mask_is_an_empty_answer(gateway_factory, scenes_triton):
+def test_no_surviving_mask_is_an_empty_answer(scenes_gateway):
     """Where the official generator crashes (torchvision's batched_nms on the empty boxes of a crop that kept no
     mask), GenerateMasks answers with no masks."""
     image = scenes.generate_scene(scenes.EVAL_SEED_OFFSET + 7).image
@@ -97,7 +92,7 @@ def test_no_surviving_mask_is_an_empty_answer(gateway_factory, scenes_triton):
     sam = architectures.load_sam("scenes", SCENES_CHECKPOINT)
     with torch.no_grad(), pytest.raises(IndexError):
         SamAutomaticMaskGenerator(sam, **params).generate(image)
-    with SamServeClient(gateway_factory(scenes_triton.url, None).target) as client:
+    with SamServeClient(scenes_gateway.target) as client:
         answer = client.generate_masks(png_bytes(image), **params)
     assert answer.annotations == [] and answer.width == image.shape[1]
 
