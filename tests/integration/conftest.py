@@ -3,8 +3,9 @@ Triton server per model, a real Redis, real gateway processes. Every test under 
 ``integration``.
 
 Gateways: ``gateway`` / ``scenes_gateway`` are one process per test module, for tests that neither stop them nor
-read their log or metrics (each such test sends images no other test sent, see ``tests.support.images.new_image``);
-tests that do any of that, or need other settings, start their own with ``gateway_factory``."""
+read their log or count their metrics (each such test sends images no other test sent, see
+``tests.support.images.new_image``); tests that do any of that, need an empty tier 1 or other settings, start
+their own with ``gateway_factory``."""
 
 from __future__ import annotations
 

@@ -22,6 +22,7 @@ from samserve_build import architectures
 from samserve_build.evaluation import iou
 from tests.support.images import new_image, png_bytes, synthetic_image
 from tests.support.local_stack import free_port
+from tests.support.polling import wait_until
 from tests.support.prompts import prompt_for
 from tests.support.triton_stats import encoder_count
 
@@ -340,10 +341,7 @@ def redis_cluster(tmp_path_factory):
         subprocess.run(["redis-cli", "--cluster", "create", *[f"127.0.0.1:{n.port}" for n in nodes],
                         "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=60)
         probe = redis.Redis(port=nodes[0].port)
-        for _ in range(100):
-            if probe.cluster("info").get("cluster_state") == "ok":
-                break
-            threading.Event().wait(0.1)
+        wait_until(lambda: probe.cluster("info").get("cluster_state"), lambda state: state == "ok", "cluster_state")
         probe.close()
         yield nodes
     finally:
@@ -369,8 +367,6 @@ def test_redis_cluster_tier_two_and_single_flight(gateway_factory, tiny_triton, 
 def test_triton_restart_unavailable_then_recovers_from_redis(gateway_factory, tiny_model, redis_server, tmp_path):
     """Triton goes away (UNAVAILABLE, NOT_SERVING) and comes back: tier 1's shared-memory regions are gone with
     it, so the gateway starts tier 1 afresh and serves the image again from Redis without re-encoding."""
-    import time
-
     from samserve import triton_server
     from samserve_build.repository import write_repository
 
@@ -387,16 +383,12 @@ def test_triton_restart_unavailable_then_recovers_from_redis(gateway_factory, ti
             image_id = client.embed(data).image_id
             (before,) = client.segment(image_id, prompt)
             server.stop()
-            deadline = time.monotonic() + 30
-            while gateway.health() != "NOT_SERVING" and time.monotonic() < deadline:
-                time.sleep(0.1)
-            assert gateway.health() == "NOT_SERVING"
+            wait_until(gateway.health, lambda status: status == "NOT_SERVING", "gateway health", timeout_s=30)
             code, _ = _code(lambda: client.segment(image_id, prompt))
             assert code == grpc.StatusCode.UNAVAILABLE
             server.start()
             server.wait_ready(120, models)
-            while gateway.health() != "SERVING" and time.monotonic() < deadline + 60:
-                time.sleep(0.1)
+            wait_until(gateway.health, lambda status: status == "SERVING", "gateway health", timeout_s=60)
             (after,) = client.segment(image_id, prompt)
             np.testing.assert_array_equal(before.masks, after.masks)
         assert encoder_count(server.grpc_url) == 0  # the fresh Triton never encoded: the embedding came from Redis
@@ -432,6 +424,19 @@ def test_redis_launcher_refuses_a_port_that_something_answers_on(redis_server, t
         RedisServer(redis_server.port, tmp_path).start()
 
 
+def redis_answers(url: str, within_s: float = 0.5) -> bool:
+    """Whether Redis answers a PING within ``within_s`` (it does not while DEBUG SLEEP blocks it)."""
+    import redis
+
+    client = redis.Redis.from_url(url, socket_timeout=within_s)
+    try:
+        return bool(client.ping())
+    except redis.TimeoutError:
+        return False
+    finally:
+        client.close()
+
+
 def test_slow_redis_does_not_fail_requests(gateway_factory, tiny_triton, tmp_path):
     """Redis blocked for 3 s (DEBUG SLEEP) while new images arrive: every request succeeds within the Redis
     timeout budget (the embedding is computed locally) and the failure is logged."""
@@ -443,7 +448,7 @@ def test_slow_redis_does_not_fail_requests(gateway_factory, tiny_triton, tmp_pat
         blocker = threading.Thread(target=lambda: redis.Redis.from_url(server.url).execute_command("DEBUG", "SLEEP", "3"))
         with SamServeClient(gateway.target, timeout_s=30) as client:
             blocker.start()
-            threading.Event().wait(0.2)
+            wait_until(lambda: redis_answers(server.url), lambda answers: not answers, "Redis answering PING")
             (answer,) = client.segment(new_image(), [PromptSpec(points=[(30, 30)], labels=[1])])
             assert answer.masks.shape == (3, 120, 160)
         blocker.join()

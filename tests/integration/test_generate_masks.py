@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -24,14 +23,15 @@ import pytest
 import torch
 from segment_anything import SamAutomaticMaskGenerator
 
-from samserve import model_spec
 from samserve.api import pb
 from samserve.client import SamServeClient
 from samserve.settings import SCENES_CHECKPOINT
 from samserve_build import architectures, scenes
 from tests.support.amg_reference import match
 from tests.support.images import new_image, png_bytes, synthetic_image
-from tests.support.triton_stats import encoder_count, inference_count
+from tests.support.metrics import sample, scrape
+from tests.support.polling import wait_until, wait_until_stable
+from tests.support.triton_stats import decoder_count, encoder_count
 
 HW = (240, 320)
 LOWERED = dict(points_per_side=16, pred_iou_thresh=0.02, stability_score_thresh=0.0, box_nms_thresh=1.0,
@@ -157,14 +157,15 @@ def test_client_deadline_stops_the_work(gateway, tiny_triton):
     params = dict(LOWERED, points_per_side=64, points_per_batch=8)  # 512 decoder calls
     with SamServeClient(gateway.target) as client:
         client.embed(data)  # the encoder is not what the deadline cuts
-        before = inference_count(tiny_triton.url, model_spec.DECODER_MODEL)
+        before = decoder_count(tiny_triton.url)
         with pytest.raises(grpc.RpcError) as error:
             client.generate_masks(data, timeout_s=0.5, **params)
         assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        time.sleep(0.5)
-        settled = inference_count(tiny_triton.url, model_spec.DECODER_MODEL)
-        time.sleep(1.5)
-        assert inference_count(tiny_triton.url, model_spec.DECODER_MODEL) == settled, "decoder calls went on"
+        # The gateway ends the call (its in-flight gauge returns to 0), then the decoder calls already sent finish
+        # and Triton's count stops: had the work gone on, it would reach all 512 calls or never settle.
+        wait_until(lambda: sample(scrape(gateway.metrics_url), "samserve_inflight_requests", method="GenerateMasks"),
+                   lambda inflight: inflight == 0, "GenerateMasks in flight after its deadline")
+        settled = wait_until_stable(lambda: decoder_count(tiny_triton.url), "decoder calls went on")
         assert settled - before < 512
         # and the gateway still serves
         assert client.generate_masks(data, points_per_side=4).image_id
@@ -221,10 +222,10 @@ def test_bulk_job_finishes_the_rest_reports_the_corrupt_file_and_resumes(gateway
     assert [f["file"] for f in failures] == ["broken.png"]
 
     written = {p: p.stat().st_mtime_ns for p in out.rglob("*.png.json")}
-    decoder_calls = inference_count(tiny_triton.url, model_spec.DECODER_MODEL)
+    decoder_calls = decoder_count(tiny_triton.url)
     again = run_cli(str(folder), *options)
     assert "0 written, 3 already done, 0 failed, 1 skipped" in again.stdout and again.returncode == 1
-    assert inference_count(tiny_triton.url, model_spec.DECODER_MODEL) == decoder_calls  # nothing recomputed
+    assert decoder_count(tiny_triton.url) == decoder_calls  # nothing recomputed
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.png.json")} == written
 
     # A list file works the same way; a missing file is a recorded failure, not a crash.
