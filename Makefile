@@ -10,13 +10,18 @@ STAMP := $(VENV)/.samserve-installed
 DEBIAN_PACKAGES ?= redis-server prometheus
 PYTEST_ARGS ?=
 
-.PHONY: up test setup system-deps stubs prepare bench load clean train quality
+.PHONY: up test test-unit setup system-deps stubs prepare bench load clean train quality
 
 up: setup prepare
 	$(BIN)/samserve up
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The unit tier alone: pure functions, seconds, importing neither torch nor Triton (its conftest fails the run if
+# anything does). `make test` runs it too, with tests/reference (vs the official code) and tests/integration.
+test-unit: setup
+	$(BIN)/python -m pytest tests/unit -q $(PYTEST_ARGS)
 
 setup: system-deps $(STAMP) stubs
 

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the repository root: tests.support
 
 from common import WORK, environment, print_table, vit_b_model, write_results  # noqa: E402
 from gateway_cpu import png_with_tag  # noqa: E402
@@ -104,7 +105,7 @@ def official_worker(config: str, include_encoder: bool, sample_memory: bool, hei
     from segment_anything import SamAutomaticMaskGenerator
 
     from samserve_build import architectures
-    from samserve_build.synthetic import synthetic_image
+    from tests.support.images import synthetic_image
 
     torch.set_num_threads(2)
     torch.set_grad_enabled(False)
@@ -142,8 +143,8 @@ def run_official(config: str, include_encoder: bool, args: argparse.Namespace, s
 
 # -- ours -----------------------------------------------------------------------------------------------------
 def run_ours(args: argparse.Namespace) -> tuple[dict, str]:
-    from samserve_build import local_stack
-    from samserve_build.synthetic import synthetic_image
+    from tests.support import local_stack
+    from tests.support.images import synthetic_image
     from samserve.client import SamServeClient
 
     _, model_dir, meta = vit_b_model()
@@ -183,7 +184,7 @@ def run_ours(args: argparse.Namespace) -> tuple[dict, str]:
 
 
 def parity(official: dict, ours: dict) -> dict:
-    from tests.amg_reference import match
+    from tests.support.amg_reference import match
 
     result = match(official["rles"], ours["rles"])
     both_empty = result.official == result.ours == 0

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the repository root: tests.support
 
 import numpy as np  # noqa: E402
 import openvino as ov  # noqa: E402
@@ -19,7 +20,7 @@ from common import environment, print_table, summary, time_calls, vit_b_model, w
 
 from samserve import model_spec, onnx_backend, processing  # noqa: E402
 from samserve_build import architectures, export  # noqa: E402
-from samserve_build.synthetic import synthetic_image  # noqa: E402
+from tests.support.images import synthetic_image  # noqa: E402
 
 
 def main() -> None:

@@ -157,7 +157,7 @@ def scene(args: argparse.Namespace) -> Scene:
     from segment_anything import SamPredictor
 
     from samserve_build import architectures
-    from samserve_build.synthetic import synthetic_image
+    from tests.support.images import synthetic_image
 
     torch.set_num_threads(2)
     torch.set_grad_enabled(False)

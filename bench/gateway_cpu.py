@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the repository root: tests.support
 
 import numpy as np  # noqa: E402
 from common import (  # noqa: E402
@@ -30,7 +31,7 @@ from samserve import processing  # noqa: E402
 from samserve.api import pb  # noqa: E402
 from samserve.client import PromptSpec, SamServeClient  # noqa: E402
 from samserve.redis_server import RedisServer  # noqa: E402
-from samserve_build import local_stack  # noqa: E402
+from tests.support import local_stack  # noqa: E402
 
 HOT_TARGET, COLD_HOT_TARGET, OVERHEAD_TARGET_MS = 0.75, 100.0, 5.0
 

@@ -16,7 +16,9 @@ import io
 import itertools
 import os
 import random
+import sys
 import time
+from pathlib import Path
 
 import grpc.experimental.gevent as grpc_gevent
 
@@ -26,8 +28,10 @@ import grpc  # noqa: E402
 from locust import User, between, events, task  # noqa: E402
 from PIL import Image  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: tests.support
+
 from samserve.api import pb, pb_grpc  # noqa: E402
-from samserve_build.synthetic import synthetic_image  # noqa: E402
+from tests.support.images import synthetic_image  # noqa: E402
 
 SEED = int(os.environ.get("SAMSERVE_LOAD_SEED", "0"))
 HEIGHT = int(os.environ.get("SAMSERVE_LOAD_HEIGHT", "480"))

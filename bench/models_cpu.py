@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the repository root: tests.support
 
 from common import (  # noqa: E402
     WORK, add_image_arguments, environment, print_table, scene, ServedEmbeddings, summary, time_calls, triton_client,
@@ -24,7 +25,7 @@ from common import (  # noqa: E402
 
 from samserve import processing, segmentation  # noqa: E402
 from samserve.settings import TransportName  # noqa: E402
-from samserve_build import local_stack  # noqa: E402
+from tests.support import local_stack  # noqa: E402
 
 ENCODER_TARGET = 0.5
 DECODER_TARGET = 0.7

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the repository root: tests.support
 
 import grpc  # noqa: E402
 import matplotlib  # noqa: E402
@@ -32,8 +33,8 @@ from samserve import processing  # noqa: E402
 from samserve.api import pb, pb_grpc  # noqa: E402
 from samserve.redis_server import RedisServer  # noqa: E402
 from samserve.triton_models import TritonSam  # noqa: E402
-from samserve_build import local_stack  # noqa: E402
-from samserve_build.synthetic import synthetic_image  # noqa: E402
+from tests.support import local_stack  # noqa: E402
+from tests.support.images import synthetic_image  # noqa: E402
 
 LEVELS = (1, 2, 4, 8, 16, 32)
 RATIO_TARGET, TAIL_TARGET = 0.8, 3.0

@@ -10,7 +10,6 @@ import grpc
 import numpy as np
 import pytest
 import torch
-import tritonclient.grpc as tritongrpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 from segment_anything import SamPredictor
@@ -21,36 +20,11 @@ from samserve.client import PromptSpec, SamServeClient
 from samserve.redis_server import RedisServer
 from samserve_build import architectures
 from samserve_build.evaluation import iou
-from tests.conftest import free_port, synthetic_image
-from tests.integration.test_parity import prompt_for
-
-_image_seed = iter(range(1000, 100000))
-
-
-def png_bytes(image: np.ndarray, **options) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, "PNG", **options)
-    return buffer.getvalue()
-
-
-def new_image(height: int = 120, width: int = 160) -> bytes:
-    """A PNG no earlier call has sent (so its embedding is not cached anywhere)."""
-    return png_bytes(synthetic_image(height, width, seed=next(_image_seed)))
-
-
-def inference_count(triton_url: str, model: str) -> int:
-    """How many inferences Triton ran for ``model`` (its own statistics)."""
-    client = tritongrpc.InferenceServerClient(triton_url)
-    try:
-        stats = client.get_inference_statistics(model, as_json=True)
-        return sum(int(m.get("inference_count", 0)) for m in stats["model_stats"])
-    finally:
-        client.close()
-
-
-def encoder_count(triton_url: str) -> int:
-    return inference_count(triton_url, model_spec.ENCODER_MODEL)
-
+from tests.support.images import new_image, png_bytes, synthetic_image
+from tests.support.local_stack import free_port
+from tests.support.polling import wait_until
+from tests.support.prompts import prompt_for
+from tests.support.triton_stats import encoder_count
 
 def spec(kwargs: dict) -> PromptSpec:
     points = kwargs.get("point_coords")
@@ -66,11 +40,6 @@ def spec(kwargs: dict) -> PromptSpec:
 @pytest.fixture(scope="module")
 def official_tiny(tiny_triton):
     return architectures.load_sam("tiny", tiny_triton.model.checkpoint)
-
-
-@pytest.fixture
-def gateway(gateway_factory, tiny_triton, redis_server):
-    return gateway_factory(tiny_triton.url, redis_server.url)
 
 
 @pytest.mark.parametrize("multimask", [True, False], ids=["multimask", "single"])
@@ -166,11 +135,10 @@ def test_sixteen_concurrent_segments_on_a_new_image_run_one_encoder(gateway, tin
     assert all(np.array_equal(r[0].masks, results[0][0].masks) for r in results)
 
 
-def test_two_gateways_sharing_redis_run_one_encoder_between_them(gateway_factory, tiny_triton, redis_server):
-    first = gateway_factory(tiny_triton.url, redis_server.url)
+def test_two_gateways_sharing_redis_run_one_encoder_between_them(gateway, gateway_factory, tiny_triton, redis_server):
     second = gateway_factory(tiny_triton.url, redis_server.url)
     before = encoder_count(tiny_triton.url)
-    results = _concurrent_segments([first.target, second.target], new_image(200, 260), 8)
+    results = _concurrent_segments([gateway.target, second.target], new_image(200, 260), 8)
     assert encoder_count(tiny_triton.url) == before + 1
     assert all(np.array_equal(r[0].masks, results[0][0].masks) for r in results)
 
@@ -316,10 +284,9 @@ def test_reflection_lists_the_service(gateway):
     assert SERVICE_NAME in names and "grpc.health.v1.Health" in names
 
 
-def test_corrupt_redis_record_is_recomputed(gateway_factory, tiny_triton, redis_server):
+def test_corrupt_redis_record_is_recomputed(gateway, gateway_factory, tiny_triton, redis_server):
     import redis
 
-    gateway = gateway_factory(tiny_triton.url, redis_server.url)
     data = new_image()
     with SamServeClient(gateway.target) as client:
         image_id = client.embed(data).image_id
@@ -374,10 +341,7 @@ def redis_cluster(tmp_path_factory):
         subprocess.run(["redis-cli", "--cluster", "create", *[f"127.0.0.1:{n.port}" for n in nodes],
                         "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=60)
         probe = redis.Redis(port=nodes[0].port)
-        for _ in range(100):
-            if probe.cluster("info").get("cluster_state") == "ok":
-                break
-            threading.Event().wait(0.1)
+        wait_until(lambda: probe.cluster("info").get("cluster_state"), lambda state: state == "ok", "cluster_state")
         probe.close()
         yield nodes
     finally:
@@ -403,8 +367,6 @@ def test_redis_cluster_tier_two_and_single_flight(gateway_factory, tiny_triton, 
 def test_triton_restart_unavailable_then_recovers_from_redis(gateway_factory, tiny_model, redis_server, tmp_path):
     """Triton goes away (UNAVAILABLE, NOT_SERVING) and comes back: tier 1's shared-memory regions are gone with
     it, so the gateway starts tier 1 afresh and serves the image again from Redis without re-encoding."""
-    import time
-
     from samserve import triton_server
     from samserve_build.repository import write_repository
 
@@ -421,16 +383,12 @@ def test_triton_restart_unavailable_then_recovers_from_redis(gateway_factory, ti
             image_id = client.embed(data).image_id
             (before,) = client.segment(image_id, prompt)
             server.stop()
-            deadline = time.monotonic() + 30
-            while gateway.health() != "NOT_SERVING" and time.monotonic() < deadline:
-                time.sleep(0.1)
-            assert gateway.health() == "NOT_SERVING"
+            wait_until(gateway.health, lambda status: status == "NOT_SERVING", "gateway health", timeout_s=30)
             code, _ = _code(lambda: client.segment(image_id, prompt))
             assert code == grpc.StatusCode.UNAVAILABLE
             server.start()
             server.wait_ready(120, models)
-            while gateway.health() != "SERVING" and time.monotonic() < deadline + 60:
-                time.sleep(0.1)
+            wait_until(gateway.health, lambda status: status == "SERVING", "gateway health", timeout_s=60)
             (after,) = client.segment(image_id, prompt)
             np.testing.assert_array_equal(before.masks, after.masks)
         assert encoder_count(server.grpc_url) == 0  # the fresh Triton never encoded: the embedding came from Redis
@@ -438,14 +396,13 @@ def test_triton_restart_unavailable_then_recovers_from_redis(gateway_factory, ti
         server.stop()
 
 
-def test_a_crashed_holders_lock_expires(gateway_factory, tiny_triton, redis_server):
+def test_a_crashed_holders_lock_expires(gateway, tiny_triton, redis_server):
     """A replica died holding the single-flight lock of an image: the lock expires and the next request
     encodes the image itself instead of waiting forever."""
     import hashlib
 
     import redis
 
-    gateway = gateway_factory(tiny_triton.url, redis_server.url)
     data = new_image()
     namespace = tiny_triton.model.metadata.cache_namespace
     lock = f"samserve:emb:{namespace}:{hashlib.sha256(data).hexdigest()}:lock"
@@ -467,6 +424,19 @@ def test_redis_launcher_refuses_a_port_that_something_answers_on(redis_server, t
         RedisServer(redis_server.port, tmp_path).start()
 
 
+def redis_answers(url: str, within_s: float = 0.5) -> bool:
+    """Whether Redis answers a PING within ``within_s`` (it does not while DEBUG SLEEP blocks it)."""
+    import redis
+
+    client = redis.Redis.from_url(url, socket_timeout=within_s)
+    try:
+        return bool(client.ping())
+    except redis.TimeoutError:
+        return False
+    finally:
+        client.close()
+
+
 def test_slow_redis_does_not_fail_requests(gateway_factory, tiny_triton, tmp_path):
     """Redis blocked for 3 s (DEBUG SLEEP) while new images arrive: every request succeeds within the Redis
     timeout budget (the embedding is computed locally) and the failure is logged."""
@@ -478,7 +448,7 @@ def test_slow_redis_does_not_fail_requests(gateway_factory, tiny_triton, tmp_pat
         blocker = threading.Thread(target=lambda: redis.Redis.from_url(server.url).execute_command("DEBUG", "SLEEP", "3"))
         with SamServeClient(gateway.target, timeout_s=30) as client:
             blocker.start()
-            threading.Event().wait(0.2)
+            wait_until(lambda: redis_answers(server.url), lambda answers: not answers, "Redis answering PING")
             (answer,) = client.segment(new_image(), [PromptSpec(points=[(30, 30)], labels=[1])])
             assert answer.masks.shape == (3, 120, 160)
         blocker.join()

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -24,14 +23,15 @@ import pytest
 import torch
 from segment_anything import SamAutomaticMaskGenerator
 
-from samserve import model_spec
 from samserve.api import pb
 from samserve.client import SamServeClient
 from samserve_build.settings import SCENES_CHECKPOINT
 from samserve_build import architectures, scenes
-from tests.amg_reference import match
-from tests.conftest import synthetic_image
-from tests.integration.test_gateway import encoder_count, inference_count, new_image, png_bytes
+from tests.support.amg_reference import match
+from tests.support.images import new_image, png_bytes, synthetic_image
+from tests.support.metrics import sample, scrape
+from tests.support.polling import wait_until, wait_until_stable
+from tests.support.triton_stats import decoder_count, encoder_count
 
 HW = (240, 320)
 LOWERED = dict(points_per_side=16, pred_iou_thresh=0.02, stability_score_thresh=0.0, box_nms_thresh=1.0,
@@ -42,11 +42,6 @@ LOWERED = dict(points_per_side=16, pred_iou_thresh=0.02, stability_score_thresh=
 def official_tiny(tiny_triton):
     torch.set_num_threads(2)
     return architectures.load_sam("tiny", tiny_triton.model.checkpoint)
-
-
-@pytest.fixture
-def gateway(gateway_factory, tiny_triton, redis_server):
-    return gateway_factory(tiny_triton.url, redis_server.url)
 
 
 @pytest.mark.parametrize("extra", [{}, {"crop_n_layers": 1}, {"min_mask_region_area": 30}],
@@ -71,14 +66,14 @@ def test_matches_official_generator(gateway, official_tiny, extra):
 
 @pytest.mark.parametrize("extra", [{}, {"crop_n_layers": 1, "min_mask_region_area": 40}],
                          ids=["whole_image", "crops_and_small_regions"])
-def test_trained_model_matches_official_generator(gateway_factory, scenes_triton, extra):
+def test_trained_model_matches_official_generator(scenes_gateway, extra):
     torch.set_num_threads(2)
     sam = architectures.load_sam("scenes", SCENES_CHECKPOINT)
     image = scenes.generate_scene(scenes.EVAL_SEED_OFFSET + 7).image
     params = dict(points_per_side=16, pred_iou_thresh=0.2, stability_score_thresh=0.5, **extra)
     with torch.no_grad():
         expected = SamAutomaticMaskGenerator(sam, output_mode="coco_rle", **params).generate(image)
-    with SamServeClient(gateway_factory(scenes_triton.url, None).target) as client:
+    with SamServeClient(scenes_gateway.target) as client:
         got = client.generate_masks(png_bytes(image), **params)
     assert len(expected) >= 15
     result = match([e["segmentation"] for e in expected], [a["segmentation"] for a in got.annotations])
@@ -89,7 +84,7 @@ def test_trained_model_matches_official_generator(gateway_factory, scenes_triton
         assert abs(expected[theirs]["stability_score"] - got.annotations[ours]["stability_score"]) < 2e-2
 
 
-def test_no_surviving_mask_is_an_empty_answer(gateway_factory, scenes_triton):
+def test_no_surviving_mask_is_an_empty_answer(scenes_gateway):
     """Where the official generator crashes (torchvision's batched_nms on the empty boxes of a crop that kept no
     mask), GenerateMasks answers with no masks."""
     image = scenes.generate_scene(scenes.EVAL_SEED_OFFSET + 7).image
@@ -97,7 +92,7 @@ def test_no_surviving_mask_is_an_empty_answer(gateway_factory, scenes_triton):
     sam = architectures.load_sam("scenes", SCENES_CHECKPOINT)
     with torch.no_grad(), pytest.raises(IndexError):
         SamAutomaticMaskGenerator(sam, **params).generate(image)
-    with SamServeClient(gateway_factory(scenes_triton.url, None).target) as client:
+    with SamServeClient(scenes_gateway.target) as client:
         answer = client.generate_masks(png_bytes(image), **params)
     assert answer.annotations == [] and answer.width == image.shape[1]
 
@@ -162,14 +157,15 @@ def test_client_deadline_stops_the_work(gateway, tiny_triton):
     params = dict(LOWERED, points_per_side=64, points_per_batch=8)  # 512 decoder calls
     with SamServeClient(gateway.target) as client:
         client.embed(data)  # the encoder is not what the deadline cuts
-        before = inference_count(tiny_triton.url, model_spec.DECODER_MODEL)
+        before = decoder_count(tiny_triton.url)
         with pytest.raises(grpc.RpcError) as error:
             client.generate_masks(data, timeout_s=0.5, **params)
         assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        time.sleep(0.5)
-        settled = inference_count(tiny_triton.url, model_spec.DECODER_MODEL)
-        time.sleep(1.5)
-        assert inference_count(tiny_triton.url, model_spec.DECODER_MODEL) == settled, "decoder calls went on"
+        # The gateway ends the call (its in-flight gauge returns to 0), then the decoder calls already sent finish
+        # and Triton's count stops: had the work gone on, it would reach all 512 calls or never settle.
+        wait_until(lambda: sample(scrape(gateway.metrics_url), "samserve_inflight_requests", method="GenerateMasks"),
+                   lambda inflight: inflight == 0, "GenerateMasks in flight after its deadline")
+        settled = wait_until_stable(lambda: decoder_count(tiny_triton.url), "decoder calls went on")
         assert settled - before < 512
         # and the gateway still serves
         assert client.generate_masks(data, points_per_side=4).image_id
@@ -226,10 +222,10 @@ def test_bulk_job_finishes_the_rest_reports_the_corrupt_file_and_resumes(gateway
     assert [f["file"] for f in failures] == ["broken.png"]
 
     written = {p: p.stat().st_mtime_ns for p in out.rglob("*.png.json")}
-    decoder_calls = inference_count(tiny_triton.url, model_spec.DECODER_MODEL)
+    decoder_calls = decoder_count(tiny_triton.url)
     again = run_cli(str(folder), *options)
     assert "0 written, 3 already done, 0 failed, 1 skipped" in again.stdout and again.returncode == 1
-    assert inference_count(tiny_triton.url, model_spec.DECODER_MODEL) == decoder_calls  # nothing recomputed
+    assert decoder_count(tiny_triton.url) == decoder_calls  # nothing recomputed
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.png.json")} == written
 
     # A list file works the same way; a missing file is a recorded failure, not a crash.

@@ -18,8 +18,7 @@ EXPECTED_CALL = {"MixedUser": "Segment hot (image_id)", "EverythingUser": "Gener
 
 
 @pytest.mark.parametrize("scenario", sorted(EXPECTED_CALL))
-def test_locust_headless_has_no_failures(gateway_factory, tiny_triton, redis_server, tmp_path, scenario):
-    gateway = gateway_factory(tiny_triton.url, redis_server.url)
+def test_locust_headless_has_no_failures(gateway, tmp_path, scenario):
     prefix = tmp_path / "locust"
     env = dict(os.environ, SAMSERVE_LOAD_HEIGHT="120", SAMSERVE_LOAD_WIDTH="160", SAMSERVE_LOAD_POINTS_PER_SIDE="8")
     result = subprocess.run(

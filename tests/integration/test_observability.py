@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -14,11 +13,12 @@ from pathlib import Path
 
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from samserve.client import PromptSpec, SamServeClient
-from tests.conftest import free_port
-from tests.integration.test_gateway import new_image
+from tests.support.images import new_image
+from tests.support.local_stack import free_port
+from tests.support.metrics import sample, scrape
+from tests.support.polling import wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -43,14 +43,6 @@ def test_promtool_accepts_the_config_and_rules():
         assert series in exprs
 
 
-def scrape(url: str) -> dict[tuple[str, tuple], float]:
-    text = urllib.request.urlopen(url, timeout=5).read().decode()
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text) for sample in family.samples
-    }
-
-
 def test_gateway_metrics_count_what_happened(gateway_factory, tiny_triton, redis_server):
     gateway = gateway_factory(tiny_triton.url, redis_server.url)
     data = new_image()
@@ -63,7 +55,7 @@ def test_gateway_metrics_count_what_happened(gateway_factory, tiny_triton, redis
     samples = scrape(gateway.metrics_url)
 
     def value(name: str, **labels: str) -> float:
-        return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+        return sample(samples, name, **labels)
 
     assert value("samserve_rpc_requests_total", method="Segment", code="OK") == 3
     assert value("samserve_rpc_requests_total", method="Segment", code="INVALID_ARGUMENT") == 1
@@ -99,18 +91,18 @@ def query(base: str, promql: str) -> list[dict]:
     return body["data"]["result"]
 
 
+def query_or_nothing(base: str, promql: str) -> list[dict]:
+    """The query's result; nothing while Prometheus is still starting."""
+    try:
+        return query(base, promql)
+    except urllib.error.URLError:
+        return []
+
+
 def wait_for(base: str, promql: str, check, timeout_s: float = 60.0) -> list[dict]:
-    deadline = time.monotonic() + timeout_s
-    result: list[dict] = []
-    while time.monotonic() < deadline:
-        try:
-            result = query(base, promql)
-        except urllib.error.URLError:  # Prometheus still starting
-            result = []
-        if result and check(result):
-            return result
-        time.sleep(0.5)
-    raise AssertionError(f"{promql} -> {result}")
+    """Poll the query until its result passes ``check`` (Prometheus scrapes and evaluates every second here)."""
+    return wait_until(lambda: query_or_nothing(base, promql), lambda result: bool(result) and check(result), promql,
+                      timeout_s=timeout_s, interval_s=0.25)
 
 
 def test_real_prometheus_scrapes_gateway_and_triton(gateway_factory, tiny_triton, redis_server, tmp_path):

@@ -10,12 +10,10 @@ CI. Real Triton server, real gRPC.
 from __future__ import annotations
 
 import dataclasses
-import io
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from segment_anything import SamPredictor
 
 from samserve import processing, segmentation
@@ -24,7 +22,9 @@ from samserve.embedder import EncodeLimiter, ImageEmbedder, ImageRef
 from samserve.triton_models import TritonSam
 from samserve_build import architectures
 from samserve_build.evaluation import iou
-from tests.conftest import ServedModel, synthetic_image
+from tests.support.images import png_bytes, synthetic_image
+from tests.support.prompts import prompt_for
+from tests.support.served_models import ServedModel
 
 MASK_IOU_MIN = 0.99
 SCORE_DIFF_MAX = 1e-3
@@ -40,12 +40,6 @@ class Side:
     ours: ImageRef
     """The image as a request carries it (PNG bytes)."""
     image: np.ndarray
-
-
-def png(image: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, "PNG")
-    return buffer.getvalue()
 
 
 class Harness:
@@ -70,7 +64,7 @@ class Harness:
             official = SamPredictor(self.sam)
             with torch.no_grad():
                 official.set_image(image)
-            self.sides[shape_name] = Side(official, ImageRef.from_bytes(png(image), max_pixels=1 << 30), image)
+            self.sides[shape_name] = Side(official, ImageRef.from_bytes(png_bytes(image), max_pixels=1 << 30), image)
         return self.sides[shape_name]
 
     def segment(self, side: Side, prompts: list[processing.Prompt]) -> list[segmentation.PromptMasks]:
@@ -104,22 +98,6 @@ def harnesses(request, event_loop_runner):
     yield get
     for harness in built.values():
         event_loop_runner.run(harness.triton.close())
-
-
-def prompt_for(case: str, height: int, width: int, multimask: bool) -> dict:
-    """Official-predictor keyword arguments for each case (original-image pixels)."""
-    w, h = width, height
-    cases = {
-        "point": dict(point_coords=np.array([[0.5 * w, 0.4 * h]]), point_labels=np.array([1])),
-        "fg_bg": dict(point_coords=np.array([[0.3 * w, 0.3 * h], [0.7 * w, 0.6 * h]]), point_labels=np.array([1, 0])),
-        "box": dict(box=np.array([0.2 * w, 0.25 * h, 0.8 * w, 0.75 * h])),
-        "box_points": dict(
-            point_coords=np.array([[0.5 * w, 0.5 * h], [0.25 * w, 0.3 * h]]),
-            point_labels=np.array([1, 0]),
-            box=np.array([0.1 * w, 0.1 * h, 0.9 * w, 0.85 * h]),
-        ),
-    }
-    return dict(cases[case], multimask_output=multimask)
 
 
 def to_prompt(kwargs: dict) -> processing.Prompt:

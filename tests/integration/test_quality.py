@@ -25,8 +25,7 @@ from samserve import model_spec
 from samserve.client import SamServeClient
 from samserve_build.settings import SCENES_CHECKPOINT
 from samserve_build import architectures, evaluation, scenes
-
-from tests.conftest import ExportedModel, serve
+from tests.support.served_models import ExportedModel, serve
 
 SCENES = range(50)
 TOLERANCE = 0.01
@@ -60,9 +59,8 @@ def disagreement(reference: evaluation.QualityReport, measured: evaluation.Quali
     return out
 
 
-def test_service_quality_equals_pytorch(scenes_triton, gateway_factory, reference) -> None:
-    gateway = gateway_factory(scenes_triton.url, None)
-    measured = service_report(gateway.target)
+def test_service_quality_equals_pytorch(scenes_gateway, reference) -> None:
+    measured = service_report(scenes_gateway.target)
     print("service", measured.summary(), "pytorch", reference.summary())
     assert measured.areas == reference.areas and len(reference.areas) > 100
     differences = disagreement(reference, measured)
@@ -98,8 +96,7 @@ def triton_thresholding_at_half(scenes_model: ExportedModel, tmp_path_factory: p
 @pytest.mark.parametrize("broken", ["xy_swapped", "threshold_0.5"])
 def test_a_broken_link_fails_the_comparison(broken: str, request, gateway_factory, reference) -> None:
     if broken == "xy_swapped":
-        served = request.getfixturevalue("scenes_triton")
-        measured = service_report(gateway_factory(served.url, None).target, SwappedXYSegmenter)
+        measured = service_report(request.getfixturevalue("scenes_gateway").target, SwappedXYSegmenter)
         drop = reference.summary()["miou_point_top"] - measured.summary()["miou_point_top"]
         assert drop > 0.2, drop
     else:
@@ -132,19 +129,18 @@ def test_exporter_gives_the_recorded_metadata(scenes_model: ExportedModel) -> No
     assert model_spec.ModelMetadata.read(Path(scenes_model.directory)) == scenes_model.metadata
 
 
-def test_readme_demo_draws_the_object_under_the_prompt(scenes_triton, gateway_factory, tmp_path: Path) -> None:
+def test_readme_demo_draws_the_object_under_the_prompt(scenes_gateway, tmp_path: Path) -> None:
     scene = scenes.generate_scene(DEMO_SEED)
     assert np.array_equal(np.asarray(Image.open(DEMO_SCENE).convert("RGB")), scene.image)
     commands = [line.split("#")[0] for line in README.read_text().splitlines()
                 if line.startswith(".venv/bin/samserve segment build/checkpoints/demo_scene.png")]
     assert len(commands) == 2
-    gateway = gateway_factory(scenes_triton.url, None)
     for command in commands:
         args = shlex.split(command)[2:]
         out = tmp_path / "overlay.png"
         args[args.index("--out") + 1] = str(out)
         done = subprocess.run([str(Path(sys.executable).parent / "samserve"), "segment", *args, "--target",
-                               gateway.target], capture_output=True, text=True, timeout=60,
+                               scenes_gateway.target], capture_output=True, text=True, timeout=60,
                               cwd=README.parent)
         assert done.returncode == 0, done.stderr
         overlay = np.asarray(Image.open(io.BytesIO(out.read_bytes())).convert("RGB"))

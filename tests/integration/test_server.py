@@ -4,12 +4,10 @@ Triton over real gRPC channels: the interceptors' request ids, rich error detail
 from __future__ import annotations
 
 import asyncio
-import io
 
 import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
-from PIL import Image
 
 from samserve import metrics
 from samserve.api import pb, pb_grpc
@@ -17,13 +15,11 @@ from samserve.interceptors import REQUEST_ID_HEADER, STATUS_DETAILS_HEADER
 from samserve.server import create_server
 from samserve.settings import GatewaySettings
 from samserve.triton_models import TritonSam
-from tests.conftest import synthetic_image
+from tests.support.images import png_bytes, synthetic_image
 
 
 def png(height: int, width: int, seed: int) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(synthetic_image(height, width, seed=seed)).save(buffer, "PNG")
-    return buffer.getvalue()
+    return png_bytes(synthetic_image(height, width, seed=seed))
 
 
 async def serving(gateway, channel: grpc.aio.Channel, timeout_s: float = 60.0) -> None:

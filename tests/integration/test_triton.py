@@ -21,7 +21,8 @@ from samserve import model_spec, onnx_backend, processing, segmentation, triton_
 from samserve.errors import Internal, Unavailable
 from samserve.triton_models import ModelLayout, TritonSam
 from samserve_build import repository
-from tests.conftest import free_port, synthetic_image
+from tests.support.images import synthetic_image
+from tests.support.local_stack import free_port
 
 
 def test_served_metadata_equals_exported(tiny_triton, event_loop_runner):

@@ -20,7 +20,7 @@ from torchvision.ops import batched_nms
 from samserve import amg, mask_encoding, model_spec, processing
 from samserve.embedding import EmbeddedImage, Embedding, Staged
 from samserve_build import architectures
-from tests.amg_reference import SceneDecoder, match, official_generate
+from tests.support.amg_reference import SceneDecoder, match, official_generate
 
 IMAGE_SIZE, LOW_RES = 256, 64
 META = model_spec.ModelMetadata(

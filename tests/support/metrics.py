@@ -1,0 +1,23 @@
+"""Reading a Prometheus text endpoint (the gateway's /metrics, Triton's :8002/metrics) into plain values."""
+
+from __future__ import annotations
+
+import urllib.request
+
+from prometheus_client.parser import text_string_to_metric_families
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(url: str) -> Samples:
+    """Every sample at ``url``: {(name, sorted label pairs): value}."""
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text) for sample in family.samples
+    }
+
+
+def sample(samples: Samples, name: str, **labels: str) -> float:
+    """One sample's value; 0.0 when the series is absent."""
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
