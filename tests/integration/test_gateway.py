@@ -333,11 +333,11 @@ def redis_cluster(tmp_path_factory):
     import redis
 
     root = tmp_path_factory.mktemp("cluster")
-    nodes: list[RedisServer] = []
+    nodes = [RedisServer(cluster_port(), root / str(i), extra_args=(
+        "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf")) for i in range(3)]
     try:
-        for i in range(3):
-            nodes.append(RedisServer(cluster_port(), root / str(i), extra_args=(
-                "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf")).start())
+        with ThreadPoolExecutor(len(nodes)) as pool:  # each start waits out redis-py's connection retries
+            list(pool.map(RedisServer.start, nodes))
         subprocess.run(["redis-cli", "--cluster", "create", *[f"127.0.0.1:{n.port}" for n in nodes],
                         "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=60)
         probe = redis.Redis(port=nodes[0].port)
