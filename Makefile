@@ -15,7 +15,8 @@ PYTEST_ARGS ?=
 up: setup prepare
 	$(BIN)/samserve up
 
-test: setup
+# The whole suite: lint and type checks first (seconds), then every test tier (see README "Tests").
+test: setup lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The unit tier alone: pure functions, seconds, importing neither torch nor Triton (its conftest fails the run if

@@ -88,7 +88,7 @@ class PeakMemory:
             self._sample_once()
             self._stop.wait(self.interval_s)
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         self._thread.start()
         return self
 
@@ -143,9 +143,9 @@ def run_official(config: str, include_encoder: bool, args: argparse.Namespace, s
 
 # -- ours -----------------------------------------------------------------------------------------------------
 def run_ours(args: argparse.Namespace) -> tuple[dict, str]:
+    from samserve.client import SamServeClient
     from tests.support import local_stack
     from tests.support.images import synthetic_image
-    from samserve.client import SamServeClient
 
     _, model_dir, meta = vit_b_model()
     image = synthetic_image(args.height, args.width, seed=7)
@@ -176,7 +176,7 @@ def run_ours(args: argparse.Namespace) -> tuple[dict, str]:
         image_id = client.embed(png_with_tag(image, -1)).image_id
         client.generate_masks(image_id, points_per_side=4)  # warm-up of the decoder path
         for config, params in CONFIGS.items():
-            results[f"{config}/excluding_encoder"] = measured(lambda: client.generate_masks(image_id, **params))
+            results[f"{config}/excluding_encoder"] = measured(lambda p=params: client.generate_masks(image_id, **p))
         tags = iter(range(10**6))  # new bytes of the same pixels on every call: nothing cached
         results["defaults/including_encoder"] = measured(
             lambda: client.generate_masks(png_with_tag(image, next(tags)), **CONFIGS["defaults"]))

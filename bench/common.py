@@ -100,7 +100,7 @@ def environment() -> dict[str, object]:
 
     processor = cpu()
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "commit": git_commit(),
         "command": " ".join([Path(sys.argv[0]).relative_to(REPO_ROOT).as_posix()
                              if Path(sys.argv[0]).resolve().is_relative_to(REPO_ROOT) else sys.argv[0],
@@ -115,8 +115,8 @@ def environment() -> dict[str, object]:
 
 
 def print_table(title: str, header: list[str], rows: list[list[object]]) -> None:
-    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
-    line = "  ".join("{:<%d}" % w for w in widths)
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows, strict=True)]
+    line = "  ".join(f"{{:<{w}}}" for w in widths)
     print(f"\n{title}")
     print(line.format(*header))
     print(line.format(*["-" * w for w in widths]))

@@ -23,7 +23,15 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the repository r
 
 import numpy as np  # noqa: E402
 from common import (  # noqa: E402
-    WORK, add_image_arguments, environment, print_table, scene, summary, time_calls, triton_client, write_results,
+    WORK,
+    add_image_arguments,
+    environment,
+    print_table,
+    scene,
+    summary,
+    time_calls,
+    triton_client,
+    write_results,
 )
 from PIL import Image, PngImagePlugin  # noqa: E402
 
@@ -121,7 +129,8 @@ def main() -> None:
                     "gateway_overhead_ms": overhead},
         "targets": {"hot_over_official_predict": HOT_TARGET, "cold_over_hot": COLD_HOT_TARGET,
                     "gateway_overhead_ms": OVERHEAD_TARGET_MS},
-        "targets_met": {"hot_over_official_predict": hot_ratio <= HOT_TARGET, "cold_over_hot": cold_hot >= COLD_HOT_TARGET,
+        "targets_met": {"hot_over_official_predict": hot_ratio <= HOT_TARGET,
+                        "cold_over_hot": cold_hot >= COLD_HOT_TARGET,
                         "gateway_overhead_ms": overhead <= OVERHEAD_TARGET_MS},
         "mask_pixel_agreement_with_official": agreement,
     })

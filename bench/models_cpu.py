@@ -19,7 +19,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the repository root: tests.support
 
 from common import (  # noqa: E402
-    WORK, add_image_arguments, environment, print_table, scene, ServedEmbeddings, summary, time_calls, triton_client,
+    WORK,
+    ServedEmbeddings,
+    add_image_arguments,
+    environment,
+    print_table,
+    scene,
+    summary,
+    time_calls,
+    triton_client,
     write_results,
 )
 

@@ -123,11 +123,13 @@ def main() -> None:
     ratio = gateway_rows[knee]["throughput_per_s"] / bare_rows[knee]["throughput_per_s"]
     tail = gateway_rows[knee]["p99_ms"] / gateway_rows[knee]["p50_ms"]
     rows = [[g["concurrency"], g["throughput_per_s"], g["p50_ms"], g["p99_ms"], b["throughput_per_s"], b["p50_ms"],
-             b["p99_ms"], g["throughput_per_s"] / b["throughput_per_s"]] for g, b in zip(gateway_rows, bare_rows)]
+             b["p99_ms"], g["throughput_per_s"] / b["throughput_per_s"]]
+            for g, b in zip(gateway_rows, bare_rows, strict=True)]
     print_table("hot Segment through the gateway vs bare Triton decoder (vit_b, 768x1024, 2-core CPU)",
                 ["clients", "gw calls/s", "gw p50 ms", "gw p99 ms", "bare calls/s", "bare p50", "bare p99", "ratio"],
                 rows)
-    print(f"\nknee: {gateway_rows[knee]['concurrency']} clients, {gateway_rows[knee]['throughput_per_s']:.1f} calls/s = "
+    knee_row = gateway_rows[knee]
+    print(f"\nknee: {knee_row['concurrency']} clients, {knee_row['throughput_per_s']:.1f} calls/s = "
           f"{ratio:.2f} of the bare decoder (target >= {RATIO_TARGET}); p99/p50 {tail:.2f} (target <= {TAIL_TARGET})")
     RESULTS.mkdir(parents=True, exist_ok=True)
     plot(results, RESULTS / "throughput_cpu.png")

@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from samserve.subprocesses import terminate
 
@@ -37,7 +39,8 @@ class RedisServer:
         binary = redis_binary()
         if binary is None:
             raise RedisStartError("redis-server not found: install Debian's redis-server (make does, as root)")
-        client = redis.Redis(host=self.host, port=self.port, socket_timeout=1)
+        # One try per probe: redis-py's default retries with backoff cost seconds on a port nobody answers yet.
+        client = redis.Redis(host=self.host, port=self.port, socket_timeout=1, retry=Retry(NoBackoff(), 0))
         try:
             client.ping()
             raise RedisStartError(f"something already answers on {self.host}:{self.port}; choose another port "

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from samserve.redis_server import RedisServer
-from samserve_build.settings import SCENES_CHECKPOINT
 from samserve_build import export
+from samserve_build.settings import SCENES_CHECKPOINT
 from tests.support.local_stack import GatewayProcess, free_port
 from tests.support.served_models import ExportedModel, ServedModel, export_random, serve
 

@@ -26,6 +26,7 @@ from tests.support.polling import wait_until
 from tests.support.prompts import prompt_for
 from tests.support.triton_stats import encoder_count
 
+
 def spec(kwargs: dict) -> PromptSpec:
     points = kwargs.get("point_coords")
     return PromptSpec(
@@ -63,7 +64,8 @@ def test_embed_then_segment_by_id_matches_official_predictor(gateway, official_t
                               point_labels=np.array([1, 0]), multimask_output=multimask)
                 with torch.no_grad():
                     masks, scores, _ = predictor.predict(**second, mask_input=low_res[best][None])
-                (got,) = client.segment(embedded.image_id, [spec(dict(second, mask_input=ours_first.low_res_logits[best]))])
+                refined = spec(dict(second, mask_input=ours_first.low_res_logits[best]))
+                (got,) = client.segment(embedded.image_id, [refined])
             else:
                 kwargs = prompt_for(case, height, width, multimask)
                 with torch.no_grad():
@@ -87,7 +89,7 @@ def test_segment_with_bytes_equals_segment_by_id_and_both_encodings(gateway):
         by_id = client.segment(embedded.image_id, prompts, encoding=pb.MASK_ENCODING_PNG)
         raw = client.segment_raw(pb.SegmentRequest(image_id=embedded.image_id, prompts=[p.to_proto() for p in prompts],
                                                    mask_encoding=pb.MASK_ENCODING_RLE_AND_PNG))
-    for a, b in zip(by_bytes, by_id):
+    for a, b in zip(by_bytes, by_id, strict=True):
         np.testing.assert_array_equal(a.masks, b.masks)
         np.testing.assert_array_equal(a.predicted_iou, b.predicted_iou)
     mask = raw.results[0].masks[0]
@@ -221,7 +223,8 @@ def test_errors_have_precise_status_codes(gateway, tiny_triton):
             "unknown label": (lambda: segment(pb.Prompt(points=[point(3, 3, 7)])), "label"),
             "too many points": (lambda: segment(pb.Prompt(points=[point(3, 3)] * 65)), "limit is 64"),
             "mask size": (lambda: segment(pb.Prompt(points=[point(3, 3)], mask_input=pb.LowResLogits(
-                height=low_res[0] + 1, width=low_res[1], data=b"\0" * 4 * (low_res[0] + 1) * low_res[1]))), "mask_input"),
+                height=low_res[0] + 1, width=low_res[1], data=b"\0" * 4 * (low_res[0] + 1) * low_res[1]))),
+                "mask_input"),
             "no image": (lambda: client.segment_raw(pb.SegmentRequest(prompts=[pb.Prompt(points=[point(1, 1)])])),
                          "image_bytes or image_id"),
         }
@@ -445,7 +448,8 @@ def test_slow_redis_does_not_fail_requests(gateway_factory, tiny_triton, tmp_pat
     server = RedisServer(free_port(), tmp_path / "redis", extra_args=("--enable-debug-command", "yes")).start()
     try:
         gateway = gateway_factory(tiny_triton.url, server.url, redis_timeout_s=0.3)
-        blocker = threading.Thread(target=lambda: redis.Redis.from_url(server.url).execute_command("DEBUG", "SLEEP", "3"))
+        blocker = threading.Thread(
+            target=lambda: redis.Redis.from_url(server.url).execute_command("DEBUG", "SLEEP", "3"))
         with SamServeClient(gateway.target, timeout_s=30) as client:
             blocker.start()
             wait_until(lambda: redis_answers(server.url), lambda answers: not answers, "Redis answering PING")

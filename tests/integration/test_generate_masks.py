@@ -25,8 +25,8 @@ from segment_anything import SamAutomaticMaskGenerator
 
 from samserve.api import pb
 from samserve.client import SamServeClient
-from samserve_build.settings import SCENES_CHECKPOINT
 from samserve_build import architectures, scenes
+from samserve_build.settings import SCENES_CHECKPOINT
 from tests.support.amg_reference import match
 from tests.support.images import new_image, png_bytes, synthetic_image
 from tests.support.metrics import sample, scrape

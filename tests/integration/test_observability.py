@@ -78,7 +78,8 @@ def render_config(tmp: Path, gateway_target: str, triton_metrics: str) -> Path:
     config = (OBSERVABILITY / "prometheus.yml").read_text()
     config = config.replace("scrape_interval: 15s", "scrape_interval: 1s").replace("evaluation_interval: 15s",
                                                                                    "evaluation_interval: 1s")
-    config = config.replace('"127.0.0.1:9464"', f'"{gateway_target}"').replace('"127.0.0.1:8002"', f'"{triton_metrics}"')
+    config = config.replace('"127.0.0.1:9464"', f'"{gateway_target}"')
+    config = config.replace('"127.0.0.1:8002"', f'"{triton_metrics}"')
     shutil.copy(OBSERVABILITY / "rules.yml", tmp / "rules.yml")
     (tmp / "prometheus.yml").write_text(config)
     return tmp / "prometheus.yml"

@@ -173,7 +173,7 @@ def test_many_prompts_in_one_request_equal_one_at_a_time(harnesses):
     height, width = IMAGE_SHAPES["landscape"]
     prompts = [to_prompt(prompt_for(case, height, width, True)) for case in ("point", "fg_bg", "box", "box_points")]
     together = harness.segment(side, prompts)
-    for prompt, joint in zip(prompts, together):
+    for prompt, joint in zip(prompts, together, strict=True):
         alone = harness.ours(side, prompt)
         np.testing.assert_allclose(joint.iou_predictions, alone.iou_predictions, atol=1e-5)
         assert iou(joint.masks, alone.masks) >= 0.999

@@ -23,8 +23,8 @@ from PIL import Image
 
 from samserve import model_spec
 from samserve.client import SamServeClient
-from samserve_build.settings import SCENES_CHECKPOINT
 from samserve_build import architectures, evaluation, scenes
+from samserve_build.settings import SCENES_CHECKPOINT
 from tests.support.served_models import ExportedModel, serve
 
 SCENES = range(50)

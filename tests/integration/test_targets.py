@@ -11,7 +11,6 @@ from samserve import model_spec
 from samserve_build import repository
 from samserve_build.targets import SERVING_TARGETS
 
-
 CONTRACT = {
     model_spec.ENCODER_MODEL: (model_spec.ENCODER_INPUTS, model_spec.ENCODER_OUTPUTS),
     model_spec.DECODER_MODEL: (model_spec.DECODER_INPUTS, model_spec.DECODER_OUTPUTS),

@@ -12,9 +12,9 @@ import time
 
 import numpy as np
 import pytest
-from PIL import Image
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aioclient
+from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 from samserve import model_spec, onnx_backend, processing, segmentation, triton_server
@@ -67,7 +67,7 @@ def test_a_bad_request_fails_alone_inside_a_dynamic_batch(tiny_triton, event_loo
     assert error.status() == "StatusCode.INVALID_ARGUMENT"
     assert "input_size must lie in" in error.message()
     session = onnx_backend.create_session(tiny_triton.model.directory / model_spec.ENCODER_FILE)
-    for i, (item, result) in enumerate(zip(prepared, results)):
+    for i, (item, result) in enumerate(zip(prepared, results, strict=True)):
         if i == bad_index:
             continue
         expected = onnx_backend.run(session, {
@@ -105,7 +105,8 @@ def test_decoder_rejects_invalid_prompts(tiny_triton, field, value, message):
     assert caught.value.status() == "StatusCode.INVALID_ARGUMENT"
     assert message in caught.value.message()
     # Wrong embedding size for this model: rejected with the expected layout in the message.
-    feeds = {**feeds, field: np.ones_like(feeds[field]) if field != model_spec.DEC_HAS_MASK_INPUT else np.zeros_like(feeds[field])}
+    valid = np.ones_like(feeds[field]) if field != model_spec.DEC_HAS_MASK_INPUT else np.zeros_like(feeds[field])
+    feeds = {**feeds, field: valid}
     feeds[model_spec.DEC_EMBEDDING] = np.zeros((1, meta.embedding_shape[0], 8, 8), np.float32)
     inputs[0] = grpcclient.InferInput(model_spec.DEC_EMBEDDING, [1, meta.embedding_shape[0], 8, 8], "FP32")
     inputs[0].set_data_from_numpy(feeds[model_spec.DEC_EMBEDDING])
@@ -134,11 +135,12 @@ def test_prepare_then_up_serves_and_stops_cleanly(tmp_path):
              "SAMSERVE_METRICS_PORT": free_port(), "SAMSERVE_REDIS_SERVER_PORT": free_port()}
     env.update({k: str(v) for k, v in ports.items()})
     bin_dir = os.path.dirname(sys.executable)
-    prepared = subprocess.run([f"{bin_dir}/samserve-build", "prepare"], env=env, capture_output=True, text=True, timeout=300)
+    prepare = [f"{bin_dir}/samserve-build", "prepare"]
+    prepared = subprocess.run(prepare, env=env, capture_output=True, text=True, timeout=300)
     assert prepared.returncode == 0, prepared.stderr
     assert "RANDOM weights" in prepared.stderr
     # A second prepare reuses the export.
-    again = subprocess.run([f"{bin_dir}/samserve-build", "prepare"], env=env, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(prepare, env=env, capture_output=True, text=True, timeout=300)
     assert "already exported" in again.stderr
 
     process = subprocess.Popen([f"{bin_dir}/samserve", "up"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -148,7 +150,7 @@ def test_prepare_then_up_serves_and_stops_cleanly(tmp_path):
         ready = False
         while time.monotonic() < deadline and not ready:
             try:
-                ready = client.is_model_ready(model_spec.ENCODER_MODEL) and client.is_model_ready(model_spec.DECODER_MODEL)
+                ready = all(client.is_model_ready(m) for m in (model_spec.ENCODER_MODEL, model_spec.DECODER_MODEL))
             except InferenceServerException:
                 time.sleep(0.25)
         assert ready
@@ -218,7 +220,8 @@ def test_request_layout_comes_from_the_served_configs(tiny_triton, event_loop_ru
     assert served.decoder.dtypes[model_spec.DEC_EMBEDDING] == np.float32
     assert served.decoder.ranks[model_spec.DEC_POINT_COORDS] == 3
     # The same item in a model without a batch axis and with a 4-D embedding input (a TensorRT plan's layout).
-    unbatched = ModelLayout(batched=False, ranks={model_spec.DEC_EMBEDDING: 4}, dtypes={model_spec.DEC_EMBEDDING: np.float16})
+    unbatched = ModelLayout(batched=False, ranks={model_spec.DEC_EMBEDDING: 4},
+                            dtypes={model_spec.DEC_EMBEDDING: np.float16})
     tensor, data = unbatched.declare(model_spec.DEC_EMBEDDING, np.zeros((8, 4, 4), np.float32))
     assert tensor.shape() == [1, 8, 4, 4] and tensor.datatype() == "FP16" and data.dtype == np.float16
     assert served.decoder.wire_shape(model_spec.DEC_EMBEDDING, (8, 4, 4)) == (1, 8, 4, 4)

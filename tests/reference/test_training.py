@@ -127,7 +127,8 @@ def test_evaluation_scores_a_perfect_segmenter_one() -> None:
 
 
 def test_the_shipped_model_is_served_unless_another_is_configured(monkeypatch) -> None:
-    from samserve_build.settings import SCENES_CHECKPOINT, BuildSettings as Settings
+    from samserve_build.settings import SCENES_CHECKPOINT
+    from samserve_build.settings import BuildSettings as Settings
 
     for name in ("SAMSERVE_MODEL_VARIANT", "SAMSERVE_CHECKPOINT"):
         monkeypatch.delenv(name, raising=False)

@@ -45,7 +45,8 @@ class SceneDecoder:
             levels = []
             for level, scale in enumerate((0.5, 1.0, 1.6)):
                 levels.append(Shape(
-                    cx, cy, r * scale * aspect, r * scale / aspect, slope=float(np.exp(rng.uniform(np.log(0.2), np.log(8.0)))),
+                    cx, cy, r * scale * aspect, r * scale / aspect,
+                    slope=float(np.exp(rng.uniform(np.log(0.2), np.log(8.0)))),
                     quality=rng.uniform(0.8, 1.0), hole=rng.choice([0.0, 3.0]) if level else 0.0,
                     island=(cx + 1.3 * r * scale * aspect, cy, 3.0) if rng.random() < 0.3 else None,
                 ))
@@ -154,5 +155,5 @@ def match(official_rles: list[dict], our_rles: list[dict], iou_min: float = 0.95
     ious = np.asarray(coco_mask.iou([rle_of(r) for r in our_rles], [rle_of(r) for r in official_rles],
                                     [0] * len(official_rles))).T  # official x ours
     rows, cols = linear_sum_assignment(-ious)
-    pairs = [(int(r), int(c), float(ious[r, c])) for r, c in zip(rows, cols) if ious[r, c] >= iou_min]
+    pairs = [(int(r), int(c), float(ious[r, c])) for r, c in zip(rows, cols, strict=True) if ious[r, c] >= iou_min]
     return Matching(len(official_rles), len(our_rles), pairs)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import grpc
 import pytest
 from google.rpc import error_details_pb2
@@ -28,7 +26,7 @@ from samserve.interceptors import request_id, status_code, status_details
     (ResourceExhausted("x"), grpc.StatusCode.RESOURCE_EXHAUSTED),
     (Unavailable("x"), grpc.StatusCode.UNAVAILABLE),
     (DeadlineExceeded("x"), grpc.StatusCode.DEADLINE_EXCEEDED),
-    (asyncio.TimeoutError(), grpc.StatusCode.DEADLINE_EXCEEDED),
+    (TimeoutError(), grpc.StatusCode.DEADLINE_EXCEEDED),
     (Internal("x"), grpc.StatusCode.INTERNAL),
 ])
 def test_every_domain_error_has_its_code(error, code):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from samserve import model_spec, processing
+from samserve import processing
 
 
 def test_prepare_image_rejects_non_rgb():
@@ -31,7 +31,8 @@ def test_prompt_tokens_layout():
     np.testing.assert_allclose(coords, [[51.2, 102.4], [153.6, 204.8]], rtol=1e-6)
     # Points and a box: points first, then the corners.
     _, labels = processing.prompt_tokens(
-        processing.Prompt(points=np.array([[1, 1]]), labels=np.array([1]), box=np.array([0, 0, 5, 5])), original, resized
+        processing.Prompt(points=np.array([[1, 1]]), labels=np.array([1]), box=np.array([0, 0, 5, 5])),
+        original, resized,
     )
     np.testing.assert_array_equal(labels, [1, 2, 3])
     assert coords.dtype == np.float32 and labels.dtype == np.float32

@@ -10,7 +10,7 @@ from samserve_build import scenes
 def test_scenes_are_a_pure_function_of_the_seed_and_not_square() -> None:
     first, again = scenes.generate_scene(7), scenes.generate_scene(7)
     assert np.array_equal(first.image, again.image)
-    assert all(np.array_equal(a.mask, b.mask) for a, b in zip(first.instances, again.instances))
+    assert all(np.array_equal(a.mask, b.mask) for a, b in zip(first.instances, again.instances, strict=True))
     shapes = {scenes.generate_scene(seed).image.shape[:2] for seed in range(20)}
     assert any(h != w for h, w in shapes) and any(h > w for h, w in shapes) and any(h < w for h, w in shapes)
 
