@@ -94,6 +94,13 @@ def git_commit() -> str:
     return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
+def command() -> str:
+    """How this benchmark was started, the script relative to the repository root."""
+    script = Path(sys.argv[0]).resolve()
+    shown = script.relative_to(REPO_ROOT).as_posix() if script.is_relative_to(REPO_ROOT) else sys.argv[0]
+    return " ".join(["python", shown, *sys.argv[1:]])
+
+
 def environment() -> dict[str, object]:
     import onnxruntime
     import torch
@@ -102,9 +109,7 @@ def environment() -> dict[str, object]:
     return {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "commit": git_commit(),
-        "command": " ".join([Path(sys.argv[0]).relative_to(REPO_ROOT).as_posix()
-                             if Path(sys.argv[0]).resolve().is_relative_to(REPO_ROOT) else sys.argv[0],
-                             *sys.argv[1:]]),
+        "command": command(),
         "machine": f"{processor['model']}, {processor['cores']} cores, no GPU",
         "cpu": processor,
         "python": sys.version.split()[0],
