@@ -86,12 +86,13 @@ def cpu() -> dict[str, object]:
 
 
 def git_commit() -> str:
-    """The commit the benchmark ran on, with ``-dirty`` when tracked files differed from it."""
+    """The commit the benchmark ran on, with ``-dirty`` when tracked files other than results differed from it."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
 
     commit = git("rev-parse", "HEAD") or "unknown"
-    return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)bench/results")
+    return commit + ("-dirty" if changed else "")
 
 
 def command() -> str:
