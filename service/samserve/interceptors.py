@@ -2,7 +2,7 @@
 
 * :class:`RequestIdInterceptor`: a request id (the client's ``x-request-id`` metadata, else a new one) in a
   context variable that every log record of the call carries (:class:`RequestIdLogFilter`); sent back as
-  initial metadata.
+  trailing metadata.
 * :class:`MetricsInterceptor`: the in-flight gauge, the request counter and the latency histogram, by method and
   final status code.
 * :class:`ErrorInterceptor`: THE place that maps errors to status codes (:data:`STATUS_CODES`), with rich status
@@ -123,7 +123,7 @@ class _UnaryInterceptor(grpc.aio.ServerInterceptor):
 
 
 class RequestIdInterceptor(_UnaryInterceptor):
-    """Sets :data:`request_id` for the call and returns it to the client as initial metadata."""
+    """Sets :data:`request_id` for the call and returns it to the client as trailing metadata."""
 
     def wrap(self, method: str, behavior: Behavior) -> Behavior:
         async def with_request_id(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -131,7 +131,7 @@ class RequestIdInterceptor(_UnaryInterceptor):
             value = given if _VALID_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex[:16]
             token = request_id.set(value)
             try:
-                await context.send_initial_metadata(((REQUEST_ID_HEADER, value),))
+                context.set_trailing_metadata(((REQUEST_ID_HEADER, value),))  # sent with the status: no extra write
                 return await behavior(request, context)
             finally:
                 request_id.reset(token)
@@ -184,8 +184,8 @@ class ErrorInterceptor(_UnaryInterceptor):
                 else:
                     message = "deadline exceeded"
                 status = status_details(code, message, error)
-                await context.abort(code, message, trailing_metadata=((STATUS_DETAILS_HEADER,
-                                                                       status.SerializeToString()),))
+                trailers = ((STATUS_DETAILS_HEADER, status.SerializeToString()), (REQUEST_ID_HEADER, request_id.get()))
+                await context.abort(code, message, trailing_metadata=trailers)
 
         return mapped
 

@@ -71,11 +71,11 @@ def test_in_process_gateway_answers_and_returns_the_request_id(in_process):
     async def scenario():
         call = stub.Embed(pb.EmbedRequest(image=image), metadata=((REQUEST_ID_HEADER, "client-chosen-42"),))
         embedded = await call
-        returned = dict(await call.initial_metadata())[REQUEST_ID_HEADER]
+        returned = dict(await call.trailing_metadata())[REQUEST_ID_HEADER]
         prompt = pb.Prompt(points=[pb.Point(x=40, y=30, label=pb.POINT_LABEL_FOREGROUND)], multimask_output=True)
         segment = stub.Segment(pb.SegmentRequest(image_id=embedded.image_id, prompts=[prompt]))
         answer = await segment
-        generated = dict(await segment.initial_metadata())[REQUEST_ID_HEADER]
+        generated = dict(await segment.trailing_metadata())[REQUEST_ID_HEADER]
         return embedded, returned, answer, generated
 
     embedded, returned, answer, generated = runner.run(scenario())
@@ -110,7 +110,7 @@ def test_a_bad_field_comes_back_as_a_bad_request_violation_with_the_request_id(i
     violations, info = error_details_pb2.BadRequest(), error_details_pb2.RequestInfo()
     assert status.details[0].Unpack(violations) and status.details[1].Unpack(info)
     assert [v.field for v in violations.field_violations] == ["prompts[1].points[1]"]
-    assert info.request_id == "bad-point-7"
+    assert info.request_id == trailers[REQUEST_ID_HEADER] == "bad-point-7"
     after = sample("samserve_rpc_requests_total", method="Segment", code="INVALID_ARGUMENT")
     assert after == before + 1  # the metrics interceptor saw the final code
 

@@ -1,0 +1,59 @@
+"""The README's benchmark figures are the ones in bench/results (the JSON is the source; the README copies it)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+README = (ROOT / "README.md").read_text()
+
+
+def results(name: str) -> dict:
+    return json.loads((ROOT / "bench" / "results" / name).read_text())
+
+
+def models_rows() -> list[str]:
+    data = results("models_cpu.json")
+    r, ratios = data["results"], data["ratios"]
+    return [
+        f"| encoder (`set_image` vs preprocessing + Triton encoder) | {r['official_set_image']['median_ms']:.0f} ms | "
+        f"{r['triton_encoder']['median_ms']:.0f} ms | {ratios['encoder']:.2f} |",
+        f"| decoder (`predict`, 1 point, multimask vs Triton decoder + postprocessing) | "
+        f"{r['official_predict']['median_ms']:.1f} ms | "
+        f"{r['triton_decoder_plus_postprocessing']['median_ms']:.1f} ms | {ratios['decoder_path']:.2f} |",
+        f"{r['triton_decoder_bare']['median_ms']:.1f} ms vs "
+        f"{r['triton_decoder_bare_embedding_inline_grpc']['median_ms']:.1f} ms per bare decoder call",
+    ]
+
+
+def gateway_rows() -> list[str]:
+    data = results("gateway_cpu.json")
+    r, figures = data["results"], data["figures"]
+    unit = {"official_set_image": "{:.0f} ms", "cold_embed_rpc": "{:.0f} ms"}
+    rows = []
+    for key in ("official_set_image", "cold_embed_rpc", "official_predict", "hot_segment_rpc", "bare_triton_decoder"):
+        form = unit.get(key, "{:.1f} ms")
+        rows.append(" | ".join(form.format(r[key][p]) for p in ("median_ms", "p90_ms", "p99_ms")) + " |")
+    rows.append(f"Hot Segment / official predict = {figures['hot_over_official_predict']:.2f}")
+    rows.append(f"cold / hot = {figures['cold_over_hot']:.0f}")
+    rows.append(f"= {figures['gateway_overhead_ms']:.1f} ms")
+    return rows
+
+
+def throughput_rows() -> list[str]:
+    knee = results("throughput_cpu.json")["knee"]
+    return [
+        f"the knee is at {knee['concurrency']} client{'s' if knee['concurrency'] > 1 else ''} with "
+        f"{knee['gateway_throughput_per_s']:.1f} calls/s = {knee['ratio_to_ceiling']:.2f} of the bare decoder's "
+        f"{knee['bare_throughput_per_s']:.1f}",
+        f"p99/p50 = {knee['p99_over_p50']:.2f}",
+    ]
+
+
+@pytest.mark.parametrize("rows", [models_rows, gateway_rows, throughput_rows], ids=lambda f: f.__name__)
+def test_readme_quotes_the_results_files(rows):
+    missing = [row for row in rows() if row not in README.replace("\n", " ")]
+    assert not missing, f"README figures differ from bench/results; copy these: {missing}"
