@@ -60,6 +60,7 @@ bench: setup
 	$(BIN)/python bench/models_cpu.py
 	$(BIN)/python bench/gateway_cpu.py
 	$(BIN)/python bench/throughput_cpu.py
+	$(BIN)/python bench/amg_cpu.py
 
 # The shipped model: train it again (resumable: run again after an interruption), and measure its quality on
 # 500 held-out scenes with the official predictor (bench/results/tiny_quality.json; ~3 min).
