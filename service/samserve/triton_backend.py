@@ -1,9 +1,9 @@
 """The SAM encoder and decoder as Triton python-backend models running ONNX Runtime (target ``cpu-onnxruntime``).
 
-``model_repository/cpu-onnxruntime/sam_*/1/model.py`` import these classes. Each request is validated on its own: a bad request
-gets its own ``InferenceResponse(error=...)`` and never fails the rest of the batch. Valid encoder requests of
-one ``execute`` call are stacked into one ONNX Runtime run (Triton's dynamic batching); decoder requests run per
-image, that image's prompts in runs of at most ``max_prompts_per_run``.
+``model_repository/cpu-onnxruntime/sam_*/1/model.py`` import these classes. Each request is validated on its own: a
+bad request gets its own ``InferenceResponse(error=...)`` and never fails the rest of the batch. Valid encoder
+requests of one ``execute`` call are stacked into one ONNX Runtime run (Triton's dynamic batching); decoder
+requests run per image, that image's prompts in runs of at most ``max_prompts_per_run``.
 
 ``triton_python_backend_utils`` exists only inside Triton's python-backend stub, so it is imported lazily.
 """
