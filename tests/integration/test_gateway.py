@@ -22,6 +22,7 @@ from samserve_build import architectures
 from samserve_build.evaluation import iou
 from tests.support.images import new_image, png_bytes, synthetic_image
 from tests.support.local_stack import free_port
+from tests.support.metrics import sample, scrape
 from tests.support.polling import wait_until
 from tests.support.prompts import prompt_for
 from tests.support.triton_stats import encoder_count
@@ -410,10 +411,13 @@ def test_a_crashed_holders_lock_expires(gateway, tiny_triton, redis_server):
     namespace = tiny_triton.model.metadata.cache_namespace
     lock = f"samserve:emb:{namespace}:{hashlib.sha256(data).hexdigest()}:lock"
     store = redis.Redis.from_url(redis_server.url)
-    assert store.set(lock, "crashed-replica", nx=True, px=1500)
+    waits = lambda: sample(scrape(gateway.metrics_url), "samserve_single_flight_waits_total")  # noqa: E731
+    waits_before = waits()
+    assert store.set(lock, "crashed-replica", nx=True, px=3000)
     before = encoder_count(tiny_triton.url)
     with SamServeClient(gateway.target) as client:
         embedded = client.embed(data)
+    assert waits() == waits_before + 1  # it found the lock held and waited for it (not: the lock was already gone)
     assert not embedded.cached
     assert encoder_count(tiny_triton.url) == before + 1
     assert not store.exists(lock)

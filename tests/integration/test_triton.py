@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -23,6 +22,7 @@ from samserve.triton_models import ModelLayout, TritonSam
 from samserve_build import repository
 from tests.support.images import synthetic_image
 from tests.support.local_stack import free_port
+from tests.support.polling import wait_until
 
 
 def test_served_metadata_equals_exported(tiny_triton, event_loop_runner):
@@ -146,14 +146,14 @@ def test_prepare_then_up_serves_and_stops_cleanly(tmp_path):
     process = subprocess.Popen([f"{bin_dir}/samserve", "up"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         client = grpcclient.InferenceServerClient(f"127.0.0.1:{ports['SAMSERVE_TRITON_GRPC_PORT']}")
-        deadline = time.monotonic() + 120
-        ready = False
-        while time.monotonic() < deadline and not ready:
+
+        def models_ready() -> bool:
             try:
-                ready = all(client.is_model_ready(m) for m in (model_spec.ENCODER_MODEL, model_spec.DECODER_MODEL))
+                return all(client.is_model_ready(m) for m in (model_spec.ENCODER_MODEL, model_spec.DECODER_MODEL))
             except InferenceServerException:
-                time.sleep(0.25)
-        assert ready
+                return False
+
+        wait_until(models_ready, bool, "Triton's models ready under `samserve up`", timeout_s=120, interval_s=0.25)
         meta = model_spec.ModelMetadata.read(tmp_path / "models" / "tiny-random-seed4")
         assert meta.model_id == "tiny-random-seed4"
         image = tmp_path / "scene.png"
@@ -161,11 +161,10 @@ def test_prepare_then_up_serves_and_stops_cleanly(tmp_path):
         overlay = tmp_path / "overlay.png"
         segment = [f"{bin_dir}/samserve", "segment", str(image), "--point", "60,45", "--point", "10,10,0",
                    "--out", str(overlay)]
-        for _ in range(100):  # the gateway turns SERVING within a health-check interval of Triton
-            result = subprocess.run(segment, env=env, capture_output=True, text=True, timeout=60)
-            if result.returncode == 0 or "UNAVAILABLE" not in result.stderr:
-                break
-            time.sleep(0.2)
+        # The gateway turns SERVING within a health-check interval of Triton: retry only while it says UNAVAILABLE.
+        result = wait_until(lambda: subprocess.run(segment, env=env, capture_output=True, text=True, timeout=60),
+                            lambda done: done.returncode == 0 or "UNAVAILABLE" not in done.stderr,
+                            "`samserve segment` against `samserve up`", timeout_s=60, interval_s=0.2)
         assert result.returncode == 0, result.stderr
         assert "model tiny-random-seed4" in result.stdout and "mask token 1" in result.stdout
         assert Image.open(overlay).size == (120, 90)

@@ -19,5 +19,8 @@ def scrape(url: str) -> Samples:
 
 
 def sample(samples: Samples, name: str, **labels: str) -> float:
-    """One sample's value; 0.0 when the series is absent."""
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+    """One sample's value. A series that is absent fails (a metric that is not exported must not read as 0)."""
+    key = (name, tuple(sorted(labels.items())))
+    if key not in samples:
+        raise AssertionError(f"metric {name}{labels} is not exported")
+    return samples[key]
