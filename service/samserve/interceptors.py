@@ -3,11 +3,11 @@
 * :class:`RequestIdInterceptor`: a request id (the client's ``x-request-id`` metadata, else a new one) in a
   context variable that every log record of the call carries (:class:`RequestIdLogFilter`); sent back as
   trailing metadata.
-* :class:`MetricsInterceptor`: the in-flight gauge, the request counter and the latency histogram, by method and
-  final status code.
 * :class:`ErrorInterceptor`: THE place that maps errors to status codes (:data:`STATUS_CODES`), with rich status
   details: a ``google.rpc.BadRequest`` field violation when a request field is at fault, the request id as
   ``google.rpc.RequestInfo``. Anything unmapped is INTERNAL with a generic message; the cause is logged.
+* :class:`MetricsInterceptor` (innermost): the in-flight gauge, the request counter and the latency histogram, by
+  method and final status code (the code :data:`STATUS_CODES` gives the error: the one the client receives).
 
 Servicer methods just raise :mod:`samserve.errors`. Auth and quotas will be one more interceptor here.
 """
@@ -152,8 +152,8 @@ class MetricsInterceptor(_UnaryInterceptor):
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED
                 raise
-            except BaseException:
-                code = context.code() or grpc.StatusCode.UNKNOWN
+            except Exception as error:  # the code ErrorInterceptor (outside) will send: counted before it is sent
+                code = status_code(error) or grpc.StatusCode.INTERNAL
                 raise
             finally:
                 metrics.INFLIGHT.labels(method).dec()
@@ -191,8 +191,10 @@ class ErrorInterceptor(_UnaryInterceptor):
 
 
 def interceptors() -> list[grpc.aio.ServerInterceptor]:
-    """The gateway's interceptors, outermost first."""
-    return [RequestIdInterceptor(), MetricsInterceptor(), ErrorInterceptor()]
+    """The gateway's interceptors, outermost first. Metrics sit inside the error mapping: an aborted call's status
+    reaches the client as soon as it is sent, so it is counted before (a client that scrapes /metrics after its
+    error sees it counted)."""
+    return [RequestIdInterceptor(), ErrorInterceptor(), MetricsInterceptor()]
 
 
 class RequestIdLogFilter(logging.Filter):
