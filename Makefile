@@ -10,7 +10,7 @@ STAMP := $(VENV)/.samserve-installed
 DEBIAN_PACKAGES ?= redis-server prometheus
 PYTEST_ARGS ?=
 
-.PHONY: up test test-unit setup system-deps stubs prepare bench load clean train quality
+.PHONY: up test test-unit setup system-deps stubs prepare bench bench-status load clean train quality
 
 up: setup prepare
 	$(BIN)/samserve up
@@ -55,20 +55,28 @@ lint: setup
 prepare: setup
 	$(BIN)/samserve-build prepare
 
+# Every benchmark, regenerating every file in bench/results (about 50 minutes on 2 cores; the ViT-H export in
+# export_cpu.py needs about 18 GB of memory). Run on an otherwise idle machine, on committed code.
 bench: setup
 	$(BIN)/python bench/backends_cpu.py
 	$(BIN)/python bench/models_cpu.py
 	$(BIN)/python bench/gateway_cpu.py
 	$(BIN)/python bench/throughput_cpu.py
 	$(BIN)/python bench/amg_cpu.py
+	$(BIN)/python bench/quality_cpu.py
+	$(BIN)/python bench/export_cpu.py
+	$(BIN)/python bench/freshness.py
+
+# Which results files are stale (measured at a commit older than the code they measure); exit 1 if any is.
+bench-status:
+	python3 bench/freshness.py
 
 # The shipped model: train it again (resumable: run again after an interruption), and measure its quality on
 # 500 held-out scenes with the official predictor (bench/results/tiny_quality.json; ~3 min).
 train: setup
 	$(BIN)/samserve-build train --out runs/scenes --budget-minutes 80
 quality: setup
-	$(BIN)/samserve-build evaluate --checkpoint build/checkpoints/samserve_scenes_v1.pth --scenes 500 \
-	  --out bench/results/tiny_quality.json
+	$(BIN)/python bench/quality_cpu.py
 
 # Locust, headless, against a running stack (`make up` in another terminal). Writes CSV + HTML to bench/results/.
 SCENARIO ?= MixedUser

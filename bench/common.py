@@ -121,20 +121,22 @@ def environment() -> dict[str, object]:
 
 
 def print_table(title: str, header: list[str], rows: list[list[object]]) -> None:
-    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows, strict=True)]
+    cells = [[f"{x:.2f}" if isinstance(x, float) else str(x) for x in row] for row in rows]
+    widths = [max(len(x) for x in column) for column in zip(header, *cells, strict=True)]
     line = "  ".join(f"{{:<{w}}}" for w in widths)
     print(f"\n{title}")
     print(line.format(*header))
     print(line.format(*["-" * w for w in widths]))
-    for row in rows:
-        print(line.format(*[f"{x:.2f}" if isinstance(x, float) else x for x in row]))
+    for row in cells:
+        print(line.format(*row))
 
 
-def write_results(name: str, payload: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
+def write_results(name: str | Path, payload: dict) -> Path:
+    """Write ``payload`` to bench/results/``name`` (an absolute path: there instead, e.g. for a trial run)."""
     path = RESULTS / name
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
-    print(f"\nwrote {path.relative_to(REPO_ROOT)}")
+    print(f"\nwrote {path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT) else path}")
     return path
 
 

@@ -53,7 +53,51 @@ def throughput_rows() -> list[str]:
     ]
 
 
-@pytest.mark.parametrize("rows", [models_rows, gateway_rows, throughput_rows], ids=lambda f: f.__name__)
+def sci(value: float) -> str:
+    """1 significant decimal, exponent without padding: 2.3e-6."""
+    mantissa, exponent = f"{value:.1e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def backends_rows() -> list[str]:
+    runtimes = results("backends_cpu.json")["runtimes"]
+    names = {"pytorch-official-modules": "PyTorch (official modules)", "onnxruntime-fp32": "ONNX Runtime fp32 (chosen)",
+             "openvino-f32": "OpenVINO fp32", "openvino-bf16": "OpenVINO bf16"}
+    rows = []
+    for key, name in names.items():
+        r = runtimes[key]
+        errors = ("—" if key.startswith("pytorch") else
+                  f"{sci(r['encoder_relative_error'])} / {sci(r['decoder_relative_error'])}")
+        rows.append(f"| {name} | {r['encoder']['median_ms']:.0f} ms | {r['decoder']['median_ms']:.1f} ms | {errors} |")
+    return rows
+
+
+def quality_rows() -> list[str]:
+    data = results("tiny_quality.json")
+    summary, by_size = data["summary"], data["by_size"]
+    metrics = ("miou_point_top", "miou_point_oracle", "miou_box", "miou_interactive_3")
+    rows = [f"| {data['targets'][m]['value']:.3f} | {'yes' if data['targets'][m]['met'] else '**no**'} |"
+            for m in (*metrics, "iou_pearson")]
+    rows.append(f"Its quality on {summary['scenes']} held-out scenes")
+    rows += [f"| {by_size[size]['objects']} | " + " | ".join(f"{by_size[size][m]:.3f}" for m in metrics) + " |"
+             for size in ("small", "medium", "large")]
+    return rows
+
+
+def export_rows() -> list[str]:
+    variants = results("export_cpu.json")["variants"]
+    vit_b, vit_h = variants["vit_b"], variants["vit_h"]
+    return [
+        f"(measured, bench/results/export_cpu.json: vit_b encoder {sci(vit_b['encoder_relative_error'])}, decoder "
+        f"{sci(vit_b['decoder_relative_error'])}; ViT-H encoder {sci(vit_h['encoder_relative_error'])}, decoder "
+        f"{sci(vit_h['decoder_relative_error'])})",
+        f"ViT-H's export takes {vit_h['wall_clock_s'] / 60:.1f} minutes and {vit_h['peak_rss_bytes'] / 1e9:.1f} GB "
+        f"of memory on the 2-core CPU",
+    ]
+
+
+@pytest.mark.parametrize("rows", [models_rows, gateway_rows, throughput_rows, backends_rows, quality_rows, export_rows],
+                         ids=lambda f: f.__name__)
 def test_readme_quotes_the_results_files(rows):
     missing = [row for row in rows() if row not in README.replace("\n", " ")]
     assert not missing, f"README figures differ from bench/results; copy these: {missing}"
