@@ -28,7 +28,9 @@ SERVING_PATH = ("service/samserve", "build/samserve_build/export.py", "build/sam
 PLUMBING = ("bench/common.py", "tests/support")
 
 MEASURES: dict[str, tuple[str, ...]] = {
-    "backends_cpu.json": ("bench/backends_cpu.py", *PLUMBING, *SERVING_PATH),
+    "backends_cpu.json": ("bench/backends_cpu.py", *PLUMBING, "service/samserve/onnx_backend.py",
+                          "service/samserve/processing.py", "service/samserve/model_spec.py",
+                          "build/samserve_build/export.py", "build/samserve_build/architectures.py"),
     "models_cpu.json": ("bench/models_cpu.py", *PLUMBING, *SERVING_PATH),
     "gateway_cpu.json": ("bench/gateway_cpu.py", *PLUMBING, *SERVING_PATH),
     "throughput_cpu.json": ("bench/throughput_cpu.py", *PLUMBING, *SERVING_PATH),
