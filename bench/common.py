@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +52,41 @@ def time_calls(fn: Callable[[], object], repeats: int, warmup: int = 1) -> list[
         fn()
         samples.append(time.perf_counter() - start)
     return samples
+
+
+def rotated_orders(names: Sequence[str], rounds: int, start: int = 0) -> list[list[str]]:
+    """The order of ``names`` in each of ``rounds`` rounds: round ``r`` is ``names`` rotated left by ``start + r``.
+    Over ``len(names)`` consecutive rounds every name goes first once and last once; with two names the rounds
+    alternate (A B, B A, A B, ...)."""
+    count = len(names)
+    return [[names[(start + r + i) % count] for i in range(count)] for r in range(rounds)]
+
+
+INTERLEAVED = "interleaved: round robin over the calls, the order rotated by one each round (warm-up rounds alike)"
+"""How :func:`interleaved_samples` takes its samples (recorded with the results)."""
+
+
+def interleaved_samples(
+    calls: Mapping[str, Callable[[], object]], repeats: int, warmup: int = 1
+) -> dict[str, list[float]]:
+    """Wall-clock seconds of ``repeats`` calls of each named callable, taken interleaved: ``warmup`` untimed rounds,
+    then ``repeats`` timed rounds, each round calling every callable once in the order of :func:`rotated_orders`,
+    so that a slow phase of the machine hits all of them alike and none always runs first. Name -> samples."""
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    for index, order in enumerate(rotated_orders(list(calls), warmup + repeats)):
+        for name in order:
+            start = time.perf_counter()
+            calls[name]()
+            elapsed = time.perf_counter() - start
+            if index >= warmup:
+                samples[name].append(elapsed)
+    return samples
+
+
+def sampling_record(names: Sequence[str], repeats: int, warmup: int) -> dict[str, object]:
+    """What the results record of how :func:`interleaved_samples` took the samples of ``names``."""
+    return {"scheme": "interleaved", "description": INTERLEAVED, "calls": list(names), "rounds": repeats,
+            "warmup_rounds": warmup}
 
 
 def summary(samples: list[float]) -> dict[str, float]:
@@ -131,12 +166,23 @@ def print_table(title: str, header: list[str], rows: list[list[object]]) -> None
         print(line.format(*row))
 
 
-def write_results(name: str | Path, payload: dict) -> Path:
-    """Write ``payload`` to bench/results/``name`` (an absolute path: there instead, e.g. for a trial run)."""
-    path = RESULTS / name
-    path.parent.mkdir(parents=True, exist_ok=True)
+def add_output_argument(parser: argparse.ArgumentParser) -> None:
+    """``--out DIR``: where the results go (default bench/results; a trial run writes elsewhere)."""
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results folder (default: bench/results)")
+
+
+def shown_path(path: Path) -> str:
+    """``path`` relative to the repository root where it lies inside it, else absolute."""
+    path = path.resolve()
+    return path.relative_to(REPO_ROOT).as_posix() if path.is_relative_to(REPO_ROOT) else str(path)
+
+
+def write_results(name: str, payload: dict, directory: Path = RESULTS) -> Path:
+    """``payload`` as indented JSON in ``directory``/``name``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
     path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
-    print(f"\nwrote {path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT) else path}")
+    print(f"\nwrote {shown_path(path)}")
     return path
 
 

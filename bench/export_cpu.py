@@ -8,7 +8,7 @@ own time (``ExportResult.seconds``: load + trace + save + both checks), the chil
 error of each graph against PyTorch (the export fails at 1e-4). ViT-H is the one whose encoder (2.5 GB of weights)
 goes through ONNX external data, and the one that needs about 18 GB of memory: run it on an otherwise idle machine.
 
-Writes bench/results/export_cpu.json (``--variants`` and ``--out`` for other runs).
+Writes bench/results/export_cpu.json (``--variants`` and ``--out DIR`` for other runs).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
-from common import RESULTS, WORK, environment, print_table, write_results  # noqa: E402
+from common import WORK, add_output_argument, environment, print_table, write_results  # noqa: E402
 
 VARIANTS = ("vit_b", "vit_h")
 SEED = 0
@@ -66,7 +66,7 @@ def measure(variant: str) -> dict[str, object]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
-    parser.add_argument("--out", type=Path, default=RESULTS / "export_cpu.json")
+    add_output_argument(parser)
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -79,13 +79,13 @@ def main() -> None:
         [[name, v["wall_clock_s"], v["export_s"], v["peak_rss_bytes"] / 2**30, f"{v['encoder_relative_error']:.2e}",
           f"{v['decoder_relative_error']:.2e}", f"{max(v['files_bytes'].values()) / 2**20:.0f}"]
          for name, v in variants.items()])
-    write_results(args.out, {
+    write_results("export_cpu.json", {
         "benchmark": "bench/export_cpu.py",
         "environment": environment(),
         "what": "samserve-build export of seeded random weights (seed 0), one child process per variant",
         "relative_error_limit": 1e-4,
         "variants": variants,
-    })
+    }, args.out)
 
 
 if __name__ == "__main__":

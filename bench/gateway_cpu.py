@@ -1,13 +1,15 @@
 """The gateway vs the official SamPredictor, side by side in one run (vit_b, seeded random weights, one image).
 
-* cold: Embed RPC of new bytes (same pixels, a different PNG text chunk each time, so nothing is cached)
-  vs ``SamPredictor.set_image``;
+* cold: Embed RPC of new bytes (same pixels, a different PNG text chunk each time, so nothing is cached; all PNGs
+  encoded before the timed section, so only the RPC is timed) vs ``SamPredictor.set_image``;
 * hot: Segment RPC by image_id (1 point, multimask, COCO RLE) vs ``SamPredictor.predict`` (incl. its mask
   postprocessing), and the bare Triton decoder call (shared-memory embedding) that the gateway wraps.
 
-Real stack: Triton, redis-server and a `samserve gateway` process on loopback. Writes
-bench/results/gateway_cpu.json. Targets on the 2-core CPU: hot Segment p50 <= 0.75x official predict;
-cold/hot latency ratio >= 100; gateway overhead (hot Segment p50 - bare decoder p50) <= 5 ms.
+The calls compared are timed interleaved (cold: set_image and Embed; hot: predict, Segment and the bare decoder):
+round robin, the order rotated each round, the same warm-up rounds for each, so that a slow phase of the shared
+machine hits all of them alike. Real stack: Triton, redis-server and a `samserve gateway` process on loopback.
+Writes gateway_cpu.json to bench/results (or ``--out``). Targets on the 2-core CPU: hot Segment p50 <= 0.75x
+official predict; cold/hot latency ratio >= 100; gateway overhead (hot Segment p50 - bare decoder p50) <= 5 ms.
 """
 
 from __future__ import annotations
@@ -25,11 +27,13 @@ import numpy as np  # noqa: E402
 from common import (  # noqa: E402
     WORK,
     add_image_arguments,
+    add_output_argument,
     environment,
+    interleaved_samples,
     print_table,
+    sampling_record,
     scene,
     summary,
-    time_calls,
     triton_client,
     write_results,
 )
@@ -42,6 +46,8 @@ from samserve.redis_server import RedisServer  # noqa: E402
 from tests.support import local_stack  # noqa: E402
 
 HOT_TARGET, COLD_HOT_TARGET, OVERHEAD_TARGET_MS = 0.75, 100.0, 5.0
+COLD_WARMUP, HOT_WARMUP = 1, 3
+"""Untimed rounds before the timed ones (every call of a phase once per round)."""
 
 
 def png_with_tag(image: np.ndarray, tag: int) -> bytes:
@@ -57,6 +63,7 @@ def main() -> None:
     parser.add_argument("--cold-repeats", type=int, default=5)
     parser.add_argument("--hot-repeats", type=int, default=200)
     add_image_arguments(parser)
+    add_output_argument(parser)
     args = parser.parse_args()
     setup = scene(args)
     model_dir, meta, image = setup.model_dir, setup.meta, setup.image
@@ -67,17 +74,18 @@ def main() -> None:
         with local_stack.serve_locally(model_dir, work) as triton, \
                 local_stack.GatewayProcess(triton.grpc_url, redis.url, work, health_check_interval_s=1.0) as gateway, \
                 SamServeClient(gateway.target) as client:
-            tags = iter(range(10**6))
-            official_cold = time_calls(lambda: predictor.set_image(image), args.cold_repeats)
-            cold = time_calls(lambda: client.embed(png_with_tag(image, next(tags))), args.cold_repeats)
+            # Cold: every Embed gets new bytes of the same pixels (a cache miss), encoded here, outside the timing.
+            pngs = iter([png_with_tag(image, tag) for tag in range(COLD_WARMUP + args.cold_repeats)])
+            cold = interleaved_samples({
+                "official_set_image": lambda: predictor.set_image(image),
+                "cold_embed_rpc": lambda: client.embed(next(pngs)),
+            }, args.cold_repeats, warmup=COLD_WARMUP)
             image_id = client.embed(png_with_tag(image, -1)).image_id
             request = pb.SegmentRequest(image_id=image_id, mask_encoding=pb.MASK_ENCODING_RLE,
                                         prompts=[PromptSpec(points=[tuple(point[0])], labels=[1]).to_proto()])
-            official_hot = time_calls(lambda: predictor.predict(point, label, multimask_output=True),
-                                      args.hot_repeats, warmup=3)
 
-            # Hot Segment RPCs alternate with the bare decoder call that the gateway wraps (same fp16-rounded
-            # embedding, staged in shared memory), so machine noise hits both alike.
+            # Hot: predict (on the features of the last set_image: the same image), the Segment RPC and the bare
+            # decoder call that the gateway wraps (same fp16-rounded embedding, staged in shared memory).
             with asyncio.Runner() as runner:
                 bare_client = triton_client(runner, triton.grpc_url)
                 prepared = processing.prepare_image(image, meta.image_size)
@@ -86,13 +94,11 @@ def main() -> None:
                 batch = processing.decoder_batches(
                     [processing.Prompt(points=point, labels=label)], prepared.original_size,
                     prepared.input_size, meta.low_res_mask_size)[0]
-                hot, bare_decoder = [], []
-                for i in range(args.hot_repeats + 3):
-                    hot_s = time_calls(lambda: client.segment_raw(request), 1, warmup=0)[0]
-                    bare_s = time_calls(lambda: runner.run(bare_client.decode(staged, batch)), 1, warmup=0)[0]
-                    if i >= 3:
-                        hot.append(hot_s)
-                        bare_decoder.append(bare_s)
+                hot = interleaved_samples({
+                    "official_predict": lambda: predictor.predict(point, label, multimask_output=True),
+                    "hot_segment_rpc": lambda: client.segment_raw(request),
+                    "bare_triton_decoder": lambda: runner.run(bare_client.decode(staged, batch)),
+                }, args.hot_repeats, warmup=HOT_WARMUP)
                 runner.run(bare_client.close())
             masks, _, _ = predictor.predict(point, label, multimask_output=True)
             (answer,) = client.segment(image_id, [PromptSpec(points=[tuple(point[0])], labels=[1])])
@@ -100,13 +106,7 @@ def main() -> None:
     finally:
         redis.stop()
 
-    results = {
-        "official_set_image": summary(official_cold),
-        "cold_embed_rpc": summary(cold),
-        "official_predict": summary(official_hot),
-        "hot_segment_rpc": summary(hot),
-        "bare_triton_decoder": summary(bare_decoder),
-    }
+    results = {name: summary(samples) for name, samples in (cold | hot).items()}
     hot_ratio = results["hot_segment_rpc"]["median_ms"] / results["official_predict"]["median_ms"]
     cold_hot = results["cold_embed_rpc"]["median_ms"] / results["hot_segment_rpc"]["median_ms"]
     overhead = results["hot_segment_rpc"]["median_ms"] - results["bare_triton_decoder"]["median_ms"]
@@ -124,6 +124,11 @@ def main() -> None:
         "model": {"variant": "vit_b", "weights": "seeded random (seed 0)", "model_id": meta.model_id},
         "image": {"height": args.height, "width": args.width},
         "stack": "samserve gateway process + Triton (ONNX Runtime fp32, python backend) + redis-server, loopback",
+        "sampling": {
+            "cold": sampling_record(list(cold), args.cold_repeats, COLD_WARMUP)
+            | {"embed_bytes": "each call new PNG bytes of the same pixels, encoded before the timed section"},
+            "hot": sampling_record(list(hot), args.hot_repeats, HOT_WARMUP),
+        },
         "results": results,
         "figures": {"hot_over_official_predict": hot_ratio, "cold_over_hot": cold_hot,
                     "gateway_overhead_ms": overhead},
@@ -133,7 +138,7 @@ def main() -> None:
                         "cold_over_hot": cold_hot >= COLD_HOT_TARGET,
                         "gateway_overhead_ms": overhead <= OVERHEAD_TARGET_MS},
         "mask_pixel_agreement_with_official": agreement,
-    })
+    }, args.out)
 
 
 if __name__ == "__main__":

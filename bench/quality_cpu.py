@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, environment, write_results  # noqa: E402
+from common import add_output_argument, environment, write_results  # noqa: E402
 
 from samserve_build import evaluation  # noqa: E402
 from samserve_build.settings import SCENES_CHECKPOINT  # noqa: E402
@@ -25,10 +25,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, default=SCENES_CHECKPOINT, help="model.pth, model.json beside it")
     parser.add_argument("--scenes", type=int, default=500, help="held-out scenes 0..N-1")
-    parser.add_argument("--out", type=Path, default=RESULTS / "tiny_quality.json")
+    add_output_argument(parser)
     args = parser.parse_args()
     table = evaluation.write_quality_table(args.checkpoint, args.scenes, out=None)
-    write_results(args.out, {"benchmark": "bench/quality_cpu.py", "environment": environment(), **table})
+    write_results("tiny_quality.json", {"benchmark": "bench/quality_cpu.py", "environment": environment(), **table},
+                  args.out)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
 """Throughput of hot Segment RPCs vs the bare Triton decoder (the ceiling), at 1..32 concurrent clients.
 
 Stack: `samserve gateway` process + Triton (vit_b, seeded random weights) + redis-server on loopback; one
-embedded image, 1-point multimask prompts. For each concurrency level N, N asyncio workers call back to back
-for a fixed time; the same for the bare decoder call (embedding staged in shared memory, like the gateway).
-Writes bench/results/throughput_cpu.json and throughput_cpu.png (p50 latency vs throughput, both lines).
+embedded image, 1-point multimask prompts. For each concurrency level N, N asyncio workers call back to back for a
+fixed time, the gateway and the bare decoder call (embedding staged in shared memory, like the gateway) measured
+alternately at each level: ``--windows`` shorter windows per target, in rotated order (with 2: gateway, bare, bare,
+gateway at the first level, bare, gateway, gateway, bare at the next, ...), pooled per level and target, so that a
+slow phase of the shared machine hits both. Writes throughput_cpu.json and throughput_cpu.png (p50 latency vs
+throughput, both lines) to bench/results (or ``--out``).
 Target on this CPU: at the knee (the lowest concurrency reaching 90 % of the gateway's best throughput) the
 gateway reaches >= 80 % of the bare decoder's throughput, and its p99 <= 3x its p50.
 """
@@ -12,9 +15,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import io
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -26,7 +31,16 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from common import RESULTS, WORK, environment, print_table, vit_b_model, write_results  # noqa: E402
+from common import (  # noqa: E402
+    WORK,
+    add_output_argument,
+    environment,
+    print_table,
+    rotated_orders,
+    shown_path,
+    vit_b_model,
+    write_results,
+)
 from PIL import Image  # noqa: E402
 
 from samserve import processing  # noqa: E402
@@ -38,10 +52,20 @@ from tests.support.images import synthetic_image  # noqa: E402
 
 LEVELS = (1, 2, 4, 8, 16, 32)
 RATIO_TARGET, TAIL_TARGET = 0.8, 3.0
+WARMUP_CALLS = 3
+"""Untimed calls of each target, one after the other, before the first window."""
 
 
-async def drive(call, concurrency: int, seconds: float) -> dict[str, float]:
-    """N workers calling back to back for ``seconds``: throughput (calls/s) and latency percentiles (ms)."""
+@dataclasses.dataclass
+class Window:
+    """One window of N workers calling back to back: the latency of every call (s) and the window's wall time (s)."""
+
+    latencies: list[float]
+    elapsed: float
+
+
+async def drive(call: Callable[[], Awaitable[object]], concurrency: int, seconds: float) -> Window:
+    """N workers calling back to back for ``seconds`` (each finishes the call it is in at the deadline)."""
     latencies: list[float] = []
     deadline = time.perf_counter() + seconds
 
@@ -53,33 +77,63 @@ async def drive(call, concurrency: int, seconds: float) -> dict[str, float]:
 
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    elapsed = time.perf_counter() - started
-    ms = np.asarray(latencies) * 1000
-    return {"concurrency": concurrency, "calls": len(ms), "throughput_per_s": len(ms) / elapsed,
-            "p50_ms": float(np.median(ms)), "p99_ms": float(np.percentile(ms, 99))}
+    return Window(latencies, time.perf_counter() - started)
 
 
-async def sweep(gateway_target: str, triton_url: str, image: np.ndarray, meta, seconds: float) -> dict:
+def pooled(concurrency: int, windows: list[Window]) -> dict[str, object]:
+    """One level's row from its windows: throughput (all calls / all windows' time, calls/s), latency percentiles
+    of all calls (ms), and each window's throughput."""
+    ms = np.concatenate([window.latencies for window in windows]) * 1000
+    return {"concurrency": concurrency, "calls": len(ms),
+            "throughput_per_s": len(ms) / sum(window.elapsed for window in windows),
+            "p50_ms": float(np.median(ms)), "p99_ms": float(np.percentile(ms, 99)),
+            "window_throughputs_per_s": [len(window.latencies) / window.elapsed for window in windows]}
+
+
+def window_orders(names: list[str], levels: tuple[int, ...], windows: int) -> dict[int, list[str]]:
+    """Level -> the order of its windows: ``windows`` rounds over ``names`` rotated each round, the first round of
+    each level rotated one further than the previous level's (with two names: A B B A, then B A A B, ...)."""
+    return {level: [name for round_ in rotated_orders(names, windows, start=index) for name in round_]
+            for index, level in enumerate(levels)}
+
+
+async def sweep(gateway_target: str, triton_url: str, image: np.ndarray, meta, levels: tuple[int, ...],
+                seconds: float, windows: int) -> dict:
+    """Rows per target (``gateway_segment``, ``bare_decoder``), one per level, the windows alternating as in
+    :func:`window_orders`, each ``seconds / windows`` long."""
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, "PNG")
     point = (0.5 * image.shape[1], 0.4 * image.shape[0])
-    async with grpc.aio.insecure_channel(gateway_target) as channel:
-        stub = pb_grpc.SegmentAnythingStub(channel)
-        image_id = (await stub.Embed(pb.EmbedRequest(image=buffer.getvalue()))).image_id
-        request = pb.SegmentRequest(image_id=image_id, prompts=[pb.Prompt(
-            points=[pb.Point(x=point[0], y=point[1], label=pb.POINT_LABEL_FOREGROUND)], multimask_output=True)])
-        gateway = [await drive(lambda: stub.Segment(request), n, seconds) for n in LEVELS]
     triton = TritonSam(triton_url)
     await triton.metadata()  # as the gateway does: decoder outputs through shared memory
     try:
-        prepared = processing.prepare_image(image, meta.image_size)
-        staged = await triton.stage((await triton.encode(prepared)).round_trip_fp16())  # as the cache serves it
-        batch = processing.decoder_batches([processing.Prompt(points=np.array([point]), labels=np.array([1]))],
-                                           prepared.original_size, prepared.input_size, meta.low_res_mask_size)[0]
-        bare = [await drive(lambda: triton.decode(staged, batch), n, seconds) for n in LEVELS]
+        async with grpc.aio.insecure_channel(gateway_target) as channel:
+            stub = pb_grpc.SegmentAnythingStub(channel)
+            image_id = (await stub.Embed(pb.EmbedRequest(image=buffer.getvalue()))).image_id
+            request = pb.SegmentRequest(image_id=image_id, prompts=[pb.Prompt(
+                points=[pb.Point(x=point[0], y=point[1], label=pb.POINT_LABEL_FOREGROUND)], multimask_output=True)])
+            prepared = processing.prepare_image(image, meta.image_size)
+            staged = await triton.stage((await triton.encode(prepared)).round_trip_fp16())  # as the cache serves it
+            batch = processing.decoder_batches(
+                [processing.Prompt(points=np.array([point]), labels=np.array([1]))],
+                prepared.original_size, prepared.input_size, meta.low_res_mask_size)[0]
+            calls: dict[str, Callable[[], Awaitable[object]]] = {
+                "gateway_segment": lambda: stub.Segment(request),
+                "bare_decoder": lambda: triton.decode(staged, batch),
+            }
+            for call in calls.values():
+                for _ in range(WARMUP_CALLS):
+                    await call()
+            rows: dict[str, list[dict]] = {name: [] for name in calls}
+            for level, order in window_orders(list(calls), levels, windows).items():
+                measured: dict[str, list[Window]] = {name: [] for name in calls}
+                for name in order:
+                    measured[name].append(await drive(calls[name], level, seconds / windows))
+                for name, level_windows in measured.items():
+                    rows[name].append(pooled(level, level_windows))
     finally:
         await triton.close()
-    return {"gateway_segment": gateway, "bare_decoder": bare}
+    return rows
 
 
 def plot(results: dict, path: Path) -> None:
@@ -105,8 +159,13 @@ def plot(results: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=6.0, help="per concurrency level and target")
+    parser.add_argument("--seconds", type=float, default=6.0, help="per concurrency level and target, in all")
+    parser.add_argument("--windows", type=int, default=2,
+                        help="alternating windows per level and target (each --seconds / --windows long)")
+    parser.add_argument("--levels", type=int, nargs="+", default=list(LEVELS), help="concurrency levels")
+    add_output_argument(parser)
     args = parser.parse_args()
+    levels = tuple(args.levels)
     _, model_dir, meta = vit_b_model()
     image = synthetic_image(768, 1024, seed=7)
     work = WORK / "throughput_cpu"
@@ -114,7 +173,8 @@ def main() -> None:
     try:
         with local_stack.serve_locally(model_dir, work) as triton, \
                 local_stack.GatewayProcess(triton.grpc_url, redis.url, work, health_check_interval_s=1.0) as gateway:
-            results = asyncio.run(sweep(gateway.target, triton.grpc_url, image, meta, args.seconds))
+            results = asyncio.run(sweep(gateway.target, triton.grpc_url, image, meta, levels, args.seconds,
+                                        args.windows))
     finally:
         redis.stop()
     gateway_rows, bare_rows = results["gateway_segment"], results["bare_decoder"]
@@ -131,13 +191,24 @@ def main() -> None:
     knee_row = gateway_rows[knee]
     print(f"\nknee: {knee_row['concurrency']} clients, {knee_row['throughput_per_s']:.1f} calls/s = "
           f"{ratio:.2f} of the bare decoder (target >= {RATIO_TARGET}); p99/p50 {tail:.2f} (target <= {TAIL_TARGET})")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    plot(results, RESULTS / "throughput_cpu.png")
+    args.out.mkdir(parents=True, exist_ok=True)
+    plot_path = args.out / "throughput_cpu.png"
+    plot(results, plot_path)
     write_results("throughput_cpu.json", {
         "benchmark": "bench/throughput_cpu.py",
         "environment": environment(),
         "model": {"variant": "vit_b", "weights": "seeded random (seed 0)", "model_id": meta.model_id},
         "seconds_per_level": args.seconds,
+        "sampling": {
+            "scheme": "alternating",
+            "description": "at each level the gateway and the bare decoder measured in alternating windows "
+                           "(order below), pooled per level and target: throughput = calls / summed window time",
+            "windows_per_level_and_target": args.windows,
+            "seconds_per_window": args.seconds / args.windows,
+            "warmup_calls_per_target": WARMUP_CALLS,
+            "window_order": {str(level): order
+                             for level, order in window_orders(list(results), levels, args.windows).items()},
+        },
         "results": results,
         "knee": {"concurrency": gateway_rows[knee]["concurrency"],
                  "gateway_throughput_per_s": gateway_rows[knee]["throughput_per_s"],
@@ -145,8 +216,8 @@ def main() -> None:
                  "ratio_to_ceiling": ratio, "p99_over_p50": tail},
         "targets": {"ratio_to_ceiling": RATIO_TARGET, "p99_over_p50": TAIL_TARGET},
         "targets_met": {"ratio_to_ceiling": ratio >= RATIO_TARGET, "p99_over_p50": tail <= TAIL_TARGET},
-        "plot": "bench/results/throughput_cpu.png",
-    })
+        "plot": shown_path(plot_path),
+    }, args.out)
 
 
 if __name__ == "__main__":
