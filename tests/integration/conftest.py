@@ -5,7 +5,7 @@ Triton server per model, a real Redis, real gateway processes. Every test under 
 Gateways: ``gateway`` / ``scenes_gateway`` are one process per test module, for tests that neither stop them nor
 read their log or count their metrics (each such test sends images no other test sent, see
 ``tests.support.images.new_image``); tests that do any of that, need an empty tier 1 or other settings, start
-their own with ``gateway_factory``."""
+their own with ``gateway_factory`` (per test) or ``module_gateway_factory`` (per module)."""
 
 from __future__ import annotations
 
@@ -105,6 +105,13 @@ def _gateways(workdir: Path) -> Iterator[GatewayFactory]:
 def gateway_factory(tmp_path: Path) -> Iterator[GatewayFactory]:
     """Start gateways for a test; all are stopped at its end."""
     with _gateways(tmp_path) as make:
+        yield make
+
+
+@pytest.fixture(scope="module")
+def module_gateway_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayFactory]:
+    """Start gateways that a whole test module shares; all are stopped at its end."""
+    with _gateways(tmp_path_factory.mktemp("module-gateways")) as make:
         yield make
 
 

@@ -1,10 +1,13 @@
-"""Parity: the same seeded weights through the official ``SamPredictor`` and through the service's own path:
-image bytes -> :class:`samserve.embedder.ImageEmbedder` (decode, resize, Triton encoder, the cache's fp16 round
-trip, staging) -> Triton decoder -> post-processing. Binarized masks IoU >= 0.99 for every mask; predicted IoU
-within :data:`SCORE_DIFF_MAX`.
+"""Parity: the same seeded weights through the official ``SamPredictor`` and through the service as it runs: a real
+``samserve gateway`` process (with the session's Redis) called over gRPC with :class:`samserve.client.SamServeClient`.
+Each image's PNG bytes are sent once with Embed (decode, resize, Triton encoder, the cache's fp16 round trip, tier 1
+and Redis), then every prompt is a Segment by ``image_id`` (Triton decoder, post-processing, RLE over the wire);
+the refinement round feeds back the low-res logits that the gateway returned. Binarized masks IoU >=
+:data:`MASK_IOU_MIN` for every mask; predicted IoU within :data:`SCORE_DIFF_MAX` (measured worst case over the
+whole matrix, tiny and vit_b: see the README's Tests section).
 
-The tiny configuration runs everywhere; vit_b (the released architecture at 1024 px) is marked slow and stays in
-CI. Real Triton server, real gRPC.
+The tiny configuration runs everywhere; vit_b (the released architecture at 1024 px) is marked slow and runs in
+``make test`` too. One gateway per model for the module (its Triton is the session's).
 """
 
 from __future__ import annotations
@@ -13,17 +16,20 @@ import dataclasses
 
 import numpy as np
 import pytest
+import redis
 import torch
 from segment_anything import SamPredictor
 
 from samserve import processing, segmentation
-from samserve.cache import EmbeddingCache
-from samserve.embedder import EncodeLimiter, ImageEmbedder, ImageRef
+from samserve.cache import EmbeddingCodec
+from samserve.client import Masks, PromptSpec, SamServeClient
+from samserve.redis_server import RedisServer
 from samserve.triton_models import TritonSam
 from samserve_build import architectures
 from samserve_build.evaluation import iou
 from tests.support.images import png_bytes, synthetic_image
-from tests.support.prompts import prompt_for
+from tests.support.local_stack import GatewayProcess
+from tests.support.prompts import prompt_for, prompt_spec
 from tests.support.served_models import ServedModel
 
 MASK_IOU_MIN = 0.99
@@ -37,25 +43,24 @@ class Side:
     """One image set on both implementations."""
 
     official: SamPredictor
-    ours: ImageRef
-    """The image as a request carries it (PNG bytes)."""
+    image_id: str
+    """What the gateway's Embed answered for the image's PNG bytes."""
     image: np.ndarray
+    """uint8 H x W x 3 RGB."""
 
 
 class Harness:
-    def __init__(self, served: ServedModel, runner) -> None:
+    """The official predictor and a gateway on one served model."""
+
+    def __init__(self, served: ServedModel, gateway: GatewayProcess, redis_url: str) -> None:
         self.served = served
-        self.runner = runner
+        self.gateway = gateway
+        self.redis_url = redis_url
         torch.set_num_threads(2)
         self.sam = architectures.load_sam(served.model.variant, served.model.checkpoint)
-        self.triton = runner.run(self._client())
-        self.meta = runner.run(self.triton.metadata())
-        cache = EmbeddingCache(self.triton, self.meta.cache_namespace, l1_bytes=1 << 30)
-        self.embedder = ImageEmbedder(self.triton, self.meta.image_size, cache, EncodeLimiter(2, 32))
+        self.meta = served.model.metadata
+        self.client = SamServeClient(gateway.target)
         self.sides: dict[str, Side] = {}
-
-    async def _client(self) -> TritonSam:
-        return TritonSam(self.served.url)
 
     def side(self, shape_name: str) -> Side:
         if shape_name not in self.sides:
@@ -64,60 +69,56 @@ class Harness:
             official = SamPredictor(self.sam)
             with torch.no_grad():
                 official.set_image(image)
-            self.sides[shape_name] = Side(official, ImageRef.from_bytes(png_bytes(image), max_pixels=1 << 30), image)
+            embedded = self.client.embed(png_bytes(image))
+            assert (embedded.height, embedded.width) == (height, width)
+            assert embedded.model_id == self.meta.model_id
+            self.sides[shape_name] = Side(official, embedded.image_id, image)
         return self.sides[shape_name]
 
-    def segment(self, side: Side, prompts: list[processing.Prompt]) -> list[segmentation.PromptMasks]:
-        """What Segment does with a request's image and prompts (the embedding from the cache after the first)."""
-        async def run() -> list[segmentation.PromptMasks]:
-            async with self.embedder.embedded(side.ours) as (embedded, _):
-                return await segmentation.segment(self.triton, self.meta, embedded, prompts)
+    def segment(self, side: Side, prompts: list[PromptSpec]) -> list[Masks]:
+        """Segment by ``image_id`` over gRPC, with the low-res logits."""
+        return self.client.segment(side.image_id, prompts, return_low_res_logits=True)
 
-        return self.runner.run(run())
+    def ours(self, side: Side, kwargs: dict) -> Masks:
+        """The gateway's answer to one prompt given as official-predictor keyword arguments."""
+        (answer,) = self.segment(side, [prompt_spec(kwargs)])
+        return answer
 
-    def ours(self, side: Side, prompt: processing.Prompt) -> segmentation.PromptMasks:
-        return self.segment(side, [prompt])[0]
-
-    def served_embedding(self, side: Side) -> np.ndarray:
-        async def run() -> np.ndarray:
-            async with self.embedder.embedded(side.ours) as (embedded, _):
-                return embedded.embedding.array.copy()
-
-        return self.runner.run(run())
+    def stored_embedding(self, side: Side) -> np.ndarray:
+        """The embedding the gateway stored in Redis for the image (float32 C x h x w from the fp16 record)."""
+        store = redis.Redis.from_url(self.redis_url)
+        try:
+            record = store.get(f"samserve:emb:{self.meta.cache_namespace}:{side.image_id}")
+        finally:
+            store.close()
+        assert record is not None, "the gateway stored no embedding in Redis"
+        return EmbeddingCodec.decode(record).array.astype(np.float32)
 
 
 @pytest.fixture(scope="module")
-def harnesses(request, event_loop_runner):
+def harnesses(request: pytest.FixtureRequest, module_gateway_factory, redis_server: RedisServer):
     built: dict[str, Harness] = {}
 
     def get(model: str) -> Harness:
         if model not in built:
-            built[model] = Harness(request.getfixturevalue(f"{model}_triton"), event_loop_runner)
+            served: ServedModel = request.getfixturevalue(f"{model}_triton")
+            gateway = module_gateway_factory(served.url, redis_server.url)
+            built[model] = Harness(served, gateway, redis_server.url)
         return built[model]
 
     yield get
     for harness in built.values():
-        event_loop_runner.run(harness.triton.close())
+        harness.client.close()
 
 
-def to_prompt(kwargs: dict) -> processing.Prompt:
-    return processing.Prompt(
-        points=kwargs.get("point_coords"),
-        labels=kwargs.get("point_labels"),
-        box=kwargs.get("box"),
-        mask_input=None if kwargs.get("mask_input") is None else kwargs["mask_input"][0],
-        multimask_output=kwargs["multimask_output"],
-    )
-
-
-def assert_same(expected: tuple, got: segmentation.PromptMasks) -> None:
+def assert_same(expected: tuple, got: Masks) -> None:
     masks, scores, low_res = expected
     assert got.masks.shape == masks.shape
-    assert got.low_res_logits.shape == low_res.shape
+    assert got.low_res_logits is not None and got.low_res_logits.shape == low_res.shape
     ious = [iou(masks[k], got.masks[k]) for k in range(len(masks))]
     assert min(ious) >= MASK_IOU_MIN, f"mask IoU {ious}"
-    diff = np.abs(scores - got.iou_predictions)
-    assert diff.max() <= SCORE_DIFF_MAX, f"predicted IoU official {scores} vs ours {got.iou_predictions}"
+    diff = np.abs(scores - got.predicted_iou)
+    assert diff.max() <= SCORE_DIFF_MAX, f"predicted IoU official {scores} vs ours {got.predicted_iou}"
 
 
 @pytest.mark.parametrize("multimask", [True, False], ids=["multimask", "single"])
@@ -134,7 +135,8 @@ def test_masks_match_official_predictor(harnesses, model, shape_name, case, mult
         first = prompt_for("point", height, width, multimask)
         with torch.no_grad():
             _, scores, low_res = side.official.predict(**first)
-        ours_first = harness.ours(side, to_prompt(first))
+        ours_first = harness.ours(side, first)
+        assert ours_first.low_res_logits is not None
         best = int(np.argmax(scores))
         second = dict(
             point_coords=np.array([[0.5 * width, 0.4 * height], [0.2 * width, 0.8 * height]]),
@@ -143,37 +145,61 @@ def test_masks_match_official_predictor(harnesses, model, shape_name, case, mult
         )
         with torch.no_grad():
             expected = side.official.predict(**second, mask_input=low_res[best][None])
-        got = harness.ours(side, to_prompt(dict(second, mask_input=ours_first.low_res_logits[best][None])))
+        got = harness.ours(side, dict(second, mask_input=ours_first.low_res_logits[best]))
     else:
         kwargs = prompt_for(case, height, width, multimask)
         with torch.no_grad():
             expected = side.official.predict(**kwargs)
-        got = harness.ours(side, to_prompt(kwargs))
+        got = harness.ours(side, kwargs)
     assert_same(expected, got)
+    assert got.token_index == ([1, 2, 3] if multimask else [0])
 
 
 @pytest.mark.parametrize("model", MODELS)
-def test_embedding_matches_official(harnesses, model):
-    """The encoder itself matches PyTorch to 1e-4; what the service serves is exactly its fp16 round trip."""
+def test_embedding_matches_official(harnesses, event_loop_runner, model):
+    """The encoder itself (called on Triton directly) matches PyTorch to 1e-4; what the gateway serves is exactly its
+    fp16 round trip: the record it stored in Redis (what every replica serves) equals it, and its Segment answers
+    equal the decoder's on it (as they do not on the float32 embedding)."""
     harness = harnesses(model)
     side = harness.side("landscape")
     official = side.official.features[0].numpy()
     prepared = processing.prepare_image(side.image, harness.meta.image_size)
-    encoded = harness.runner.run(harness.triton.encode(prepared)).array
+    height, width = IMAGE_SHAPES["landscape"]
+    prompt = prompt_for("point", height, width, True)  # integer pixel coordinates: exact in the API's float32
+
+    async def direct(array: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """(encoder output, the decoder's low-res logits for ``prompt`` on ``array``, default that output)."""
+        triton = TritonSam(harness.served.url, "grpc")
+        try:
+            await triton.metadata()
+            encoded = await triton.encode(prepared)
+            chosen = encoded.array if array is None else array
+            embedded = await triton.stage(dataclasses.replace(encoded, array=chosen))
+            (answer,) = await segmentation.segment(triton, harness.meta, embedded, [processing.Prompt(
+                points=prompt["point_coords"], labels=prompt["point_labels"], multimask_output=True)])
+            return encoded.array, answer.low_res_logits
+        finally:
+            await triton.close()
+
+    encoded, from_fp32 = event_loop_runner.run(direct(None))
     assert encoded.shape == official.shape == harness.meta.embedding_shape
     assert np.abs(encoded - official).max() / np.abs(official).max() < 1e-4
-    served = harness.served_embedding(side)
-    np.testing.assert_array_equal(served, encoded.astype(np.float16).astype(np.float32))
+    fp16 = encoded.astype(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(harness.stored_embedding(side), fp16)
+    _, from_fp16 = event_loop_runner.run(direct(fp16))
+    served = harness.ours(side, prompt).low_res_logits
+    np.testing.assert_array_equal(served, from_fp16)
+    assert not np.array_equal(served, from_fp32)  # the comparison tells the two embeddings apart
 
 
 def test_many_prompts_in_one_request_equal_one_at_a_time(harnesses):
-    """Prompts of different token counts in one call are grouped, never padded: each equals its solo answer."""
+    """Prompts of different token counts in one Segment are grouped, never padded: each equals its solo answer."""
     harness = harnesses("tiny")
     side = harness.side("landscape")
     height, width = IMAGE_SHAPES["landscape"]
-    prompts = [to_prompt(prompt_for(case, height, width, True)) for case in ("point", "fg_bg", "box", "box_points")]
+    prompts = [prompt_spec(prompt_for(case, height, width, True)) for case in ("point", "fg_bg", "box", "box_points")]
     together = harness.segment(side, prompts)
     for prompt, joint in zip(prompts, together, strict=True):
-        alone = harness.ours(side, prompt)
-        np.testing.assert_allclose(joint.iou_predictions, alone.iou_predictions, atol=1e-5)
+        (alone,) = harness.segment(side, [prompt])
+        np.testing.assert_allclose(joint.predicted_iou, alone.predicted_iou, atol=1e-5)
         assert iou(joint.masks, alone.masks) >= 0.999

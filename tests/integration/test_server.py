@@ -1,66 +1,90 @@
 """The gateway built in process (``create_server`` with injected Triton client, port 0), against the real test
-Triton over real gRPC channels: the interceptors' request ids, rich error details and metrics."""
+Triton over real gRPC channels: the interceptors' request ids, rich error details and metrics; and, with the test
+holding the gateway's encode slot itself, that a call's deadline or cancellation drops the Triton work it still
+waited for, and that a full encode queue refuses at once."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Iterator
 
 import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 
-from samserve import metrics
 from samserve.api import pb, pb_grpc
 from samserve.interceptors import REQUEST_ID_HEADER, STATUS_DETAILS_HEADER
-from samserve.server import create_server
+from samserve.server import Gateway, create_server
 from samserve.settings import GatewaySettings
 from samserve.triton_models import TritonSam
-from tests.support.images import png_bytes, synthetic_image
+from tests.support.images import new_image, png_bytes, synthetic_image
+from tests.support.metrics import local_samples
+from tests.support.metrics import sample as strict_sample
+from tests.support.polling import wait_until_async, wait_until_stable
+from tests.support.triton_stats import decoder_count, encoder_count
 
 
 def png(height: int, width: int, seed: int) -> bytes:
     return png_bytes(synthetic_image(height, width, seed=seed))
 
 
-async def serving(gateway, channel: grpc.aio.Channel, timeout_s: float = 60.0) -> None:
+async def serving(channel: grpc.aio.Channel, timeout_s: float = 60.0) -> None:
     """Bounded wait until the in-process gateway reports SERVING (its watcher read Triton's models)."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     stub = health_pb2_grpc.HealthStub(channel)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    status = None
-    while loop.time() < deadline:
-        status = (await stub.Check(health_pb2.HealthCheckRequest())).status
-        if status == health_pb2.HealthCheckResponse.SERVING:
-            return
-        await asyncio.sleep(0.05)
-    pytest.fail(f"in-process gateway not SERVING after {timeout_s} s (last status {status})")
+
+    async def status() -> int:
+        return (await stub.Check(health_pb2.HealthCheckRequest())).status
+
+    await wait_until_async(status, lambda value: value == health_pb2.HealthCheckResponse.SERVING,
+                           "in-process gateway SERVING", timeout_s, interval_s=0.05)
 
 
-def sample(name: str, **labels: str) -> float:
-    value = metrics.RPC_REQUESTS.collect()[0]
-    for found in value.samples:
-        if found.name == name and found.labels == labels:
-            return found.value
-    return 0.0
+def requests_before(method: str, code: str) -> float:
+    """``samserve_rpc_requests_total{method, code}`` of this process before a call: 0 while no such call was
+    counted yet (a labelled series exists from its first increment)."""
+    return local_samples().get(("samserve_rpc_requests_total", (("code", code), ("method", method))), 0.0)
+
+
+def inflight(method: str) -> float:
+    """The gateway's in-flight gauge for ``method`` (this process's registry); a missing series fails."""
+    return strict_sample(local_samples(), "samserve_inflight_requests", method=method)
+
+
+InProcess = tuple[asyncio.Runner, Gateway, grpc.aio.Channel]
 
 
 @pytest.fixture
-def in_process(tiny_triton, event_loop_runner):
-    """(runner, gateway, channel): the whole gateway in this process on a free port, tier 1 only."""
-    settings = GatewaySettings(gateway_port=0, embedding_transport="grpc", health_check_interval_s=0.05)
+def in_process_factory(tiny_triton, event_loop_runner) -> Iterator[Callable[..., InProcess]]:
+    """Build the whole gateway in this process on a free port, tier 1 only, with ``settings`` over the defaults:
+    (runner, gateway, channel). Everything built is stopped at the test's end."""
+    built: list[tuple[Gateway, grpc.aio.Channel]] = []
 
-    async def start():
-        gateway = await create_server(settings, TritonSam(tiny_triton.url, settings.embedding_transport), None)
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}")
-        await serving(gateway, channel)
-        return gateway, channel
+    def make(**settings: object) -> InProcess:
+        chosen = GatewaySettings(**{"gateway_port": 0, "embedding_transport": "grpc", "health_check_interval_s": 0.05,
+                                    **settings})
 
-    gateway, channel = event_loop_runner.run(start())
-    yield event_loop_runner, gateway, channel
-    event_loop_runner.run(channel.close())
-    event_loop_runner.run(gateway.stop(1.0))
+        async def start() -> tuple[Gateway, grpc.aio.Channel]:
+            gateway = await create_server(chosen, TritonSam(tiny_triton.url, chosen.embedding_transport), None)
+            channel = grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}")
+            built.append((gateway, channel))
+            await serving(channel)
+            return gateway, channel
+
+        gateway, channel = event_loop_runner.run(start())
+        return event_loop_runner, gateway, channel
+
+    yield make
+    for gateway, channel in built:
+        event_loop_runner.run(channel.close())
+        event_loop_runner.run(gateway.stop(1.0))
+
+
+@pytest.fixture
+def in_process(in_process_factory) -> InProcess:
+    """(runner, gateway, channel) with the default settings."""
+    return in_process_factory()
 
 
 def test_in_process_gateway_answers_and_returns_the_request_id(in_process):
@@ -89,7 +113,7 @@ def test_in_process_gateway_answers_and_returns_the_request_id(in_process):
 def test_a_bad_field_comes_back_as_a_bad_request_violation_with_the_request_id(in_process):
     runner, gateway, channel = in_process
     stub = pb_grpc.SegmentAnythingStub(channel)
-    before = sample("samserve_rpc_requests_total", method="Segment", code="INVALID_ARGUMENT")
+    before = requests_before("Segment", "INVALID_ARGUMENT")
 
     async def scenario():
         prompts = [pb.Prompt(points=[pb.Point(x=1, y=1, label=pb.POINT_LABEL_FOREGROUND)]),
@@ -111,7 +135,7 @@ def test_a_bad_field_comes_back_as_a_bad_request_violation_with_the_request_id(i
     assert status.details[0].Unpack(violations) and status.details[1].Unpack(info)
     assert [v.field for v in violations.field_violations] == ["prompts[1].points[1]"]
     assert info.request_id == trailers[REQUEST_ID_HEADER] == "bad-point-7"
-    after = sample("samserve_rpc_requests_total", method="Segment", code="INVALID_ARGUMENT")
+    after = strict_sample(local_samples(), "samserve_rpc_requests_total", method="Segment", code="INVALID_ARGUMENT")
     assert after == before + 1  # the metrics interceptor saw the final code
 
 
@@ -129,3 +153,95 @@ def test_unknown_image_id_is_not_found_without_a_field(in_process):
     assert error.code() == grpc.StatusCode.NOT_FOUND and "send the image bytes again" in error.details()
     status = status_pb2.Status.FromString(dict(error.trailing_metadata())[STATUS_DETAILS_HEADER])
     assert [detail.TypeName() for detail in status.details] == ["google.rpc.RequestInfo"]
+
+
+# -- work that a call no longer waits for is dropped ----------------------------------------------------------------
+# The test itself holds the gateway's only encode slot (its EncodeLimiter, max_concurrent_encodes=1), so a request
+# is provably queued for the encoder while its deadline passes or its client cancels; Triton's own statistics then
+# show which encoder and decoder calls ran.
+
+DEADLINE_S = 1.0
+"""Client deadline of a call that must expire while it waits (it is queued within milliseconds)."""
+
+
+def test_an_embed_whose_deadline_passes_in_the_encode_queue_never_runs_the_encoder(in_process_factory, tiny_triton):
+    runner, gateway, channel = in_process_factory(max_concurrent_encodes=1)
+    stub = pb_grpc.SegmentAnythingStub(channel)
+    limiter = gateway.watcher.limiter
+    encodes = encoder_count(tiny_triton.url)
+
+    async def scenario() -> tuple[grpc.aio.AioRpcError, pb.EmbedResponse]:
+        async with limiter.slot():
+            call = stub.Embed(pb.EmbedRequest(image=new_image()), timeout=DEADLINE_S)
+            await wait_until_async(lambda: limiter.waiting, lambda n: n == 1, "Embed queued for the encoder",
+                                   timeout_s=DEADLINE_S)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await call
+            # The gateway dropped it while the slot was still taken: it left the queue and the call ended.
+            await wait_until_async(lambda: limiter.waiting, lambda n: n == 0, "expired Embed still queued")
+            await wait_until_async(lambda: inflight("Embed"), lambda n: n == 0, "Embed in flight after its deadline")
+        # The slot is free. The queue is FIFO and one encode runs at a time: an expired Embed still waiting would
+        # encode before this one, and Triton would count both.
+        return caught.value, await stub.Embed(pb.EmbedRequest(image=new_image()), timeout=60)
+
+    error, later = runner.run(scenario())
+    assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert not later.cached
+    assert encoder_count(tiny_triton.url) == encodes + 1
+
+
+def test_a_cancelled_segment_waiting_for_its_image_runs_no_decoder(in_process_factory, tiny_triton):
+    """A Segment (by bytes, many prompts) waits for the single-flight encode of its image by an Embed queued
+    behind the held slot; its client cancels. The Embed still encodes the image (once), the Segment decodes nothing.
+    (A Segment sends all its decoder calls at once, one per prompt token count, right after its embedding is
+    ready: before that is where a cancelled Segment can stop Triton work.)"""
+    runner, gateway, channel = in_process_factory(max_concurrent_encodes=1)
+    stub = pb_grpc.SegmentAnythingStub(channel)
+    limiter = gateway.watcher.limiter
+    data = new_image()
+    prompts = [pb.Prompt(points=[pb.Point(x=1 + k, y=1 + j, label=pb.POINT_LABEL_FOREGROUND) for j in range(n)],
+                         multimask_output=True) for k in range(16) for n in (1, 2)]
+    encodes, decodes = encoder_count(tiny_triton.url), decoder_count(tiny_triton.url)
+
+    def waits() -> float:
+        return strict_sample(local_samples(), "samserve_single_flight_waits_total")
+
+    async def scenario() -> tuple[pb.EmbedResponse, pb.SegmentResponse]:
+        waits_before = waits()
+        async with limiter.slot():
+            embed = stub.Embed(pb.EmbedRequest(image=data), timeout=60)
+            await wait_until_async(lambda: limiter.waiting, lambda n: n == 1, "Embed queued for the encoder")
+            segment = stub.Segment(pb.SegmentRequest(image_bytes=data, prompts=prompts), timeout=60)
+            await wait_until_async(waits, lambda n: n == waits_before + 1, "Segment waiting for the Embed's encode")
+            segment.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await segment
+            await wait_until_async(lambda: inflight("Segment"), lambda n: n == 0, "Segment in flight after cancel")
+            assert inflight("Embed") == 1 and limiter.waiting == 1  # the Embed is not the Segment's to drop
+        embedded = await embed
+        # A Segment still at work would decode as soon as the image is embedded, before this one's round trip.
+        return embedded, await stub.Segment(pb.SegmentRequest(image_id=embedded.image_id, prompts=prompts[:1]))
+
+    embedded, later = runner.run(scenario())
+    assert not embedded.cached and later.cached
+    assert encoder_count(tiny_triton.url) == encodes + 1
+    settled = wait_until_stable(lambda: decoder_count(tiny_triton.url), "decoder calls")
+    assert settled == decodes + 1  # the later Segment's one call; the cancelled one's 2 token groups never ran
+
+
+def test_a_full_encode_queue_is_resource_exhausted_at_once(in_process_factory):
+    runner, gateway, channel = in_process_factory(max_concurrent_encodes=1, max_queued_encodes=1)
+    stub = pb_grpc.SegmentAnythingStub(channel)
+    limiter = gateway.watcher.limiter
+
+    async def scenario() -> tuple[grpc.aio.AioRpcError, pb.EmbedResponse]:
+        async with limiter.slot():
+            queued = stub.Embed(pb.EmbedRequest(image=new_image()), timeout=60)
+            await wait_until_async(lambda: limiter.waiting, lambda n: n == 1, "first Embed queued")
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.Embed(pb.EmbedRequest(image=new_image()), timeout=10)  # answered while the slot is held
+        return caught.value, await queued
+
+    error, first = runner.run(scenario())
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "already queued" in error.details()
+    assert not first.cached

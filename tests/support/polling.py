@@ -3,8 +3,10 @@ what it observed or fails with an AssertionError saying what it last saw."""
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -35,3 +37,20 @@ def wait_until_stable(probe: Callable[[], T], what: str, polls: int = 5, timeout
         time.sleep(interval_s)
         seen.append(probe())
     return seen[-1]
+
+
+async def wait_until_async(probe: Callable[[], T | Awaitable[T]], done: Callable[[T], bool], what: str,
+                           timeout_s: float = 60.0, interval_s: float = 0.01) -> T:
+    """:func:`wait_until` inside an event loop (for what runs on the same loop, e.g. an in-process gateway): the
+    loop keeps running between polls. ``probe`` may be a coroutine function."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        value = probe()
+        if inspect.isawaitable(value):
+            value = await value
+        if done(value):  # type: ignore[arg-type]
+            return value  # type: ignore[return-value]
+        if loop.time() >= deadline:
+            raise AssertionError(f"{what}: still {value!r} after {timeout_s} s")
+        await asyncio.sleep(interval_s)

@@ -1,8 +1,11 @@
-"""The prompt cases the parity tests send to the official predictor and to the service."""
+"""The prompt cases the parity tests send to the official predictor and, as the client's :class:`PromptSpec`, to
+the service."""
 
 from __future__ import annotations
 
 import numpy as np
+
+from samserve.client import PromptSpec
 
 
 def prompt_for(case: str, height: int, width: int, multimask: bool) -> dict:
@@ -19,3 +22,17 @@ def prompt_for(case: str, height: int, width: int, multimask: bool) -> dict:
         ),
     }
     return dict(cases[case], multimask_output=multimask)
+
+
+def prompt_spec(kwargs: dict) -> PromptSpec:
+    """The same prompt as the client sends it (official-predictor keyword arguments -> :class:`PromptSpec`;
+    ``mask_input`` h x w, without the official leading axis)."""
+    points = kwargs.get("point_coords")
+    mask_input, box = kwargs.get("mask_input"), kwargs.get("box")
+    return PromptSpec(
+        points=[(float(x), float(y)) for x, y in points] if points is not None else (),
+        labels=[int(label) for label in kwargs["point_labels"]] if points is not None else (),
+        box=None if box is None else (float(box[0]), float(box[1]), float(box[2]), float(box[3])),
+        mask_input=None if mask_input is None else np.asarray(mask_input).reshape(mask_input.shape[-2:]),
+        multimask_output=kwargs["multimask_output"],
+    )
