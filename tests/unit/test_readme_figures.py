@@ -96,8 +96,33 @@ def export_rows() -> list[str]:
     ]
 
 
-@pytest.mark.parametrize("rows", [models_rows, gateway_rows, throughput_rows, backends_rows, quality_rows, export_rows],
-                         ids=lambda f: f.__name__)
+def amg_rows() -> list[str]:
+    """The segment-everything table, a row per case: medians (min-max), speedup, peak memory, masks, targets;
+    0 masks on both sides reads "not applicable", never a parity score."""
+    data = results("amg_cpu.json")
+    image = data["models"]["scenes"]["image"]
+    rows = [f"{data['method']['samples']} timed calls per side",
+            f"held-out scene {image['scene']} ({image['width']}×{image['height']} px, "
+            f"{image['instances']} objects)",
+            f"`points_per_side` = {data['cases']['vit_b/no_filter']['parameters']['points_per_side']}"]
+    shown = {True: "yes", False: "no"}
+    for name, case in data["cases"].items():
+        official, ours, parity, met = case["official"], case["ours"], case["parity"], case["targets_met"]
+        times = [f"{side['median_s']:.1f} s ({side['min_s']:.1f}–{side['max_s']:.1f})" for side in (official, ours)]
+        masks = f"{parity['official_masks']} / {parity['our_masks']}" + (
+            f", {parity['matched_iou_0.95']} matched" if parity["parity"] == "measured" else f": {parity['parity']}")
+        rows.append(
+            f"| `{name}` | {times[0]} | {times[1]} | {case['speedup']:.2f} | "
+            f"{official['peak_bytes'] / 2**20:.0f} / {ours['peak_bytes'] / 2**20:.0f} MiB "
+            f"({case['peak_memory_ratio']:.2f}) | {masks} | "
+            f"speedup {shown.get(met['speedup_excluding_encoder'], 'n/a')}, "
+            f"memory {shown.get(met['peak_memory_ratio'], 'n/a')} |")
+    return rows
+
+
+@pytest.mark.parametrize(
+    "rows", [models_rows, gateway_rows, throughput_rows, amg_rows, backends_rows, quality_rows, export_rows],
+    ids=lambda f: f.__name__)
 def test_readme_quotes_the_results_files(rows):
     missing = [row for row in rows() if row not in README.replace("\n", " ")]
     assert not missing, f"README figures differ from bench/results; copy these: {missing}"
