@@ -9,7 +9,6 @@ whole path (mutual TLS + key, the typed client and the CLI) against the tiny mod
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import shutil
 import subprocess
@@ -32,6 +31,7 @@ from tests.support.images import new_image
 from tests.support.local_stack import free_port
 from tests.support.locust import run_headless
 from tests.support.polling import wait_until
+from tests.support.sockets import is_loopback, listening
 
 SAMSERVE = str(Path(sys.executable).parent / "samserve")
 
@@ -268,35 +268,9 @@ def test_mutual_tls_and_a_key_end_to_end(gateway_factory, tiny_triton, pki, keys
     assert int(rows["Aggregated"]["Failure Count"]) == 0
 
 
-def _listening(pid: int) -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
-    """The local addresses of the TCP sockets ``pid`` listens on (from /proc: IPv4 and IPv6)."""
-    inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            link = os.readlink(fd)
-        except OSError:
-            continue
-        if link.startswith("socket:["):
-            inodes.add(link[8:-1])
-    addresses: set[ipaddress.IPv4Address | ipaddress.IPv6Address] = set()
-    for table in ("tcp", "tcp6"):
-        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
-            fields = line.split()
-            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
-                raw = bytes.fromhex(fields[1].split(":")[0])
-                host_order = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))  # 32-bit words, LE
-                addresses.add(ipaddress.ip_address(host_order))
-    return addresses
-
-
-def _loopback(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
-    return address.is_loopback or (mapped is not None and mapped.is_loopback)
-
-
 def test_triton_and_redis_listen_on_loopback_only(tiny_triton, redis_server):
-    """The launchers' defaults (what `samserve up` uses unless SAMSERVE_TRITON_HOST says otherwise)."""
+    """The launchers' defaults (`samserve up` is checked in test_triton, with its gateway)."""
     for process in (tiny_triton.server.process, redis_server.process):
         assert process is not None
-        addresses = _listening(process.pid)
-        assert addresses and all(_loopback(address) for address in addresses), addresses
+        addresses = listening(process.pid)
+        assert addresses and all(is_loopback(address) for address in addresses), addresses

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,7 +17,7 @@ from samserve import api_keys
 from samserve.api import SERVICE_NAME
 from samserve.api_keys import KeyFileError, KeyRing, add_key, hash_token, read_key_file, revoke_key
 from samserve.errors import PermissionDenied, Unauthenticated
-from samserve.interceptors import AuthInterceptor, interceptors, status_code, tenant
+from samserve.interceptors import AuthInterceptor, RequestIdLogFilter, interceptors, request_id, status_code, tenant
 
 
 def bearer(token: str) -> tuple[tuple[str, str], ...]:
@@ -253,3 +254,15 @@ def test_auth_is_in_the_chain_only_when_on(ring):
     keys, _ = ring
     assert not any(isinstance(i, AuthInterceptor) for i in interceptors())
     assert isinstance(interceptors(keys)[-1], AuthInterceptor)  # innermost: refusals are mapped and counted
+
+
+def test_log_records_carry_the_request_and_the_tenant():
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "m", None, None)
+    assert RequestIdLogFilter().filter(record) and (record.request_id, record.tenant) == ("-", "-")
+    tokens = request_id.set("r1"), tenant.set("acme")
+    try:
+        RequestIdLogFilter().filter(record)
+    finally:
+        tenant.reset(tokens[1])
+        request_id.reset(tokens[0])
+    assert (record.request_id, record.tenant) == ("r1", "acme")
