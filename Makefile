@@ -12,6 +12,9 @@ PYTEST_ARGS ?=
 
 .PHONY: up test test-unit setup system-deps stubs prepare bench bench-status load clean train quality
 
+# A local stack on loopback: auth is off unless a keys file is given, said explicitly (the gateway warns; README
+# "Security"); with SAMSERVE_API_KEYS_FILE (or SAMSERVE_AUTH) set, those apply.
+up: export SAMSERVE_AUTH ?= $(if $(SAMSERVE_API_KEYS_FILE),api-keys,off)
 up: setup prepare
 	$(BIN)/samserve up
 

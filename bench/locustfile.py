@@ -8,6 +8,8 @@ Scenarios (pick by user class on the command line):
                    (points_per_side from SAMSERVE_LOAD_POINTS_PER_SIDE, default 16; the official defaults otherwise)
 Images and prompts are generated and seeded (SAMSERVE_LOAD_SEED), nothing is downloaded. Every call is reported
 to Locust's request events: name per RPC and scenario, response size, failures with their gRPC status code.
+TLS, mutual TLS and the API key come from the client settings, SAMSERVE_CLIENT_* (README "Security"), e.g.
+SAMSERVE_CLIENT_CA_FILE=ca.pem SAMSERVE_CLIENT_TOKEN=sk-... locust -f bench/locustfile.py ...
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from PIL import Image  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: tests.support
 
 from samserve.api import pb, pb_grpc  # noqa: E402
+from samserve.settings import ClientSettings  # noqa: E402
+from samserve.tls import client_channel  # noqa: E402
 from tests.support.images import synthetic_image  # noqa: E402
 
 SEED = int(os.environ.get("SAMSERVE_LOAD_SEED", "0"))
@@ -38,6 +42,7 @@ HEIGHT = int(os.environ.get("SAMSERVE_LOAD_HEIGHT", "480"))
 WIDTH = int(os.environ.get("SAMSERVE_LOAD_WIDTH", "640"))
 CACHED_IMAGES = int(os.environ.get("SAMSERVE_LOAD_CACHED_IMAGES", "4"))
 POINTS_PER_SIDE = int(os.environ.get("SAMSERVE_LOAD_POINTS_PER_SIDE", "16"))
+CLIENT = ClientSettings()
 _new_image_seeds = itertools.count(SEED * 1_000_000 + 500_000)
 
 
@@ -57,7 +62,7 @@ class SamUser(User):
 
     def on_start(self) -> None:
         target = self.host or "127.0.0.1:50051"
-        self.channel = grpc.insecure_channel(target)
+        self.channel = client_channel(target, **CLIENT.model_dump())
         self.stub = pb_grpc.SegmentAnythingStub(self.channel)
         self.random = random.Random(SEED + id(self))
         self.image_ids: list[str] = []

@@ -6,6 +6,9 @@
         (answer,) = client.segment(embedded.image_id, [PromptSpec(points=[(500, 375)], labels=[1])])
         best = answer.masks[answer.predicted_iou.argmax()]        # H x W bool
         everything = client.generate_masks(embedded.image_id, points_per_side=32)  # official generate() records
+
+TLS, mutual TLS and the API key: ``SamServeClient(target, security=ClientSettings(token=..., ca_file=...))``
+(fields not given come from SAMSERVE_CLIENT_* variables; see README "Security").
 """
 
 from __future__ import annotations
@@ -14,11 +17,12 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-import grpc
 import numpy as np
 
 from samserve import mask_encoding
 from samserve.api import pb, pb_grpc
+from samserve.settings import ClientSettings
+from samserve.tls import client_channel
 
 FOREGROUND, BACKGROUND = 1, 0
 _LABELS = {FOREGROUND: pb.POINT_LABEL_FOREGROUND, BACKGROUND: pb.POINT_LABEL_BACKGROUND}
@@ -134,10 +138,12 @@ class GeneratedMasks:
 
 
 class SamServeClient:
-    """Blocking client; thread-safe (one channel). Errors raise ``grpc.RpcError`` with the API's status codes."""
+    """Blocking client; thread-safe (one channel). Errors raise ``grpc.RpcError`` with the API's status codes.
+    ``security`` None: plaintext, no API key."""
 
-    def __init__(self, target: str, timeout_s: float | None = 600.0) -> None:
-        self.channel = grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", 1 << 30)])
+    def __init__(self, target: str, timeout_s: float | None = 600.0, security: ClientSettings | None = None) -> None:
+        self.channel = client_channel(target, **(security.model_dump() if security else {}),
+                                      options=[("grpc.max_receive_message_length", 1 << 30)])
         self.stub = pb_grpc.SegmentAnythingStub(self.channel)
         self.timeout_s = timeout_s
 

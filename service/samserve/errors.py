@@ -39,3 +39,11 @@ class DeadlineExceeded(SamServeError):
 
 class Internal(SamServeError):
     """A failure inside the service (a model runtime error, a broken invariant)."""
+
+
+class Unauthenticated(SamServeError):
+    """No credentials, malformed ones, or an unknown API key."""
+
+
+class PermissionDenied(SamServeError):
+    """The caller is known, but its tenant may not call this RPC."""

@@ -6,10 +6,15 @@
 * :class:`ErrorInterceptor`: THE place that maps errors to status codes (:data:`STATUS_CODES`), with rich status
   details: a ``google.rpc.BadRequest`` field violation when a request field is at fault, the request id as
   ``google.rpc.RequestInfo``. Anything unmapped is INTERNAL with a generic message; the cause is logged.
-* :class:`MetricsInterceptor` (innermost): the in-flight gauge, the request counter and the latency histogram, by
+* :class:`MetricsInterceptor`: the in-flight gauge, the request counter and the latency histogram, by
   method and final status code (the code :data:`STATUS_CODES` gives the error: the one the client receives).
+* :class:`AuthInterceptor` (innermost, when auth is on): the caller's API key (``authorization: Bearer``) decides
+  (:meth:`samserve.api_keys.KeyRing.authorize`); a refused call raises Unauthenticated / PermissionDenied without
+  parsing its request, so it is mapped, counted and logged like any error. The key's tenant is in a context
+  variable that log records carry. ``grpc.health.v1.Health`` is open to all (probes); any other service
+  (reflection) needs a valid key.
 
-Servicer methods just raise :mod:`samserve.errors`. Auth and quotas will be one more interceptor here.
+Servicer methods just raise :mod:`samserve.errors`. Quotas will be one more interceptor here.
 """
 
 from __future__ import annotations
@@ -29,13 +34,16 @@ from google.rpc import error_details_pb2, status_pb2
 
 from samserve import metrics
 from samserve.api import SERVICE_NAME
+from samserve.api_keys import KeyRing
 from samserve.errors import (
     DeadlineExceeded,
     Internal,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     ResourceExhausted,
     SamServeError,
+    Unauthenticated,
     Unavailable,
 )
 
@@ -48,9 +56,14 @@ _VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("samserve_request_id", default="-")
 """The id of the RPC being served (``-`` outside an RPC)."""
+tenant: contextvars.ContextVar[str] = contextvars.ContextVar("samserve_tenant", default="-")
+"""The tenant of the API key the RPC is served for (``-`` outside an RPC or with auth off)."""
+HEALTH_SERVICE = "grpc.health.v1.Health"
 
 STATUS_CODES: dict[type[BaseException], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     NotFound: grpc.StatusCode.NOT_FOUND,
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
@@ -123,17 +136,19 @@ class _UnaryInterceptor(grpc.aio.ServerInterceptor):
 
 
 class RequestIdInterceptor(_UnaryInterceptor):
-    """Sets :data:`request_id` for the call and returns it to the client as trailing metadata."""
+    """Sets :data:`request_id` for the call and returns it to the client as trailing metadata; scopes
+    :data:`tenant` to the call (AuthInterceptor sets it)."""
 
     def wrap(self, method: str, behavior: Behavior) -> Behavior:
         async def with_request_id(request: Any, context: grpc.aio.ServicerContext) -> Any:
             given = dict(context.invocation_metadata() or ()).get(REQUEST_ID_HEADER, "")
             value = given if _VALID_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex[:16]
-            token = request_id.set(value)
+            token, tenant_token = request_id.set(value), tenant.set("-")
             try:
                 context.set_trailing_metadata(((REQUEST_ID_HEADER, value),))  # sent with the status: no extra write
                 return await behavior(request, context)
             finally:
+                tenant.reset(tenant_token)  # AuthInterceptor (inside) set it for the whole call
                 request_id.reset(token)
 
         return with_request_id
@@ -190,16 +205,75 @@ class ErrorInterceptor(_UnaryInterceptor):
         return mapped
 
 
-def interceptors() -> list[grpc.aio.ServerInterceptor]:
-    """The gateway's interceptors, outermost first. Metrics sit inside the error mapping: an aborted call's status
-    reaches the client as soon as it is sent, so it is counted before (a client that scrapes /metrics after its
-    error sees it counted)."""
-    return [RequestIdInterceptor(), ErrorInterceptor(), MetricsInterceptor()]
+def _refusal(handler: grpc.RpcMethodHandler, error: SamServeError) -> grpc.RpcMethodHandler:
+    """A handler of ``handler``'s kind that raises ``error`` (our unary methods: mapped by ErrorInterceptor) or
+    aborts with its code (other services' streaming methods, which the outer interceptors pass through). Its
+    request is never parsed."""
+    if handler.unary_unary is not None:
+        async def refuse_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            raise error
+
+        return grpc.unary_unary_rpc_method_handler(refuse_unary, response_serializer=handler.response_serializer)
+
+    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(status_code(error) or grpc.StatusCode.INTERNAL, str(error))
+
+    kinds = {
+        (False, True): grpc.unary_stream_rpc_method_handler, (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+    make = kinds[(bool(handler.request_streaming), bool(handler.response_streaming))]
+    return make(refuse, response_serializer=handler.response_serializer)
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """API-key authentication and per-RPC permission; health checks pass without a key. Sets :data:`tenant`."""
+
+    def __init__(self, keys: KeyRing) -> None:
+        self.keys = keys
+
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(f"/{HEALTH_SERVICE}/"):
+            return handler
+        ours = _ours(handler_call_details)
+        method = _method_name(handler_call_details)
+        try:
+            key = self.keys.authorize(method if ours else None, handler_call_details.invocation_metadata)
+        except (Unauthenticated, PermissionDenied) as error:
+            LOG.debug("refused %s: %s", handler_call_details.method, error)
+            return _refusal(handler, error)
+        if not ours or handler.unary_unary is None:
+            return handler
+
+        def with_tenant(behavior: Behavior) -> Behavior:
+            async def as_tenant(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                # Not reset here: the outer interceptors' log lines (an INTERNAL error) name the tenant too;
+                # RequestIdInterceptor, outermost, ends its scope with the call.
+                tenant.set(key.tenant)
+                return await behavior(request, context)
+
+            return as_tenant
+
+        return _wrap_unary(handler, with_tenant)
+
+
+def interceptors(keys: KeyRing | None = None) -> list[grpc.aio.ServerInterceptor]:
+    """The gateway's interceptors, outermost first; ``keys`` None: auth off. Metrics sit inside the error mapping:
+    an aborted call's status reaches the client as soon as it is sent, so it is counted before (a client that
+    scrapes /metrics after its error sees it counted). Auth sits inside both: refusals are mapped and counted."""
+    chain: list[grpc.aio.ServerInterceptor] = [RequestIdInterceptor(), ErrorInterceptor(), MetricsInterceptor()]
+    return chain + ([AuthInterceptor(keys)] if keys is not None else [])
 
 
 class RequestIdLogFilter(logging.Filter):
-    """Adds ``request_id`` to every record (``-`` outside an RPC), for a ``%(request_id)s`` log format."""
+    """Adds ``request_id`` and ``tenant`` to every record (``-`` outside an RPC), for a ``%(request_id)s``
+    ``%(tenant)s`` log format."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = request_id.get()
+        record.tenant = tenant.get()
         return True

@@ -1,7 +1,8 @@
-"""The gateway's gRPC server: wiring of servicer, model watcher, health, reflection and interceptors.
+"""The gateway's gRPC server: wiring of servicer, model watcher, health, reflection, interceptors and security.
 
 ``create_server`` takes its dependencies (Triton client, Redis client), so a test builds the whole gateway in
-process on port 0; ``serve`` is what ``samserve gateway`` runs.
+process on port 0; ``serve`` is what ``samserve gateway`` runs. :func:`samserve.security.load_security` checks the
+security settings (README "Security") before anything starts.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from samserve import metrics
 from samserve.api import SERVICE_NAME, pb_grpc
 from samserve.interceptors import interceptors
 from samserve.model_watcher import ModelWatcher
+from samserve.security import Security, load_security
 from samserve.servicer import SegmentAnythingServicer
 from samserve.settings import GatewaySettings
 from samserve.triton_models import TritonSam
@@ -63,14 +65,17 @@ class Gateway:
 
 
 async def create_server(
-    settings: GatewaySettings, triton: TritonSam, redis: Any | None, metrics_port: int | None = None
+    settings: GatewaySettings, triton: TritonSam, redis: Any | None, metrics_port: int | None = None,
+    security: Security | None = None,
 ) -> Gateway:
     """Build and start the gateway on ``settings.gateway_host:gateway_port`` (port 0 picks a free one).
 
-    ``metrics_port`` None serves no ``/metrics`` endpoint (the metrics are still counted)."""
+    ``metrics_port`` None serves no ``/metrics`` endpoint (the metrics are still counted). ``security`` None:
+    :func:`load_security` of ``settings``."""
+    security = security or load_security(settings)
     watcher = ModelWatcher(settings, triton, redis)
     server = grpc.aio.server(
-        interceptors=interceptors(),
+        interceptors=interceptors(security.keys),
         options=[
             ("grpc.max_receive_message_length", settings.max_request_bytes),
             ("grpc.max_send_message_length", 1 << 30),
@@ -78,22 +83,33 @@ async def create_server(
     )
     pb_grpc.add_SegmentAnythingServicer_to_server(SegmentAnythingServicer(settings, triton, watcher), server)
     health_pb2_grpc.add_HealthServicer_to_server(watcher.health, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
-    )
-    port = server.add_insecure_port(f"{settings.gateway_host}:{settings.gateway_port}")
+    if settings.reflection:
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            server,
+        )
+    address = f"{settings.gateway_host}:{settings.gateway_port}"
+    if security.certificates is not None:
+        port = server.add_secure_port(address, security.certificates.credentials())
+    else:
+        port = server.add_insecure_port(address)
     if metrics_port is not None:
         metrics.serve_metrics(metrics_port, settings.gateway_host)
     await server.start()
     await watcher.start()
-    LOG.info("gateway listening on %s:%d", settings.gateway_host, port)
+    LOG.info("gateway listening on %s:%d (%s, auth %s, reflection %s)", settings.gateway_host, port,
+             "plaintext" if security.certificates is None
+             else "mutual TLS" if security.certificates.mutual else "TLS",
+             "api-keys" if security.keys is not None else "OFF", "on" if settings.reflection else "off")
     return Gateway(server, port, watcher, triton, redis)
 
 
-async def serve(settings: GatewaySettings, stop: asyncio.Event) -> None:
-    """Run the gateway until ``stop`` is set, then drain gracefully (health NOT_SERVING, in-flight calls finish)."""
+async def serve(settings: GatewaySettings, stop: asyncio.Event, security: Security | None = None) -> None:
+    """Run the gateway until ``stop`` is set, then drain gracefully (health NOT_SERVING, in-flight calls finish).
+    ``security`` None: :func:`load_security` of ``settings``, before any connection."""
+    security = security or load_security(settings)
     triton = TritonSam(settings.triton_grpc_url, embedding_transport=settings.embedding_transport)
-    gateway = await create_server(settings, triton, connect_redis(settings), settings.metrics_port)
+    gateway = await create_server(settings, triton, connect_redis(settings), settings.metrics_port, security)
     try:
         await stop.wait()
     finally:

@@ -22,6 +22,13 @@ class TransportName(enum.StrEnum):
     SHM = "shm"
 
 
+class AuthMode(enum.StrEnum):
+    """Who may call the gateway's API (health checks are always open)."""
+
+    API_KEYS = "api-keys"
+    OFF = "off"
+
+
 class LogLevel(enum.StrEnum):
     DEBUG = "DEBUG"
     INFO = "INFO"
@@ -65,6 +72,18 @@ class GatewaySettings(BaseSettings):
     shutdown_grace_s: float = Field(10.0, description="SIGTERM: seconds in-flight calls get to finish")
     health_check_interval_s: float = Field(1.0, description="how often the gateway checks Triton's models")
 
+    # Security (README "Security"): TLS and mutual TLS on the gRPC port, API keys with tenants.
+    tls_cert_file: Path | None = Field(None, description="PEM certificate chain of the gateway; with tls_key_file: TLS")
+    tls_key_file: Path | None = Field(None, description="PEM private key (unencrypted) of that certificate")
+    tls_client_ca_file: Path | None = Field(
+        None, description="PEM CA(s) of client certificates: set = mutual TLS (clients without one are refused)"
+    )
+    auth: AuthMode = Field(
+        AuthMode.API_KEYS, description="api-keys (needs api_keys_file) | off (anyone may call; logged as a warning)"
+    )
+    api_keys_file: Path | None = Field(None, description="JSON keys file (hashed tokens, tenants, allowed RPCs)")
+    reflection: bool = Field(False, description="serve gRPC server reflection (with auth on: to any valid key)")
+
     # Embedding cache.
     l1_cache_bytes: int = Field(
         512 << 20, description="tier 1 capacity: embeddings, counted twice with the shm transport"
@@ -99,3 +118,17 @@ class StackSettings(GatewaySettings):
     def repository(self) -> Path:
         """The rendered Triton model repository (``samserve-build prepare`` writes it)."""
         return self.workdir / "repository"
+
+
+class ClientSettings(BaseSettings):
+    """What a client of the gateway reads (``samserve segment`` / ``generate-masks``, the Locust users):
+    ``SAMSERVE_CLIENT_<NAME>``. TLS is on when ``tls`` is set or any file is given."""
+
+    model_config = SettingsConfigDict(env_prefix="SAMSERVE_CLIENT_", extra="ignore")
+
+    token: str | None = Field(None, description="API key, sent as 'authorization: Bearer <token>'")
+    tls: bool = Field(False, description="TLS, trusting the system's CAs unless ca_file is set")
+    ca_file: Path | None = Field(None, description="PEM CA that signed the gateway's certificate")
+    cert_file: Path | None = Field(None, description="PEM client certificate (mutual TLS)")
+    key_file: Path | None = Field(None, description="PEM key of the client certificate")
+    server_name: str | None = Field(None, description="name to verify the gateway's certificate for (not the host)")

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from samserve.redis_server import RedisServer
+from samserve.settings import ClientSettings
 from samserve_build import export
 from samserve_build.settings import SCENES_CHECKPOINT
 from tests.support.local_stack import GatewayProcess, free_port
@@ -89,8 +90,9 @@ def _gateways(workdir: Path) -> Iterator[GatewayFactory]:
     """A factory of gateway processes under ``workdir``; all of them are stopped on exit."""
     started: list[GatewayProcess] = []
 
-    def make(triton_url: str, redis_url: str | None, wait_serving: bool = True, **settings: object) -> GatewayProcess:
-        gateway = GatewayProcess(triton_url, redis_url, workdir, **settings).start(wait_serving=wait_serving)
+    def make(triton_url: str, redis_url: str | None, wait_serving: bool = True, client: ClientSettings | None = None,
+             **settings: object) -> GatewayProcess:
+        gateway = GatewayProcess(triton_url, redis_url, workdir, client, **settings).start(wait_serving=wait_serving)
         started.append(gateway)
         return gateway
 

@@ -9,7 +9,6 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import numpy as np
 import pytest
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 
 from samserve import model_spec
@@ -200,14 +199,6 @@ def test_unavailable_without_triton_and_health(gateway_factory, redis_server, ga
         code, details = _code(lambda: client.embed(new_image()))
     assert code == grpc.StatusCode.UNAVAILABLE and "not ready" in details
     assert gateway.health() == "SERVING" and gateway.health(SERVICE_NAME) == "SERVING"
-
-
-def test_reflection_lists_the_service(gateway):
-    with grpc.insecure_channel(gateway.target) as channel:
-        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-        responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
-        names = {s.name for r in responses for s in r.list_services_response.service}
-    assert SERVICE_NAME in names and "grpc.health.v1.Health" in names
 
 
 def test_corrupt_redis_record_is_recomputed(gateway, gateway_factory, tiny_triton, redis_server):

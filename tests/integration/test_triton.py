@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +24,7 @@ from samserve_build import repository
 from tests.support.images import synthetic_image
 from tests.support.local_stack import free_port
 from tests.support.polling import wait_until
+from tests.support.sockets import children, is_loopback, listening
 
 
 def test_served_metadata_equals_exported(tiny_triton, event_loop_runner):
@@ -128,7 +130,8 @@ def test_launcher_reports_a_model_that_cannot_load(tiny_model, tmp_path):
 
 def test_prepare_then_up_serves_and_stops_cleanly(tmp_path):
     """What `make up` runs: `samserve-build prepare` then `samserve up` (Redis + Triton + gateway), tiny model,
-    and the README's command-line client segments an image through it."""
+    and the README's command-line client segments an image through it with an API key; everything listens on
+    loopback only."""
     env = dict(os.environ, SAMSERVE_WORKDIR=str(tmp_path), SAMSERVE_MODEL_VARIANT="tiny", SAMSERVE_RANDOM_SEED="4")
     ports = {"SAMSERVE_TRITON_HTTP_PORT": free_port(), "SAMSERVE_TRITON_GRPC_PORT": free_port(),
              "SAMSERVE_TRITON_METRICS_PORT": free_port(), "SAMSERVE_GATEWAY_PORT": free_port(),
@@ -143,6 +146,11 @@ def test_prepare_then_up_serves_and_stops_cleanly(tmp_path):
     again = subprocess.run(prepare, env=env, capture_output=True, text=True, timeout=300)
     assert "already exported" in again.stderr
 
+    # Auth on, as a deployment runs it: a key made with the CLI, sent by the client command.
+    keys = [f"{bin_dir}/samserve", "keys", "add", "--tenant", "dev", "--file", str(tmp_path / "keys.json")]
+    token = subprocess.run(keys, env=env, capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+    env.update(SAMSERVE_AUTH="api-keys", SAMSERVE_API_KEYS_FILE=str(tmp_path / "keys.json"),
+               SAMSERVE_CLIENT_TOKEN=token)
     process = subprocess.Popen([f"{bin_dir}/samserve", "up"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         client = grpcclient.InferenceServerClient(f"127.0.0.1:{ports['SAMSERVE_TRITON_GRPC_PORT']}")
@@ -168,6 +176,14 @@ def test_prepare_then_up_serves_and_stops_cleanly(tmp_path):
         assert result.returncode == 0, result.stderr
         assert "model tiny-random-seed4" in result.stdout and "mask token 1" in result.stdout
         assert Image.open(overlay).size == (120, 90)
+        anonymous = {k: v for k, v in env.items() if k != "SAMSERVE_CLIENT_TOKEN"}
+        refused = subprocess.run(segment, env=anonymous, capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr
+        # Gateway (this process), Triton and Redis (its children) listen on loopback only.
+        addresses = {address for pid in (process.pid, *children(process.pid)) for address in listening(pid)}
+        assert len(addresses) >= 1 and all(is_loopback(address) for address in addresses), addresses
+        names = {Path(f"/proc/{pid}/comm").read_text().strip() for pid in children(process.pid)}
+        assert {"tritonserver", "redis-server"} <= names, names
     finally:
         process.send_signal(signal.SIGTERM)
         output = process.communicate(timeout=60)[0].decode()

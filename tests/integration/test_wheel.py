@@ -146,7 +146,7 @@ def test_wheel_installs_and_serves_outside_the_checkout(tiny_triton, tmp_path):
     target = f"127.0.0.1:{port}"
     env = clean_env(
         SAMSERVE_GATEWAY_PORT=str(port), SAMSERVE_METRICS_PORT=str(metrics_port), SAMSERVE_TRITON_HOST=host,
-        SAMSERVE_TRITON_GRPC_PORT=triton_port, SAMSERVE_HEALTH_CHECK_INTERVAL_S="0.2",
+        SAMSERVE_TRITON_GRPC_PORT=triton_port, SAMSERVE_HEALTH_CHECK_INTERVAL_S="0.2", SAMSERVE_AUTH="off",
     )
     log_path = tmp_path / "gateway.log"
     with open(log_path, "wb") as log:

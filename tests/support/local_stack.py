@@ -15,7 +15,9 @@ from pathlib import Path
 import grpc
 
 from samserve import model_spec, triton_server
+from samserve.settings import ClientSettings
 from samserve.subprocesses import terminate
+from samserve.tls import client_channel
 from samserve_build.repository import write_repository
 
 
@@ -36,9 +38,12 @@ def serve_locally(model_dir: Path, root: Path, timeout_s: float = 300.0) -> Iter
 
 
 class GatewayProcess:
-    """`samserve gateway` as a real process on a free port (settings through SAMSERVE_* variables)."""
+    """`samserve gateway` as a real process on a free port (settings through SAMSERVE_* variables). Auth is off
+    unless ``settings`` say otherwise (a test stack on loopback); ``client``: how this helper's own channels (the
+    health checks) reach it, e.g. over TLS."""
 
-    def __init__(self, triton_url: str, redis_url: str | None, workdir: Path, **settings: object) -> None:
+    def __init__(self, triton_url: str, redis_url: str | None, workdir: Path, client: ClientSettings | None = None,
+                 **settings: object) -> None:
         host, port = triton_url.rsplit(":", 1)
         self.port = free_port()
         self.metrics_port = free_port()
@@ -51,10 +56,12 @@ class GatewayProcess:
             SAMSERVE_TRITON_GRPC_PORT=port,
             SAMSERVE_HEALTH_CHECK_INTERVAL_S="0.2",
             SAMSERVE_FAILURE_LOG_INTERVAL_S="0",
+            SAMSERVE_AUTH="off",
         )
         if redis_url:
             self.env["SAMSERVE_REDIS_URL"] = redis_url
         self.env.update({f"SAMSERVE_{k.upper()}": str(v) for k, v in settings.items()})
+        self.client = client
         self.log_path = Path(workdir) / f"gateway-{self.port}.log"
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -84,7 +91,7 @@ class GatewayProcess:
     def health(self, service: str = "") -> str | None:
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-        with grpc.insecure_channel(self.target) as channel:
+        with self.channel() as channel:
             try:
                 response = health_pb2_grpc.HealthStub(channel).Check(
                     health_pb2.HealthCheckRequest(service=service), timeout=1
@@ -92,6 +99,10 @@ class GatewayProcess:
             except grpc.RpcError:
                 return None
             return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    def channel(self) -> grpc.Channel:
+        """A new blocking channel to the gateway, secured as :attr:`client` says."""
+        return client_channel(self.target, **(self.client.model_dump() if self.client else {}))
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from samserve.settings import GatewaySettings, StackSettings, TransportName
+from samserve.settings import AuthMode, ClientSettings, GatewaySettings, StackSettings, TransportName
 from samserve_build.settings import BuildSettings
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -27,6 +27,7 @@ def documented() -> set[str]:
 
 def test_every_setting_is_documented_in_the_readme():
     fields = {f"SAMSERVE_{name.upper()}" for name in BuildSettings.model_fields}
+    fields |= {f"SAMSERVE_CLIENT_{name.upper()}" for name in ClientSettings.model_fields}
     assert fields - documented() == set()
 
 
@@ -44,4 +45,10 @@ def test_choices_are_validated_at_start_up(monkeypatch):
     assert GatewaySettings().embedding_transport is TransportName.GRPC
     monkeypatch.setenv("SAMSERVE_LOG_LEVEL", "LOUD")
     with pytest.raises(ValidationError):
+        GatewaySettings()
+    monkeypatch.delenv("SAMSERVE_LOG_LEVEL")
+    monkeypatch.delenv("SAMSERVE_AUTH", raising=False)
+    assert GatewaySettings().auth is AuthMode.API_KEYS  # auth off only when said
+    monkeypatch.setenv("SAMSERVE_AUTH", "none")
+    with pytest.raises(ValidationError, match="'api-keys' or 'off'"):
         GatewaySettings()

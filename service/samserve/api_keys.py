@@ -1,0 +1,272 @@
+"""API keys: the keys file (a JSON document, e.g. a mounted Secret), its tokens, and the decision who may call what.
+
+A token is ``<key id>.<secret>``: the id (``sk-`` and 12 hex digits) is public and names the entry; the secret is
+32 random bytes from :mod:`secrets` (base64url). The file holds, per key, the id, the tenant, the RPCs it may call
+and the SHA-256 of the whole token, never the token::
+
+    {"keys": [{"id": "sk-0f3a9c21b4d7", "tenant": "acme", "methods": ["Embed", "Segment"],
+               "sha256": "9b1f...64 hex digits", "created": "2026-11-27T17:00:00Z"}]}
+
+``methods`` lists RPC names of ``samserve.v1.SegmentAnything`` or is ``["*"]`` (all of them).
+
+Why SHA-256 and not a salted slow hash (scrypt, PBKDF2): those protect *guessable* secrets (passwords) from
+offline guessing; a token carries 256 random bits, out of reach of any guessing with or without salt. A slow hash
+would instead cost every RPC milliseconds of CPU. The stored hash is compared with :func:`hmac.compare_digest`
+(constant time) after the entry is found by its public id.
+
+:class:`KeyRing` re-reads the file when its inode, size or modification time changes (one ``stat`` per call), so a
+key is added or revoked without a restart; a file that does not parse then keeps the last good keys (logged as an
+error) -- at start-up it stops the gateway instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import hmac
+import json
+import logging
+import os
+import re
+import secrets
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from samserve.api import SERVICE_NAME, pb
+from samserve.errors import PermissionDenied, Unauthenticated
+
+LOG = logging.getLogger(__name__)
+
+ALL_METHODS = "*"
+METHODS: frozenset[str] = frozenset(pb.DESCRIPTOR.services_by_name[SERVICE_NAME.rsplit(".", 1)[1]].methods_by_name)
+"""The RPC names of ``samserve.v1.SegmentAnything`` a key may be granted (Embed, Segment, GenerateMasks)."""
+_KEY_ID = re.compile(r"sk-[0-9a-f]{12}")
+_TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_BEARER = re.compile(r"bearer +(\S+)", re.IGNORECASE)
+
+
+class KeyFileError(ValueError):
+    """The keys file is missing, unreadable or not in the documented format (the message names the file)."""
+
+
+class ApiKey(BaseModel):
+    """One entry of the keys file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(description="public key id, the token's prefix: sk- and 12 hex digits")
+    tenant: str = Field(description="who the key belongs to: letters, digits, '.', '_', '-' (at most 64)")
+    methods: tuple[str, ...] = Field(description="RPC names it may call, or ['*']")
+    sha256: str = Field(description="SHA-256 of the whole token, 64 lowercase hex digits")
+    created: str | None = None
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, value: str) -> str:
+        if not _KEY_ID.fullmatch(value):
+            raise ValueError(f"must be 'sk-' and 12 hex digits, got {value!r}")
+        return value
+
+    @field_validator("tenant")
+    @classmethod
+    def _tenant(cls, value: str) -> str:
+        if not _TENANT.fullmatch(value):
+            raise ValueError(f"must be 1-64 letters, digits, '.', '_' or '-', got {value!r}")
+        return value
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("must name at least one RPC (or '*')")
+        unknown = set(value) - METHODS - {ALL_METHODS}
+        if unknown:
+            raise ValueError(f"unknown RPC(s) {sorted(unknown)}; known: {sorted(METHODS)} or '*'")
+        return value
+
+    @field_validator("sha256")
+    @classmethod
+    def _sha256(cls, value: str) -> str:
+        if not re.fullmatch(r"[0-9a-f]{64}", value):
+            raise ValueError("must be 64 lowercase hex digits (the SHA-256 of the token; never the token)")
+        return value
+
+    def may_call(self, method: str) -> bool:
+        return ALL_METHODS in self.methods or method in self.methods
+
+
+class KeyFile(BaseModel):
+    """The keys file: ``{"keys": [ApiKey, ...]}``; ids and hashes are unique."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    keys: list[ApiKey] = Field(default_factory=list)
+
+    @field_validator("keys")
+    @classmethod
+    def _unique(cls, value: list[ApiKey]) -> list[ApiKey]:
+        for field in ("id", "sha256"):
+            seen = [getattr(key, field) for key in value]
+            duplicates = sorted({item for item in seen if seen.count(item) > 1})
+            if duplicates:
+                raise ValueError(f"duplicate {field}: {duplicates}")
+        return value
+
+
+def hash_token(token: str) -> str:
+    """The hex SHA-256 of a token (what the keys file stores)."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def new_token() -> tuple[str, str]:
+    """A fresh (key id, token)."""
+    key_id = f"sk-{secrets.token_hex(6)}"
+    return key_id, f"{key_id}.{secrets.token_urlsafe(32)}"
+
+
+def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
+    """The token of the ``authorization: Bearer <token>`` metadata entry; Unauthenticated when absent or
+    malformed."""
+    values = [value for key, value in metadata or () if key.lower() == "authorization"]
+    if not values:
+        raise Unauthenticated("missing credentials: send the metadata 'authorization: Bearer <API key>'")
+    value = values[0].decode("latin-1") if isinstance(values[0], bytes) else values[0]
+    found = _BEARER.fullmatch(value.strip())
+    if len(values) > 1 or found is None:
+        raise Unauthenticated("malformed credentials: expected one 'authorization: Bearer <API key>'")
+    return found.group(1)
+
+
+def read_key_file(path: Path) -> KeyFile:
+    """Parse and validate the keys file; KeyFileError names the file and what is wrong."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as error:
+        raise KeyFileError(f"API keys file {path}: cannot read it ({error.strerror or error})") from error
+    try:
+        return KeyFile.model_validate(json.loads(text))
+    except json.JSONDecodeError as error:
+        raise KeyFileError(f"API keys file {path}: not JSON ({error})") from error
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}"
+                             for e in error.errors())
+        raise KeyFileError(f"API keys file {path}: {problems}") from error
+
+
+def write_key_file(path: Path, keys: KeyFile) -> None:
+    """Replace the file atomically (a reader sees the old or the new version, never half of one), mode 0600."""
+    path = Path(path)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(keys.model_dump_json(indent=2, exclude_none=True) + "\n")
+        os.chmod(temporary, 0o600)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def add_key(path: Path, tenant: str, methods: Sequence[str] = (ALL_METHODS,)) -> tuple[ApiKey, str]:
+    """Add a new key for ``tenant`` to the file (created if absent): (its entry, the token, shown only now)."""
+    path = Path(path)
+    keys = read_key_file(path) if path.exists() else KeyFile()
+    key_id, token = new_token()
+    created = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    try:
+        entry = ApiKey(id=key_id, tenant=tenant, methods=tuple(methods), sha256=hash_token(token), created=created)
+    except ValidationError as error:
+        raise KeyFileError("; ".join(f"{e['loc'][0]}: {e['msg']}" for e in error.errors())) from error
+    write_key_file(path, KeyFile(keys=[*keys.keys, entry]))
+    return entry, token
+
+
+def revoke_key(path: Path, key_id: str) -> ApiKey:
+    """Remove the key ``key_id`` from the file: the removed entry (KeyError when there is none)."""
+    keys = read_key_file(path)
+    kept = [key for key in keys.keys if key.id != key_id]
+    if len(kept) == len(keys.keys):
+        raise KeyError(key_id)
+    write_key_file(path, KeyFile(keys=kept))
+    return next(key for key in keys.keys if key.id == key_id)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Loaded:
+    signature: tuple[int, int, int, int]
+    """(inode, device, size, mtime in ns) of the file this version was read from."""
+    keys: dict[str, ApiKey]
+    """Key id -> entry."""
+
+
+def _signature(path: Path) -> tuple[int, int, int, int]:
+    stat = os.stat(path)
+    return stat.st_ino, stat.st_dev, stat.st_size, stat.st_mtime_ns
+
+
+class KeyRing:
+    """The keys of a keys file, re-read when the file changes; :meth:`authorize` decides a call.
+
+    Construction reads the file and raises KeyFileError when it cannot (the gateway does not start). Later a
+    changed file that does not parse, or a file that vanished, keeps the last good keys and logs an error once per
+    version."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        try:
+            signature = _signature(self.path)
+        except FileNotFoundError as error:
+            raise KeyFileError(f"API keys file {self.path} does not exist") from error
+        except OSError as error:
+            raise KeyFileError(f"API keys file {self.path}: {error.strerror or error}") from error
+        self._loaded = self._read(signature)
+        self._failed: object = None
+        """The signature of a version that failed to parse ("unreadable" while stat fails): logged once."""
+        if not self._loaded.keys:
+            LOG.warning("API keys file %s holds no keys: every call will be UNAUTHENTICATED", self.path)
+
+    def _read(self, signature: tuple[int, int, int, int]) -> _Loaded:
+        return _Loaded(signature, {key.id: key for key in read_key_file(self.path).keys})
+
+    def keys(self) -> dict[str, ApiKey]:
+        """The current keys by id (the file re-read first when it changed)."""
+        signature: object = None
+        try:
+            signature = _signature(self.path)
+            if signature in (self._loaded.signature, self._failed):
+                return self._loaded.keys
+            self._loaded = self._read(signature)
+        except (OSError, KeyFileError) as error:
+            if isinstance(error, OSError):  # stat failed: the file is gone or its folder unreadable
+                signature = "unreadable"
+            if signature != self._failed:
+                LOG.error("API keys file %s changed but cannot be used (keeping the %d keys read before): %s",
+                          self.path, len(self._loaded.keys), error)
+            self._failed = signature
+            return self._loaded.keys
+        self._failed = None
+        LOG.info("API keys file %s re-read: %d keys", self.path, len(self._loaded.keys))
+        return self._loaded.keys
+
+    def authenticate(self, token: str) -> ApiKey:
+        """The key whose hash matches ``token``; Unauthenticated otherwise (constant-time hash comparison)."""
+        key_id, _, secret = token.partition(".")
+        key = self.keys().get(key_id) if secret else None
+        # Hash and compare even for an unknown id, so both paths cost the same.
+        expected = key.sha256 if key is not None else "0" * 64
+        if not hmac.compare_digest(hash_token(token), expected) or key is None:
+            raise Unauthenticated("invalid API key")
+        return key
+
+    def authorize(self, method: str | None, metadata: Iterable[tuple[str, str | bytes]] | None) -> ApiKey:
+        """The key a call to RPC ``method`` (a SegmentAnything method name; None: another service such as
+        reflection, which any valid key may call) is made with. Unauthenticated: no, malformed or unknown
+        credentials; PermissionDenied: the key's tenant may not call ``method``."""
+        key = self.authenticate(bearer_token(metadata))
+        if method is None or key.may_call(method):
+            return key
+        raise PermissionDenied(f"tenant {key.tenant!r} may not call {method}")

@@ -1,0 +1,276 @@
+"""Security of the gateway as a client meets it: real `samserve gateway` processes over real gRPC with TLS
+(certificates made here by the openssl CLI), mutual TLS, certificate rotation without a restart, API keys with
+tenants (UNAUTHENTICATED / PERMISSION_DENIED, revocation, health open), reflection on and off, refused start-ups,
+and Triton and Redis listening on loopback only.
+
+Most gateways here point at a Triton port nobody answers: authentication decides before the models are needed,
+and a call let through answers UNAVAILABLE (models not ready), which is how it shows it passed. One test runs the
+whole path (mutual TLS + key, the typed client and the CLI) against the tiny model's Triton."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2, status_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from samserve.api import SERVICE_NAME, pb, pb_grpc
+from samserve.client import PromptSpec, SamServeClient
+from samserve.interceptors import STATUS_DETAILS_HEADER
+from samserve.settings import ClientSettings
+from samserve.tls import client_channel
+from tests.support.certificates import Certificate, issue, make_ca, presented_certificate
+from tests.support.images import new_image
+from tests.support.local_stack import free_port
+from tests.support.locust import run_headless
+from tests.support.polling import wait_until
+from tests.support.sockets import is_loopback, listening
+
+SAMSERVE = str(Path(sys.executable).parent / "samserve")
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Certificate]:
+    """A server CA with two server certificates (the second for rotation), a client CA with one client
+    certificate, and an unrelated CA."""
+    root = tmp_path_factory.mktemp("pki")
+    server_ca, client_ca, other_ca = make_ca(root, "server-ca"), make_ca(root, "client-ca"), make_ca(root, "other")
+    return {
+        "server_ca": server_ca, "client_ca": client_ca, "other_ca": other_ca,
+        "server": issue(server_ca, root, "gateway"), "server2": issue(server_ca, root, "gateway-rotated"),
+        "client": issue(client_ca, root, "client", server=False),
+    }
+
+
+@pytest.fixture
+def nowhere() -> str:
+    """A Triton address nobody answers on."""
+    return f"127.0.0.1:{free_port()}"
+
+
+def _health(channel: grpc.Channel) -> str:
+    response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+
+def _code(call) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as caught:
+        call()
+    return caught.value
+
+
+def _tls_files(pki: dict[str, Certificate], folder: Path, mutual: bool = False) -> dict[str, object]:
+    """The gateway's TLS settings, on copies of the files in ``folder`` (a test may rotate them)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cert, key = folder / "tls.crt", folder / "tls.key"
+    shutil.copy(pki["server"].cert, cert)
+    shutil.copy(pki["server"].key, key)
+    settings: dict[str, object] = {"tls_cert_file": cert, "tls_key_file": key}
+    if mutual:
+        settings["tls_client_ca_file"] = pki["client_ca"].cert
+    return settings
+
+
+def test_tls_serves_and_plaintext_is_refused(gateway_factory, nowhere, pki, tmp_path):
+    client = ClientSettings(ca_file=pki["server_ca"].cert)
+    gateway = gateway_factory(nowhere, None, wait_serving=False, client=client, **_tls_files(pki, tmp_path / "tls"))
+    assert gateway.health() == "NOT_SERVING"  # answered over TLS, the CA verified the certificate for 127.0.0.1
+    assert presented_certificate("127.0.0.1", gateway.port) == pki["server"].der()
+    with grpc.insecure_channel(gateway.target) as plain:
+        assert _code(lambda: _health(plain)).code() == grpc.StatusCode.UNAVAILABLE
+    with client_channel(gateway.target, ca_file=pki["other_ca"].cert) as untrusting:
+        assert _code(lambda: _health(untrusting)).code() == grpc.StatusCode.UNAVAILABLE
+    assert "(TLS, auth OFF" in gateway.log()
+
+
+def test_mutual_tls_refuses_a_client_without_a_certificate(gateway_factory, nowhere, pki, tmp_path):
+    client = ClientSettings(ca_file=pki["server_ca"].cert, cert_file=pki["client"].cert,
+                            key_file=pki["client"].key)
+    gateway = gateway_factory(nowhere, None, wait_serving=False, client=client,
+                              **_tls_files(pki, tmp_path / "tls", mutual=True))
+    assert gateway.health() == "NOT_SERVING"  # with its client certificate
+    with client_channel(gateway.target, ca_file=pki["server_ca"].cert) as anonymous:
+        assert _code(lambda: _health(anonymous)).code() == grpc.StatusCode.UNAVAILABLE
+    stranger = issue(pki["other_ca"], tmp_path, "stranger", server=False)  # a certificate of another CA
+    with client_channel(gateway.target, ca_file=pki["server_ca"].cert, cert_file=stranger.cert,
+                        key_file=stranger.key) as foreign:
+        assert _code(lambda: _health(foreign)).code() == grpc.StatusCode.UNAVAILABLE
+    assert "(mutual TLS" in gateway.log()
+
+
+def test_rotated_certificate_reaches_new_connections_without_a_restart(gateway_factory, nowhere, pki, tmp_path):
+    files = _tls_files(pki, tmp_path / "tls")
+    client = ClientSettings(ca_file=pki["server_ca"].cert)
+    gateway = gateway_factory(nowhere, None, wait_serving=False, client=client, **files)
+    assert presented_certificate("127.0.0.1", gateway.port) == pki["server"].der()
+    with gateway.channel() as kept:
+        assert _health(kept) == "NOT_SERVING"
+        # Rotate as a Secret update does: each file replaced whole (in between, key and certificate disagree:
+        # the gateway keeps the old pair until both fit).
+        for source, target in ((pki["server2"].cert, files["tls_cert_file"]), (pki["server2"].key,
+                                                                                  files["tls_key_file"])):
+            staged = Path(str(target) + ".new")
+            shutil.copy(source, staged)
+            os.replace(staged, target)
+        wait_until(lambda: presented_certificate("127.0.0.1", gateway.port) == pki["server2"].der(), bool,
+                   "the rotated certificate on a new connection", timeout_s=30)
+        assert _health(kept) == "NOT_SERVING"  # the connection opened before still works
+    assert gateway.health() == "NOT_SERVING"  # a new verified channel: the new certificate chains to the CA
+    assert gateway.process is not None and gateway.process.poll() is None  # the same process all along
+    assert "TLS certificate files re-read" in gateway.log()
+
+
+@pytest.fixture
+def keys_file(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """A keys file (written by the CLI) with tenant ``full`` (every RPC) and ``segmenter`` (Segment only): the
+    file and the tokens by tenant."""
+    path = tmp_path / "keys.json"
+    tokens = {}
+    for tenant, methods in (("full", "*"), ("segmenter", "Segment")):
+        done = subprocess.run([SAMSERVE, "keys", "add", "--tenant", tenant, "--methods", methods, "--file", str(path)],
+                              capture_output=True, text=True, timeout=60, check=True)
+        tokens[tenant] = done.stdout.strip()
+        assert tokens[tenant] not in path.read_text()  # never stored in clear
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    return path, tokens
+
+
+def _embed(target: str, token: str | None) -> grpc.RpcError:
+    with client_channel(target, token=token) as channel:
+        return _code(lambda: pb_grpc.SegmentAnythingStub(channel).Embed(pb.EmbedRequest(image=b"x"), timeout=10))
+
+
+def test_api_keys_decide_who_calls_what(gateway_factory, nowhere, keys_file):
+    path, tokens = keys_file
+    gateway = gateway_factory(nowhere, None, wait_serving=False, auth="api-keys", api_keys_file=path)
+    assert gateway.health() == "NOT_SERVING"  # health needs no key (probes)
+
+    missing = _embed(gateway.target, None)
+    assert missing.code() == grpc.StatusCode.UNAUTHENTICATED and "missing credentials" in missing.details()
+    details = status_pb2.Status.FromString(dict(missing.trailing_metadata())[STATUS_DETAILS_HEADER])
+    info = error_details_pb2.RequestInfo()
+    assert details.code == grpc.StatusCode.UNAUTHENTICATED.value[0] and details.details[0].Unpack(info)
+    assert info.request_id  # mapped by the one status table, like every error
+
+    key_id = tokens["full"].partition(".")[0]
+    for bad in (tokens["full"][:-1] + ("A" if tokens["full"][-1] != "A" else "B"), "nonsense", key_id):
+        assert _embed(gateway.target, bad).code() == grpc.StatusCode.UNAUTHENTICATED
+    with client_channel(gateway.target) as channel:
+        basic = _code(lambda: pb_grpc.SegmentAnythingStub(channel).Embed(
+            pb.EmbedRequest(image=b"x"), metadata=(("authorization", f"Basic {tokens['full']}"),), timeout=10))
+    assert basic.code() == grpc.StatusCode.UNAUTHENTICATED and "malformed" in basic.details()
+
+    denied = _embed(gateway.target, tokens["segmenter"])
+    assert denied.code() == grpc.StatusCode.PERMISSION_DENIED and "'segmenter'" in denied.details()
+    assert _embed(gateway.target, tokens["full"]).code() == grpc.StatusCode.UNAVAILABLE  # let through
+    with client_channel(gateway.target, token=tokens["segmenter"]) as channel:
+        allowed = _code(lambda: pb_grpc.SegmentAnythingStub(channel).Segment(
+            pb.SegmentRequest(image_id="0" * 64), timeout=10))
+    assert allowed.code() == grpc.StatusCode.UNAVAILABLE
+
+    # Revoked with the CLI while the gateway runs: refused from the next call on.
+    subprocess.run([SAMSERVE, "keys", "revoke", key_id, "--file", str(path)], check=True, timeout=60,
+                   capture_output=True)
+    assert _embed(gateway.target, tokens["full"]).code() == grpc.StatusCode.UNAUTHENTICATED
+    assert _embed(gateway.target, tokens["segmenter"]).code() == grpc.StatusCode.PERMISSION_DENIED  # kept
+
+
+def _services(channel: grpc.Channel, metadata: tuple[tuple[str, str], ...] = ()) -> set[str]:
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                                          metadata=metadata, timeout=10)
+    return {s.name for r in responses for s in r.list_services_response.service}
+
+
+def test_reflection_is_a_setting_and_needs_a_key(gateway_factory, nowhere, keys_file):
+    path, tokens = keys_file
+    off = gateway_factory(nowhere, None, wait_serving=False)
+    with off.channel() as channel:
+        assert _code(lambda: _services(channel)).code() == grpc.StatusCode.UNIMPLEMENTED
+    on = gateway_factory(nowhere, None, wait_serving=False, reflection="true", auth="api-keys", api_keys_file=path)
+    with on.channel() as channel:
+        assert _code(lambda: _services(channel)).code() == grpc.StatusCode.UNAUTHENTICATED
+        names = _services(channel, (("authorization", f"Bearer {tokens['segmenter']}"),))
+    assert SERVICE_NAME in names and "grpc.health.v1.Health" in names
+
+
+def _start_refused(tmp_path: Path, **settings: str) -> str:
+    """Run `samserve gateway` with ``settings`` that must stop it: its output (the exit code is 2)."""
+    env = dict(os.environ, SAMSERVE_GATEWAY_PORT=str(free_port()), SAMSERVE_METRICS_PORT=str(free_port()),
+               SAMSERVE_TRITON_GRPC_PORT=str(free_port()))
+    env.pop("SAMSERVE_AUTH", None)
+    env.update({f"SAMSERVE_{name.upper()}": value for name, value in settings.items()})
+    done = subprocess.run([SAMSERVE, "gateway"], env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode == 2, done.stdout + done.stderr
+    return done.stderr
+
+
+def test_unusable_security_settings_stop_the_gateway(pki, tmp_path, keys_file):
+    assert "SAMSERVE_API_KEYS_FILE is not set" in _start_refused(tmp_path)  # auth is on unless said otherwise
+    assert "does not exist" in _start_refused(tmp_path, api_keys_file=str(tmp_path / "absent.json"))
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"keys": [{"id": "sk-0123456789ab", "tenant": "t", "methods": ["Everything"], '
+                      '"sha256": "00"}]}')
+    output = _start_refused(tmp_path, api_keys_file=str(broken))
+    assert "keys.0.methods" in output and "keys.0.sha256" in output
+    mismatched = dict(tls_cert_file=str(pki["server"].cert), tls_key_file=str(pki["server2"].key), auth="off")
+    assert "TLS certificate" in _start_refused(tmp_path, **mismatched)
+    assert "needs both" in _start_refused(tmp_path, tls_cert_file=str(pki["server"].cert), auth="off")
+    assert "does not exist" in _start_refused(tmp_path, tls_cert_file=str(tmp_path / "none.pem"),
+                                              tls_key_file=str(pki["server"].key), auth="off")
+
+
+def test_auth_off_is_announced(gateway_factory, nowhere):
+    gateway = gateway_factory(nowhere, None, wait_serving=False, auth="off")
+    assert "WARNING" in gateway.log() and "authentication is OFF" in gateway.log()
+
+
+def test_mutual_tls_and_a_key_end_to_end(gateway_factory, tiny_triton, pki, keys_file, tmp_path):
+    """The typed client, the CLI and the Locust users through mutual TLS with an API key, against the real
+    models."""
+    path, tokens = keys_file
+    client = ClientSettings(ca_file=pki["server_ca"].cert, cert_file=pki["client"].cert,
+                            key_file=pki["client"].key, server_name="localhost", token=tokens["full"])
+    gateway = gateway_factory(tiny_triton.url, None, client=client, auth="api-keys", api_keys_file=path,
+                              **_tls_files(pki, tmp_path / "tls", mutual=True))
+    image = new_image()
+    with SamServeClient(gateway.target, timeout_s=120, security=client) as typed:
+        embedded = typed.embed(image)
+        (answer,) = typed.segment(embedded.image_id, [PromptSpec(points=[(20, 20)], labels=[1])])
+    assert answer.masks.shape[0] == 3
+
+    image_file, token_file = tmp_path / "image.png", tmp_path / "token"
+    image_file.write_bytes(image)
+    token_file.write_text(tokens["full"] + "\n")
+    command = [SAMSERVE, "segment", str(image_file), "--point", "20,20", "--target", gateway.target,
+               "--tls-ca", str(pki["server_ca"].cert), "--tls-cert", str(pki["client"].cert),
+               "--tls-key", str(pki["client"].key), "--token-file", str(token_file)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and f"image {embedded.image_id[:16]}" in done.stdout, done.stderr
+    denied = subprocess.run(command[:-2], capture_output=True, text=True, timeout=120)  # no key
+    assert denied.returncode == 1 and "UNAUTHENTICATED" in denied.stderr
+
+    locust = tmp_path / "locust"
+    locust.mkdir()
+    rows = run_headless(gateway.target, locust, "InteractiveUser", run_time_s=3, users=2,
+                        SAMSERVE_CLIENT_CA_FILE=str(pki["server_ca"].cert),
+                        SAMSERVE_CLIENT_CERT_FILE=str(pki["client"].cert),
+                        SAMSERVE_CLIENT_KEY_FILE=str(pki["client"].key),
+                        SAMSERVE_CLIENT_SERVER_NAME="localhost", SAMSERVE_CLIENT_TOKEN=tokens["full"])
+    assert int(rows["Segment hot (image_id)"]["Request Count"]) > 0
+    assert int(rows["Aggregated"]["Failure Count"]) == 0
+
+
+def test_triton_and_redis_listen_on_loopback_only(tiny_triton, redis_server):
+    """The launchers' defaults (`samserve up` is checked in test_triton, with its gateway)."""
+    for process in (tiny_triton.server.process, redis_server.process):
+        assert process is not None
+        addresses = listening(process.pid)
+        assert addresses and all(is_loopback(address) for address in addresses), addresses
