@@ -4,7 +4,9 @@
 * decoder: ``SamPredictor.predict`` (1 point, multimask, incl. its mask postprocessing) vs the Triton
   ``sam_decoder`` call + samserve's postprocessing (upscale, threshold), and the bare decoder call for reference.
 
-Prints a table (median, p90, ratio ours/official) and writes bench/results/models_cpu.json.
+The calls of each stage are timed interleaved (``common.interleaved_samples``: round robin, the order rotated each
+round), so that a slow phase of the machine hits every side alike. Prints a table (median, p90, ratio
+ours/official) and writes bench/results/models_cpu.json.
 Targets on the 2-core CPU: encoder <= 0.5x official set_image; decoder path <= 0.7x official predict.
 """
 
@@ -23,10 +25,11 @@ from common import (  # noqa: E402
     ServedEmbeddings,
     add_image_arguments,
     environment,
+    interleaved_samples,
     print_table,
+    sampling_record,
     scene,
     summary,
-    time_calls,
     triton_client,
     write_results,
 )
@@ -37,6 +40,7 @@ from tests.support import local_stack  # noqa: E402
 
 ENCODER_TARGET = 0.5
 DECODER_TARGET = 0.7
+ENCODER_WARMUP, DECODER_WARMUP = 1, 3
 
 
 def main() -> None:
@@ -53,23 +57,23 @@ def main() -> None:
     with local_stack.serve_locally(model_dir, WORK / "models_cpu") as server, asyncio.Runner() as runner:
         triton = triton_client(runner, server.grpc_url)
         triton_grpc = triton_client(runner, server.grpc_url, TransportName.GRPC)
-        official_encoder = time_calls(lambda: predictor.set_image(image), args.encoder_repeats)
-        # What the embedder runs on a cache miss: preprocessing + the Triton encoder.
-        ours_encoder = time_calls(
-            lambda: runner.run(triton.encode(processing.prepare_image(image, meta.image_size))), args.encoder_repeats)
+        # What the embedder runs on a cache miss: preprocessing + the Triton encoder; interleaved with set_image.
+        encoders = interleaved_samples({
+            "official_set_image": lambda: predictor.set_image(image),
+            "triton_encoder": lambda: runner.run(triton.encode(processing.prepare_image(image, meta.image_size))),
+        }, args.encoder_repeats, ENCODER_WARMUP)
         embeddings = ServedEmbeddings(runner, triton)
         embedded = embeddings.get(image)
         batch = processing.decoder_batches([prompt], embedded.original_size, embedded.input_size,
                                            meta.low_res_mask_size)[0]
-        official_decoder = time_calls(lambda: predictor.predict(point, label, multimask_output=True),
-                                      args.decoder_repeats, warmup=3)
-        ours_decoder = time_calls(lambda: runner.run(segmentation.segment(triton, meta, embedded, [prompt])),
-                                  args.decoder_repeats, warmup=3)
-        bare_decoder = time_calls(lambda: runner.run(triton.decode(embedded, batch)),
-                                  args.decoder_repeats, warmup=3)
         inline = runner.run(triton_grpc.stage(embedded.embedding))
-        bare_decoder_grpc = time_calls(lambda: runner.run(triton_grpc.decode(inline, batch)),
-                                       args.decoder_repeats, warmup=3)
+        decoders = interleaved_samples({
+            "official_predict": lambda: predictor.predict(point, label, multimask_output=True),
+            "triton_decoder_plus_postprocessing":
+                lambda: runner.run(segmentation.segment(triton, meta, embedded, [prompt])),
+            "triton_decoder_bare": lambda: runner.run(triton.decode(embedded, batch)),
+            "triton_decoder_bare_embedding_inline_grpc": lambda: runner.run(triton_grpc.decode(inline, batch)),
+        }, args.decoder_repeats, DECODER_WARMUP)
         # Same answer on both sides (the benchmark compares equal work).
         masks, _, _ = predictor.predict(point, label, multimask_output=True)
         ours = runner.run(segmentation.segment(triton, meta, embedded, [prompt]))[0]
@@ -78,14 +82,7 @@ def main() -> None:
         runner.run(triton.close())
         runner.run(triton_grpc.close())
 
-    results = {
-        "official_set_image": summary(official_encoder),
-        "triton_encoder": summary(ours_encoder),
-        "official_predict": summary(official_decoder),
-        "triton_decoder_plus_postprocessing": summary(ours_decoder),
-        "triton_decoder_bare": summary(bare_decoder),
-        "triton_decoder_bare_embedding_inline_grpc": summary(bare_decoder_grpc),
-    }
+    results = {name: summary(samples) for name, samples in {**encoders, **decoders}.items()}
     encoder_ratio = results["triton_encoder"]["median_ms"] / results["official_set_image"]["median_ms"]
     decoder_ratio = (results["triton_decoder_plus_postprocessing"]["median_ms"]
                      / results["official_predict"]["median_ms"])
@@ -114,6 +111,8 @@ def main() -> None:
         "backend": "ONNX Runtime (fp32) in Triton's python backend, tritonserver from nvidia-pytriton",
         "embedding_transport": "Triton system shared memory (default); inline gRPC timed for comparison",
         "results": results,
+        "sampling": {"encoders": sampling_record(list(encoders), args.encoder_repeats, ENCODER_WARMUP),
+                     "decoders": sampling_record(list(decoders), args.decoder_repeats, DECODER_WARMUP)},
         "ratios": {"encoder": encoder_ratio, "decoder_path": decoder_ratio},
         "targets": {"encoder": ENCODER_TARGET, "decoder_path": DECODER_TARGET},
         "targets_met": {"encoder": encoder_ratio <= ENCODER_TARGET, "decoder_path": decoder_ratio <= DECODER_TARGET},
