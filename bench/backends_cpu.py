@@ -1,6 +1,7 @@
 """Which runtime serves the CPU target: ONNX Runtime vs OpenVINO on the exported vit_b graphs (one run).
 
-Times the encoder (one 768x1024 image) and the decoder (1 point, all mask tokens) in-process, and reports each
+Times the encoder (one 768x1024 image) and the decoder (1 point, all mask tokens) in-process, every runtime's calls
+interleaved with the others' (``common.interleaved_samples``), and reports each
 runtime's relative error against PyTorch (the official modules, same weights). Writes
 bench/results/backends_cpu.json. The choice (ONNX Runtime, fp32) is documented in README.
 """
@@ -16,12 +17,21 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the repository r
 import numpy as np  # noqa: E402
 import openvino as ov  # noqa: E402
 import torch  # noqa: E402
-from common import environment, print_table, summary, time_calls, vit_b_model, write_results  # noqa: E402
+from common import (  # noqa: E402
+    environment,
+    interleaved_samples,
+    print_table,
+    sampling_record,
+    summary,
+    vit_b_model,
+    write_results,
+)  # noqa: E402
 
 from samserve import model_spec, onnx_backend, processing  # noqa: E402
 from samserve_build import architectures, export  # noqa: E402
 from tests.support.images import synthetic_image  # noqa: E402
 
+ENCODER_REPEATS, DECODER_REPEATS = 5, 30
 CHOICE = "onnxruntime-fp32"
 FP32_RUNTIMES = ("onnxruntime-fp32", "openvino-f32")
 """The runtimes that keep parity with PyTorch (the 1e-4 export check); a reduced-precision runtime is judged on
@@ -68,7 +78,6 @@ def main() -> None:
     }
     reference_masks = decoder_graph(*(torch.from_numpy(decoder_feeds[n]) for n in model_spec.DECODER_INPUTS))[0].numpy()
 
-    runtimes = {}
     sessions = {
         "onnxruntime-fp32": (
             onnx_backend.create_session(model_dir / model_spec.ENCODER_FILE),
@@ -93,19 +102,21 @@ def main() -> None:
         return out[0] if isinstance(compiled, ov.CompiledModel) else next(iter(out.values()))
 
     decoder_tensors = [torch.from_numpy(decoder_feeds[n]) for n in model_spec.DECODER_INPUTS]
-    runtimes["pytorch-official-modules"] = {
-        "encoder": summary(time_calls(lambda: encoder_graph(*encoder_tensors), 3)),
-        "decoder": summary(time_calls(lambda: decoder_graph(*decoder_tensors), 30, 3)),
-        "encoder_relative_error": 0.0,
-        "decoder_relative_error": 0.0,
-    }
+    reference = "pytorch-official-modules"
+    encoders = {reference: lambda: encoder_graph(*encoder_tensors)}
+    decoders = {reference: lambda: decoder_graph(*decoder_tensors)}
+    for name, (encoder, decoder) in sessions.items():
+        encoders[name], decoders[name] = runner(encoder, encoder_feeds), runner(decoder, decoder_feeds)
+    encoder_samples = interleaved_samples(encoders, ENCODER_REPEATS, warmup=1)
+    decoder_samples = interleaved_samples(decoders, DECODER_REPEATS, warmup=3)
+    runtimes = {reference: {"encoder_relative_error": 0.0, "decoder_relative_error": 0.0}}
     for name, (encoder, decoder) in sessions.items():
         runtimes[name] = {
-            "encoder": summary(time_calls(runner(encoder, encoder_feeds), 5)),
-            "decoder": summary(time_calls(runner(decoder, decoder_feeds), 30, 3)),
             "encoder_relative_error": export.relative_error(first_output(encoder, encoder_feeds), reference_embedding),
             "decoder_relative_error": export.relative_error(first_output(decoder, decoder_feeds), reference_masks),
         }
+    for name, record in runtimes.items():
+        record.update(encoder=summary(encoder_samples[name]), decoder=summary(decoder_samples[name]))
     rows = [
         [name, r["encoder"]["median_ms"], r["decoder"]["median_ms"], f"{r['encoder_relative_error']:.1e}",
          f"{r['decoder_relative_error']:.1e}"]
@@ -118,6 +129,8 @@ def main() -> None:
         "environment": {**environment(), "openvino": ov.__version__},
         "model": {"variant": "vit_b", "weights": "seeded random (seed 0)"},
         "runtimes": runtimes,
+        "sampling": {"encoder": sampling_record(list(encoders), ENCODER_REPEATS, 1),
+                     "decoder": sampling_record(list(decoders), DECODER_REPEATS, 3)},
         "choice": CHOICE,
         "why": why(runtimes),
     })
