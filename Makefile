@@ -58,7 +58,7 @@ lint: setup
 prepare: setup
 	$(BIN)/samserve-build prepare
 
-# Every benchmark, regenerating every file in bench/results (about 50 minutes on 2 cores; the ViT-H export in
+# Every benchmark, regenerating every file in bench/results (about 30 minutes on 2 cores; the ViT-H export in
 # export_cpu.py needs about 18 GB of memory). Run on an otherwise idle machine, on committed code.
 bench: setup
 	$(BIN)/python bench/backends_cpu.py
