@@ -127,6 +127,10 @@ class AmgParams:
             for layer in range(self.crop_n_layers + 1)
         ]
 
+    def decoder_prompts(self) -> int:
+        """Decoder prompts of one run: every crop layer's grid points times its crops (layer i has 4^i crops)."""
+        return sum(len(grid) * 4**layer for layer, grid in enumerate(self.grids()))
+
 
 SCALAR_PARAMETERS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(AmgParams) if f.name != "point_grids")
 """The parameters that are one number (the GenerateMasks request fields and the bulk job's options)."""

@@ -7,7 +7,11 @@ and the SHA-256 of the whole token, never the token::
     {"keys": [{"id": "sk-0f3a9c21b4d7", "tenant": "acme", "methods": ["Embed", "Segment"],
                "sha256": "9b1f...64 hex digits", "created": "2026-11-27T17:00:00Z"}]}
 
-``methods`` lists RPC names of ``samserve.v1.SegmentAnything`` or is ``["*"]`` (all of them).
+``methods`` lists RPC names of ``samserve.v1.SegmentAnything`` or is ``["*"]`` (all of them). Optional quotas
+(:mod:`samserve.quotas`), per tenant, with defaults for tenants not listed::
+
+    "tenants": {"acme": {"requests_per_s": 50, "encodes_per_min": 120, "decoder_prompts_per_min": 200000}},
+    "default_limits": {"requests_per_s": 10, "encodes_per_min": 20}
 
 Why SHA-256 and not a salted slow hash (scrypt, PBKDF2): those protect *guessable* secrets (passwords) from
 offline guessing; a token carries 256 random bits, out of reach of any guessing with or without salt. A slow hash
@@ -38,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from samserve.api import SERVICE_NAME, pb
 from samserve.errors import PermissionDenied, Unauthenticated
+from samserve.quotas import TenantLimits
 
 LOG = logging.getLogger(__name__)
 
@@ -100,11 +105,21 @@ class ApiKey(BaseModel):
 
 
 class KeyFile(BaseModel):
-    """The keys file: ``{"keys": [ApiKey, ...]}``; ids and hashes are unique."""
+    """The keys file: ``{"keys": [ApiKey, ...], "tenants": {name: TenantLimits}, "default_limits": TenantLimits}``;
+    key ids and hashes are unique."""
 
     model_config = ConfigDict(extra="forbid")
 
     keys: list[ApiKey] = Field(default_factory=list)
+    tenants: dict[str, TenantLimits] = Field(default_factory=dict, description="quotas of the tenants named")
+    default_limits: TenantLimits = Field(default_factory=TenantLimits, description="quotas of any other tenant")
+
+    @field_validator("tenants")
+    @classmethod
+    def _tenant_names(cls, value: dict[str, TenantLimits]) -> dict[str, TenantLimits]:
+        for name in value:
+            ApiKey._tenant(name)
+        return value
 
     @field_validator("keys")
     @classmethod
@@ -163,7 +178,7 @@ def write_key_file(path: Path, keys: KeyFile) -> None:
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(keys.model_dump_json(indent=2, exclude_none=True) + "\n")
+            out.write(keys.model_dump_json(indent=2, exclude_defaults=True) + "\n")
         os.chmod(temporary, 0o600)
         os.replace(temporary, path)
     except BaseException:
@@ -181,7 +196,7 @@ def add_key(path: Path, tenant: str, methods: Sequence[str] = (ALL_METHODS,)) ->
         entry = ApiKey(id=key_id, tenant=tenant, methods=tuple(methods), sha256=hash_token(token), created=created)
     except ValidationError as error:
         raise KeyFileError("; ".join(f"{e['loc'][0]}: {e['msg']}" for e in error.errors())) from error
-    write_key_file(path, KeyFile(keys=[*keys.keys, entry]))
+    write_key_file(path, keys.model_copy(update={"keys": [*keys.keys, entry]}))
     return entry, token
 
 
@@ -191,7 +206,7 @@ def revoke_key(path: Path, key_id: str) -> ApiKey:
     kept = [key for key in keys.keys if key.id != key_id]
     if len(kept) == len(keys.keys):
         raise KeyError(key_id)
-    write_key_file(path, KeyFile(keys=kept))
+    write_key_file(path, keys.model_copy(update={"keys": kept}))
     return next(key for key in keys.keys if key.id == key_id)
 
 
@@ -201,6 +216,7 @@ class _Loaded:
     """(inode, device, size, mtime in ns) of the file this version was read from."""
     keys: dict[str, ApiKey]
     """Key id -> entry."""
+    file: KeyFile
 
 
 def _signature(path: Path) -> tuple[int, int, int, int]:
@@ -230,7 +246,14 @@ class KeyRing:
             LOG.warning("API keys file %s holds no keys: every call will be UNAUTHENTICATED", self.path)
 
     def _read(self, signature: tuple[int, int, int, int]) -> _Loaded:
-        return _Loaded(signature, {key.id: key for key in read_key_file(self.path).keys})
+        file = read_key_file(self.path)
+        return _Loaded(signature, {key.id: key for key in file.keys}, file)
+
+    def limits(self, tenant: str) -> TenantLimits:
+        """The quotas of ``tenant`` (its ``tenants`` entry, else ``default_limits``), from the current file."""
+        self.keys()
+        file = self._loaded.file
+        return file.tenants.get(tenant, file.default_limits)
 
     def keys(self) -> dict[str, ApiKey]:
         """The current keys by id (the file re-read first when it changed)."""

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from samserve import images, metrics, processing
+from samserve import images, metrics, processing, quotas
 from samserve.cache import EmbeddingCache, Missing
 from samserve.embedding import CropBox, EmbeddedImage, Embedding
 from samserve.errors import InvalidArgument, NotFound, ResourceExhausted
@@ -48,23 +48,33 @@ class EncodeLimiter:
 
 
 class ImageRef:
-    """A request's image: its id, and its encoded bytes when the request sent them (decoded at most once, only
-    on a cache miss)."""
+    """A request's image: its id, its cache scope, and its encoded bytes when the request sent them (decoded at
+    most once, only on a cache miss).
 
-    def __init__(self, image_id: str, data: bytes | None = None, max_pixels: int = 0) -> None:
+    ``scope`` partitions the cache (README "Security", cache scope): "" is the shared cache, where an image sent
+    by anyone is a hit for everyone; a tenant's scope holds only what that tenant sent."""
+
+    def __init__(self, image_id: str, data: bytes | None = None, max_pixels: int = 0, scope: str = "") -> None:
         self.image_id = image_id
+        self.scope = scope
         self._data = data
         self._max_pixels = max_pixels
         self._pixels: np.ndarray | None = None
         self._lock = asyncio.Lock()
 
     @classmethod
-    def from_bytes(cls, data: bytes, max_pixels: int, field: str = "image") -> ImageRef:
+    def from_bytes(cls, data: bytes, max_pixels: int, field: str = "image", scope: str = "") -> ImageRef:
         """An image sent by value; its id is the content address of the bytes. Empty bytes are INVALID_ARGUMENT."""
         if not data:
             raise InvalidArgument("empty image", field=field)
         metrics.IMAGE_BYTES.observe(len(data))
-        return cls(images.image_id(data), data, max_pixels)
+        return cls(images.image_id(data), data, max_pixels, scope)
+
+    def cache_id(self, crop: CropBox | None = None) -> str:
+        """The cache id of the image (or of one crop's embedding) in its scope; the whole image's id is shared
+        by Embed, Segment and GenerateMasks."""
+        scoped = f"{self.scope}/{self.image_id}" if self.scope else self.image_id
+        return scoped if crop is None else f"{scoped}:crop:{','.join(map(str, crop))}"
 
     @property
     def has_bytes(self) -> bool:
@@ -78,11 +88,6 @@ class ImageRef:
                 self._pixels = await asyncio.to_thread(images.decode_image, self._data, self._max_pixels)
                 metrics.IMAGE_PIXELS.observe(self._pixels.shape[0] * self._pixels.shape[1])
             return self._pixels
-
-
-def crop_id(image_id: str, crop: CropBox) -> str:
-    """Cache id of one crop's embedding (the whole image uses the image id itself, shared with Embed)."""
-    return f"{image_id}:crop:{','.join(map(str, crop))}"
 
 
 @dataclasses.dataclass
@@ -101,9 +106,10 @@ class ImageEmbedder:
     ) -> AsyncIterator[tuple[EmbeddedImage, bool]]:
         """(embedded image, cached) held for the block. An id the cache lacks is NOT_FOUND unless the bytes came
         with the request. For a crop, ``original_size`` is the crop's size."""
-        key = image.image_id if crop is None else crop_id(image.image_id, crop)
+        key = image.cache_id(crop)
 
         async def compute() -> Embedding:
+            quotas.charge(quotas.Limit.ENCODES)
             pixels = await image.pixels()
             if crop is not None:
                 x0, y0, x1, y1 = crop

@@ -26,7 +26,15 @@ class NotFound(SamServeError):
 
 
 class ResourceExhausted(SamServeError):
-    """Too much work waiting or a request too large: retry later, or send less."""
+    """Too much work waiting, a quota spent, or a request over a cost limit: retry later, or send less.
+
+    ``retry_after_s``: when a retry may succeed (None: not known, or never for this request); ``quota``: what ran
+    out (``tenant:acme/encodes``) or the setting the request exceeds, for a ``google.rpc.QuotaFailure``."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None, quota: str | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+        self.quota = quota
 
 
 class Unavailable(SamServeError):

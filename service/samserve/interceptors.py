@@ -13,8 +13,13 @@
   parsing its request, so it is mapped, counted and logged like any error. The key's tenant is in a context
   variable that log records carry. ``grpc.health.v1.Health`` is open to all (probes); any other service
   (reflection) needs a valid key.
+* :class:`QuotaInterceptor` (innermost, with auth): takes one request from the tenant's bucket
+  (:mod:`samserve.quotas`) and makes the tenant's quota the call's :data:`samserve.quotas.current`, which the
+  embedder (encodes) and the servicer (decoder prompts) charge.
 
-Servicer methods just raise :mod:`samserve.errors`. Quotas will be one more interceptor here.
+Servicer methods just raise :mod:`samserve.errors`. A ResourceExhausted that knows when a retry may succeed
+sends it as ``retry-after`` trailing metadata (seconds, decimal) and a ``google.rpc.RetryInfo``; one naming what
+ran out adds a ``google.rpc.QuotaFailure``.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import math
 import re
 import time
 import uuid
@@ -29,10 +35,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
-from samserve import metrics
+from samserve import metrics, quotas
 from samserve.api import SERVICE_NAME
 from samserve.api_keys import KeyRing
 from samserve.errors import (
@@ -50,6 +56,8 @@ from samserve.errors import (
 LOG = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "x-request-id"
+RETRY_AFTER_HEADER = "retry-after"
+"""Trailing metadata of a RESOURCE_EXHAUSTED that may succeed later: seconds to wait, decimal (``0.250``)."""
 STATUS_DETAILS_HEADER = "grpc-status-details-bin"
 """Trailing metadata key of the serialized ``google.rpc.Status`` (what grpcio-status and other stacks read)."""
 _VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -85,15 +93,22 @@ def status_code(error: BaseException) -> grpc.StatusCode | None:
 
 
 def status_details(code: grpc.StatusCode, message: str, error: BaseException | None) -> status_pb2.Status:
-    """The ``google.rpc.Status`` sent in the trailers: code, message, BadRequest (when a field is at fault) and
-    RequestInfo."""
-    details = []
+    """The ``google.rpc.Status`` sent in the trailers: code, message, BadRequest (when a field is at fault),
+    QuotaFailure and RetryInfo (what ran out, when to retry) and RequestInfo."""
+    details: list[Any] = []
     field = getattr(error, "field", None)
     if field:
         bad_request = error_details_pb2.BadRequest(
             field_violations=[error_details_pb2.BadRequest.FieldViolation(field=field, description=message)]
         )
         details.append(bad_request)
+    if isinstance(error, ResourceExhausted) and error.quota:
+        violation = error_details_pb2.QuotaFailure.Violation(subject=error.quota, description=message)
+        details.append(error_details_pb2.QuotaFailure(violations=[violation]))
+    if isinstance(error, ResourceExhausted) and error.retry_after_s is not None:
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(math.ceil(error.retry_after_s * 1e9))
+        details.append(error_details_pb2.RetryInfo(retry_delay=delay))
     details.append(error_details_pb2.RequestInfo(request_id=request_id.get()))
     packed = []
     for detail in details:
@@ -173,6 +188,7 @@ class MetricsInterceptor(_UnaryInterceptor):
             finally:
                 metrics.INFLIGHT.labels(method).dec()
                 metrics.RPC_REQUESTS.labels(method, code.name).inc()
+                metrics.TENANT_REQUESTS.labels(metrics.tenant_label(tenant.get()), method, code.name).inc()
                 metrics.RPC_DURATION.labels(method, code.name).observe(time.perf_counter() - started)
 
         return measured
@@ -199,7 +215,10 @@ class ErrorInterceptor(_UnaryInterceptor):
                 else:
                     message = "deadline exceeded"
                 status = status_details(code, message, error)
-                trailers = ((STATUS_DETAILS_HEADER, status.SerializeToString()), (REQUEST_ID_HEADER, request_id.get()))
+                trailers: tuple[tuple[str, str | bytes], ...] = (
+                    (STATUS_DETAILS_HEADER, status.SerializeToString()), (REQUEST_ID_HEADER, request_id.get()))
+                if isinstance(error, ResourceExhausted) and error.retry_after_s is not None:
+                    trailers += ((RETRY_AFTER_HEADER, f"{error.retry_after_s:.3f}"),)
                 await context.abort(code, message, trailing_metadata=trailers)
 
         return mapped
@@ -261,12 +280,35 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         return _wrap_unary(handler, with_tenant)
 
 
+class QuotaInterceptor(_UnaryInterceptor):
+    """One request from the tenant's bucket (set by AuthInterceptor, outside), then the tenant's quota is
+    :data:`samserve.quotas.current` for the call."""
+
+    def __init__(self, tenant_quotas: quotas.Quotas) -> None:
+        self.quotas = tenant_quotas
+
+    def wrap(self, method: str, behavior: Behavior) -> Behavior:
+        async def within_quota(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            quota = self.quotas.of(tenant.get())
+            quota.charge(quotas.Limit.REQUESTS)
+            token = quotas.current.set(quota)
+            try:
+                return await behavior(request, context)
+            finally:
+                quotas.current.reset(token)
+
+        return within_quota
+
+
 def interceptors(keys: KeyRing | None = None) -> list[grpc.aio.ServerInterceptor]:
-    """The gateway's interceptors, outermost first; ``keys`` None: auth off. Metrics sit inside the error mapping:
-    an aborted call's status reaches the client as soon as it is sent, so it is counted before (a client that
-    scrapes /metrics after its error sees it counted). Auth sits inside both: refusals are mapped and counted."""
+    """The gateway's interceptors, outermost first; ``keys`` None: auth off (and no quotas). Metrics sit inside
+    the error mapping: an aborted call's status reaches the client as soon as it is sent, so it is counted before
+    (a client that scrapes /metrics after its error sees it counted). Auth and quotas sit inside both: refusals
+    are mapped and counted."""
     chain: list[grpc.aio.ServerInterceptor] = [RequestIdInterceptor(), ErrorInterceptor(), MetricsInterceptor()]
-    return chain + ([AuthInterceptor(keys)] if keys is not None else [])
+    if keys is None:
+        return chain
+    return [*chain, AuthInterceptor(keys), QuotaInterceptor(quotas.Quotas(keys.limits))]
 
 
 class RequestIdLogFilter(logging.Filter):

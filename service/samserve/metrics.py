@@ -37,8 +37,30 @@ IMAGE_PIXELS = Histogram("samserve_image_pixels", "Pixels (width x height) of de
 GENERATED_MASKS = Histogram("samserve_generate_masks_masks", "Masks returned per GenerateMasks call",
                             buckets=(0, 1, 10, 25, 50, 100, 200, 400, 800, 1600))
 GENERATE_POINTS = Counter("samserve_generate_masks_points_total", "Grid points decoded by GenerateMasks")
+TENANT_REQUESTS = Counter("samserve_tenant_requests_total", "Gateway RPCs by tenant (of the API key; '-' with "
+                          "auth off), method and status code", ["tenant", "method", "code"])
+TENANT_USAGE = Counter("samserve_tenant_usage_total", "What tenants spent: requests, encodes, decoder_prompts",
+                       ["tenant", "limit"])
+QUOTA_REJECTIONS = Counter("samserve_quota_rejections_total", "Calls refused because a tenant's bucket was empty",
+                           ["tenant", "limit"])
 BUILD_INFO = Gauge("samserve_build_info", "Version and served model (value 1)",
                    ["version", "model_id", "weights_sha256"])
+
+
+MAX_TENANT_LABELS = 100
+"""Tenants named in metric labels; more distinct tenants than this share the label ``other`` (tenants come from
+the operator's keys file, never from a caller, so the label set is bounded either way)."""
+_tenant_labels: set[str] = set()
+
+
+def tenant_label(tenant: str) -> str:
+    """The ``tenant`` label value of ``tenant`` (:data:`MAX_TENANT_LABELS`)."""
+    if tenant in _tenant_labels:
+        return tenant
+    if len(_tenant_labels) < MAX_TENANT_LABELS:
+        _tenant_labels.add(tenant)
+        return tenant
+    return "other"
 
 
 def _initialize_series() -> None:

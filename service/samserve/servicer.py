@@ -16,13 +16,13 @@ from typing import Any
 import grpc
 import numpy as np
 
-from samserve import amg, convert, metrics, processing, segmentation
+from samserve import amg, convert, interceptors, metrics, processing, quotas, segmentation
 from samserve.api import pb, pb_grpc
 from samserve.embedder import ImageRef
 from samserve.embedding import CropBox, EmbeddedImage
-from samserve.errors import InvalidArgument
+from samserve.errors import InvalidArgument, ResourceExhausted
 from samserve.model_watcher import ModelWatcher
-from samserve.settings import GatewaySettings
+from samserve.settings import CacheScope, GatewaySettings
 from samserve.triton_models import TritonSam
 
 
@@ -31,24 +31,30 @@ class SegmentAnythingServicer(pb_grpc.SegmentAnythingServicer):
         self.settings = settings
         self.triton = triton
         self.watcher = watcher
+        self.cache_scope = settings.effective_cache_scope
 
     def _timeout(self, context: grpc.aio.ServicerContext) -> float:
         """The call's remaining time, bounded by ``triton_timeout_s``: every Triton call of the RPC gets it."""
         remaining = context.time_remaining()
         return self.settings.triton_timeout_s if remaining is None else min(remaining, self.settings.triton_timeout_s)
 
+    def _scope(self) -> str:
+        """The cache scope of the call: "" (shared) or its tenant's."""
+        return "" if self.cache_scope is CacheScope.SHARED else f"tenant={interceptors.tenant.get()}"
+
     def _image(self, request: Any) -> ImageRef:
         """The image of a request with ``oneof image {image_bytes, image_id}``."""
         which = request.WhichOneof("image")
         if which == "image_bytes":
-            return ImageRef.from_bytes(request.image_bytes, self.settings.max_image_pixels, field="image_bytes")
+            return ImageRef.from_bytes(request.image_bytes, self.settings.max_image_pixels, field="image_bytes",
+                                       scope=self._scope())
         if which == "image_id":
-            return ImageRef(request.image_id)
+            return ImageRef(request.image_id, scope=self._scope())
         raise InvalidArgument("set image_bytes or image_id", field="image")
 
     async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
         model = self.watcher.current()
-        image = ImageRef.from_bytes(request.image, self.settings.max_image_pixels)
+        image = ImageRef.from_bytes(request.image, self.settings.max_image_pixels, scope=self._scope())
         async with model.embedder.embedded(image, timeout_s=self._timeout(context)) as (embedded, cached):
             height, width = embedded.original_size
         return pb.EmbedResponse(image_id=image.image_id, width=width, height=height, cached=cached,
@@ -61,6 +67,7 @@ class SegmentAnythingServicer(pb_grpc.SegmentAnythingServicer):
         if len(request.prompts) > self.settings.max_prompts:
             raise InvalidArgument(f"{len(request.prompts)} prompts; the limit is {self.settings.max_prompts}",
                                   field="prompts")
+        quotas.charge(quotas.Limit.DECODER_PROMPTS, len(request.prompts))
         image = self._image(request)
         timeout = self._timeout(context)
         async with model.embedder.embedded(image, timeout_s=timeout) as (embedded, cached):
@@ -82,6 +89,13 @@ class SegmentAnythingServicer(pb_grpc.SegmentAnythingServicer):
         model = self.watcher.current()
         params = convert.amg_params_from_proto(request)
         params.validate(self.settings.max_generate_points, self.settings.max_generate_points_per_batch)
+        planned = params.decoder_prompts()
+        if planned > self.settings.max_generate_decoder_prompts:
+            raise ResourceExhausted(
+                f"these parameters make {planned} decoder prompts (grid points x crops); the limit per request is "
+                f"{self.settings.max_generate_decoder_prompts} (SAMSERVE_MAX_GENERATE_DECODER_PROMPTS): lower "
+                "points_per_side or crop_n_layers", quota="max_generate_decoder_prompts")
+        quotas.charge(quotas.Limit.DECODER_PROMPTS, planned)
         image = self._image(request)
         timeout = self._timeout(context)
         encoded_any = False

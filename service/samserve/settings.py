@@ -29,6 +29,13 @@ class AuthMode(enum.StrEnum):
     OFF = "off"
 
 
+class CacheScope(enum.StrEnum):
+    """Who shares cached embeddings (README "Security", cache scope)."""
+
+    SHARED = "shared"
+    TENANT = "tenant"
+
+
 class LogLevel(enum.StrEnum):
     DEBUG = "DEBUG"
     INFO = "INFO"
@@ -66,6 +73,10 @@ class GatewaySettings(BaseSettings):
         description="GenerateMasks: grid points per crop layer (points_per_side <= 128); more -> INVALID_ARGUMENT",
     )
     max_generate_points_per_batch: int = Field(256, description="GenerateMasks: largest points_per_batch")
+    max_generate_decoder_prompts: int = Field(
+        32768, description="GenerateMasks: decoder prompts per request (grid points x crops, all layers); more -> "
+        "RESOURCE_EXHAUSTED naming this limit",
+    )
     generate_decoder_calls_in_flight: int = Field(
         3, description="GenerateMasks: decoder calls of one request in flight (overlaps decoding and post-processing)"
     )
@@ -83,6 +94,10 @@ class GatewaySettings(BaseSettings):
     )
     api_keys_file: Path | None = Field(None, description="JSON keys file (hashed tokens, tenants, allowed RPCs)")
     reflection: bool = Field(False, description="serve gRPC server reflection (with auth on: to any valid key)")
+    cache_scope: CacheScope | None = Field(
+        None, description="shared (any caller's image is a hit for all) | tenant (each tenant its own entries); "
+        "unset: tenant with auth on, shared with auth off",
+    )
 
     # Embedding cache.
     l1_cache_bytes: int = Field(
@@ -94,6 +109,13 @@ class GatewaySettings(BaseSettings):
     redis_timeout_s: float = Field(1.0, description="per Redis operation; slower counts as a failure")
     redis_lock_ttl_s: float = Field(120.0, description="single-flight lock lifetime (a crashed holder's lock expires)")
     failure_log_interval_s: float = Field(30.0, description="Redis failures are logged at most once per interval")
+
+    @property
+    def effective_cache_scope(self) -> CacheScope:
+        """:attr:`cache_scope`, or its default for the auth mode."""
+        if self.cache_scope is not None:
+            return self.cache_scope
+        return CacheScope.SHARED if self.auth is AuthMode.OFF else CacheScope.TENANT
 
     @property
     def triton_grpc_url(self) -> str:

@@ -9,6 +9,8 @@ whole path (mutual TLS + key, the typed client and the CLI) against the tiny mod
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -30,6 +32,7 @@ from tests.support.certificates import Certificate, issue, make_ca, presented_ce
 from tests.support.images import new_image
 from tests.support.local_stack import free_port
 from tests.support.locust import run_headless
+from tests.support.metrics import sample, scrape
 from tests.support.polling import wait_until
 from tests.support.sockets import is_loopback, listening
 
@@ -274,3 +277,115 @@ def test_triton_and_redis_listen_on_loopback_only(tiny_triton, redis_server):
         assert process is not None
         addresses = listening(process.pid)
         assert addresses and all(is_loopback(address) for address in addresses), addresses
+
+
+def _keys_with_limits(path: Path, limits: dict[str, dict[str, float]]) -> dict[str, str]:
+    """A keys file with one key per tenant of ``limits`` and those quotas: the tokens by tenant."""
+    tokens = {}
+    for tenant in limits:
+        done = subprocess.run([SAMSERVE, "keys", "add", "--tenant", tenant, "--file", str(path)],
+                              capture_output=True, text=True, timeout=60, check=True)
+        tokens[tenant] = done.stdout.strip()
+    document = json.loads(path.read_text())
+    document["tenants"] = {tenant: quota for tenant, quota in limits.items() if quota}
+    path.write_text(json.dumps(document))
+    return tokens
+
+
+def _refusal(call) -> tuple[grpc.RpcError, dict[str, str | bytes], status_pb2.Status]:
+    error = _code(call)
+    trailers = dict(error.trailing_metadata())
+    return error, trailers, status_pb2.Status.FromString(trailers[STATUS_DETAILS_HEADER])
+
+
+def _quota_failure(status: status_pb2.Status) -> str:
+    failure = error_details_pb2.QuotaFailure()
+    assert any(detail.Unpack(failure) for detail in status.details)
+    return failure.violations[0].subject
+
+
+def test_quotas_refuse_with_a_retry_after_per_tenant(gateway_factory, tiny_triton, tmp_path):
+    """Requests, encodes and decoder prompts each have their bucket; a refusal says when to retry (trailing
+    `retry-after` and RetryInfo) and what ran out (QuotaFailure); other tenants are not affected; the metrics count
+    by tenant. The rates are tiny so that no bucket refills during the test."""
+    path = tmp_path / "keys.json"
+    tokens = _keys_with_limits(path, {
+        "metered": {"requests_per_s": 0.001, "requests_burst": 4, "encodes_per_min": 0.01, "encodes_burst": 1,
+                    "decoder_prompts_per_min": 0.01, "decoder_prompts_burst": 5},
+        "free": {},
+    })
+    gateway = gateway_factory(tiny_triton.url, None, auth="api-keys", api_keys_file=path,
+                              max_generate_decoder_prompts=100)
+    first, second = new_image(), new_image()
+    click = pb.Prompt(points=[pb.Point(x=10, y=10, label=pb.POINT_LABEL_FOREGROUND)])
+    with client_channel(gateway.target, token=tokens["metered"]) as channel:
+        stub = pb_grpc.SegmentAnythingStub(channel)
+        embedded = stub.Embed(pb.EmbedRequest(image=first), timeout=60)  # request 1, encode 1
+        error, trailers, status = _refusal(lambda: stub.Embed(pb.EmbedRequest(image=second), timeout=60))  # 2
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "encodes_per_min" in error.details()
+        assert _quota_failure(status) == "tenant:metered/encodes"
+        retry = error_details_pb2.RetryInfo()
+        assert any(detail.Unpack(retry) for detail in status.details)
+        assert float(trailers["retry-after"]) == pytest.approx(retry.retry_delay.ToNanoseconds() / 1e9, abs=1e-3)
+        assert float(trailers["retry-after"]) > 1000  # one encode per 100 minutes
+        # A cache hit costs no encode; 4 prompts fit the 5 decoder prompts, 4 more do not (and say when).
+        stub.Segment(pb.SegmentRequest(image_id=embedded.image_id, prompts=[click] * 4), timeout=60)  # 3
+        error, trailers, status = _refusal(lambda: stub.Segment(
+            pb.SegmentRequest(image_id=embedded.image_id, prompts=[click] * 4), timeout=60))  # 4
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "retry-after" in trailers
+        assert _quota_failure(status) == "tenant:metered/decoder_prompts"
+        error, trailers, status = _refusal(lambda: stub.Segment(
+            pb.SegmentRequest(image_id=embedded.image_id, prompts=[click]), timeout=60))  # 5: no request left
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "requests_per_s" in error.details()
+        assert _quota_failure(status) == "tenant:metered/requests"
+    with client_channel(gateway.target, token=tokens["free"]) as channel:
+        stub = pb_grpc.SegmentAnythingStub(channel)
+        for _ in range(3):
+            stub.Embed(pb.EmbedRequest(image=new_image()), timeout=60)
+        # The per-request cap on GenerateMasks work holds for every tenant, before anything is encoded.
+        error, trailers, status = _refusal(lambda: stub.GenerateMasks(
+            pb.GenerateMasksRequest(image_bytes=new_image(), points_per_side=16), timeout=60))
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "256 decoder prompts" in error.details()
+        assert "SAMSERVE_MAX_GENERATE_DECODER_PROMPTS" in error.details() and "retry-after" not in trailers
+        assert _quota_failure(status) == "max_generate_decoder_prompts"
+    samples = scrape(gateway.metrics_url)
+    for limit in ("requests", "encodes", "decoder_prompts"):
+        assert sample(samples, "samserve_quota_rejections_total", tenant="metered", limit=limit) == 1
+    assert sample(samples, "samserve_tenant_usage_total", tenant="metered", limit="encodes") == 1
+    assert sample(samples, "samserve_tenant_usage_total", tenant="free", limit="encodes") == 3
+    assert sample(samples, "samserve_tenant_requests_total", tenant="metered", method="Segment",
+                  code="RESOURCE_EXHAUSTED") == 2
+
+
+@pytest.mark.parametrize("scope", ["tenant", "shared"])
+def test_cache_scope_decides_whether_tenants_see_each_others_images(gateway_factory, tiny_triton, redis_server,
+                                                                    tmp_path, scope):
+    """With auth on the cache is per tenant by default: tenant B neither hits nor may reference what A sent,
+    even through Redis (tier 2, shared by replicas); `shared` trades that for cross-tenant hits."""
+    path = tmp_path / "keys.json"
+    tokens = _keys_with_limits(path, {"a": {}, "b": {}})
+    settings: dict[str, object] = {"auth": "api-keys", "api_keys_file": path}
+    if scope == "shared":
+        settings["cache_scope"] = "shared"
+    first = gateway_factory(tiny_triton.url, redis_server.url, **settings)
+    second = gateway_factory(tiny_triton.url, redis_server.url, **settings)
+    image = new_image()
+    click = pb.Prompt(points=[pb.Point(x=10, y=10, label=pb.POINT_LABEL_FOREGROUND)])
+    channels = contextlib.ExitStack()
+
+    def stub(gateway, tenant):
+        return pb_grpc.SegmentAnythingStub(channels.enter_context(client_channel(gateway.target,
+                                                                                 token=tokens[tenant])))
+
+    embedded = stub(first, "a").Embed(pb.EmbedRequest(image=image), timeout=60)
+    assert not embedded.cached
+    assert stub(second, "a").Embed(pb.EmbedRequest(image=image), timeout=60).cached  # same tenant, via Redis
+    by_id = pb.SegmentRequest(image_id=embedded.image_id, prompts=[click])
+    if scope == "tenant":
+        assert _code(lambda: stub(second, "b").Segment(by_id, timeout=60)).code() == grpc.StatusCode.NOT_FOUND
+        assert not stub(second, "b").Embed(pb.EmbedRequest(image=image), timeout=60).cached  # its own encode
+    else:
+        assert stub(second, "b").Segment(by_id, timeout=60).cached
+        assert stub(second, "b").Embed(pb.EmbedRequest(image=image), timeout=60).cached
+    assert stub(second, "b").Segment(by_id, timeout=60).cached  # now B's own entry
+    channels.close()

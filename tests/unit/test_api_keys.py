@@ -17,7 +17,15 @@ from samserve import api_keys
 from samserve.api import SERVICE_NAME
 from samserve.api_keys import KeyFileError, KeyRing, add_key, hash_token, read_key_file, revoke_key
 from samserve.errors import PermissionDenied, Unauthenticated
-from samserve.interceptors import AuthInterceptor, RequestIdLogFilter, interceptors, request_id, status_code, tenant
+from samserve.interceptors import (
+    AuthInterceptor,
+    QuotaInterceptor,
+    RequestIdLogFilter,
+    interceptors,
+    request_id,
+    status_code,
+    tenant,
+)
 
 
 def bearer(token: str) -> tuple[tuple[str, str], ...]:
@@ -250,10 +258,11 @@ def test_health_is_open_and_other_services_need_a_key(ring):
     assert caught.value.args[0] is grpc.StatusCode.UNAUTHENTICATED
 
 
-def test_auth_is_in_the_chain_only_when_on(ring):
+def test_auth_and_quotas_are_in_the_chain_only_when_on(ring):
     keys, _ = ring
-    assert not any(isinstance(i, AuthInterceptor) for i in interceptors())
-    assert isinstance(interceptors(keys)[-1], AuthInterceptor)  # innermost: refusals are mapped and counted
+    assert not any(isinstance(i, (AuthInterceptor, QuotaInterceptor)) for i in interceptors())
+    # innermost, quotas inside auth (they need the tenant): refusals are mapped and counted
+    assert [type(i) for i in interceptors(keys)[-2:]] == [AuthInterceptor, QuotaInterceptor]
 
 
 def test_log_records_carry_the_request_and_the_tenant():
