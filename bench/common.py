@@ -243,12 +243,12 @@ class ServedEmbeddings:
 
     def __init__(self, runner: asyncio.Runner, triton) -> None:
         from samserve.cache import EmbeddingCache
-        from samserve.embedder import EncodeLimiter, ImageEmbedder
+        from samserve.embedder import DecodeBudget, EncodeLimiter, ImageEmbedder
 
         self.runner = runner
         meta = triton.served.meta
         cache = EmbeddingCache(triton, meta.cache_namespace, l1_bytes=1 << 30)
-        self.embedder = ImageEmbedder(triton, meta.image_size, cache, EncodeLimiter(1, 64))
+        self.embedder = ImageEmbedder(triton, meta.image_size, cache, EncodeLimiter(1, 64), DecodeBudget(10**9))
         self.held = contextlib.AsyncExitStack()
 
     def get(self, image: np.ndarray):

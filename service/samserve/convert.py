@@ -7,13 +7,14 @@ a ``google.rpc.BadRequest`` field violation (see :mod:`samserve.interceptors`).
 from __future__ import annotations
 
 import math
+import threading
 from typing import Any
 
 import numpy as np
 
 from samserve import amg, mask_encoding, model_spec, processing, segmentation
 from samserve.api import pb
-from samserve.errors import InvalidArgument
+from samserve.errors import InvalidArgument, ResourceExhausted
 
 LABELS = {
     pb.POINT_LABEL_BACKGROUND: model_spec.LABEL_BACKGROUND,
@@ -88,42 +89,63 @@ def logits_to_proto(logits: np.ndarray) -> pb.LowResLogits:
     return pb.LowResLogits(height=logits.shape[0], width=logits.shape[1], data=logits.astype("<f4").tobytes())
 
 
-def _encode_mask(mask: np.ndarray, encoding: int) -> tuple[dict | None, bytes]:
-    """(COCO RLE or None, PNG bytes or b"") of one H x W bool mask, as the request's encoding asks."""
-    rle = mask_encoding.coco_rle(mask[None])[0] if encoding in WANT_RLE else None
-    return rle, mask_encoding.png(mask) if encoding in WANT_PNG else b""
+EncodedMask = tuple[dict | None, bytes]
+"""(COCO RLE or None, PNG bytes or b"") of one mask, as the request's encoding asks."""
 
 
-async def results_to_proto(
-    results: list[segmentation.PromptMasks], encoding: int, with_logits: bool
-) -> list[pb.PromptResult]:
-    """Encode every mask (on the post-processing threads when there is enough work) into the API's messages."""
-    masks = [mask for result in results for mask in result.masks]
-    encoded = await segmentation.map_in_pool(
-        lambda mask: _encode_mask(mask, encoding), masks, masks[0].size if masks else 0
-    )
-    answers, position = [], 0
-    for result in results:
-        areas = processing.mask_areas(result.masks)
+class ResponseBudget:
+    """Bytes of masks and logits a response may hold (``SAMSERVE_MAX_RESPONSE_BYTES``), spent as they are made
+    (from the post-processing threads too): the first spend past the limit is RESOURCE_EXHAUSTED naming it, so
+    an oversized answer stops early instead of being built."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.spent = 0
+        self._lock = threading.Lock()
+
+    def spend(self, size: int) -> None:
+        with self._lock:
+            self.spent += size
+            over = self.spent > self.max_bytes
+        if over:
+            raise ResourceExhausted(
+                f"the answer would hold more than {self.max_bytes} bytes of masks and logits "
+                "(SAMSERVE_MAX_RESPONSE_BYTES): send fewer prompts, ask for RLE only, or leave out the logits",
+                quota="max_response_bytes")
+
+
+def mask_encoder(encoding: int, budget: ResponseBudget) -> segmentation.Finish[EncodedMask]:
+    """What Segment keeps of each full-size mask: its encodings (:func:`segmentation.segment_each`'s finish),
+    charged to ``budget``."""
+    want_rle, want_png = encoding in WANT_RLE, encoding in WANT_PNG
+
+    def encode(mask: np.ndarray) -> EncodedMask:
+        rle = mask_encoding.coco_rle(mask[None])[0] if want_rle else None
+        png = mask_encoding.png(mask) if want_png else b""
+        budget.spend(len(png) + (len(rle["counts"]) if rle is not None else 0))
+        return rle, png
+
+    return encode
+
+
+def results_to_proto(answers: list[segmentation.PromptAnswer[EncodedMask]]) -> list[pb.PromptResult]:
+    """The API's messages of finished answers (logits included where the answers kept them)."""
+    results = []
+    for answer in answers:
         masks = []
-        for k in range(len(result.masks)):
-            rle, png = encoded[position]
-            position += 1
-            message = pb.Mask(
-                predicted_iou=float(result.iou_predictions[k]),
-                stability_score=float(result.stability_scores[k]),
-                token_index=result.token_indices[k],
-                area=int(areas[k]),
-                png=png,
-            )
+        for k, finished in enumerate(answer.masks):
+            rle, png = finished.value
+            message = pb.Mask(predicted_iou=float(answer.iou_predictions[k]),
+                              stability_score=finished.stability_score, token_index=answer.token_indices[k],
+                              area=finished.area, png=png)
             if rle is not None:
                 message.rle.size[:] = rle["size"]
                 message.rle.counts = rle["counts"]
-            if with_logits:
-                message.low_res_logits.CopyFrom(logits_to_proto(result.low_res_logits[k]))
+            if answer.low_res_logits is not None:
+                message.low_res_logits.CopyFrom(logits_to_proto(answer.low_res_logits[k]))
             masks.append(message)
-        answers.append(pb.PromptResult(masks=masks))
-    return answers
+        results.append(pb.PromptResult(masks=masks))
+    return results
 
 
 def amg_params_from_proto(request: pb.GenerateMasksRequest) -> amg.AmgParams:

@@ -47,6 +47,31 @@ class EncodeLimiter:
             self._slots.release()
 
 
+class DecodeBudget:
+    """Image pixels being decoded and prepared at once (``SAMSERVE_MAX_DECODING_PIXELS``, shared by the requests of
+    a gateway): a decode costs about 7 bytes per pixel at its peak (Pillow's image and the RGB array), so several
+    60-megapixel images sent together wait here in turn instead of exhausting memory. An image larger than the
+    whole budget waits until it is decoded alone."""
+
+    def __init__(self, pixels: int) -> None:
+        self.pixels = pixels
+        self._used = 0
+        self._changed = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def held(self, pixels: int) -> AsyncIterator[None]:
+        take = min(pixels, self.pixels)
+        async with self._changed:
+            await self._changed.wait_for(lambda: self._used + take <= self.pixels)
+            self._used += take
+        try:
+            yield
+        finally:
+            self._used -= take
+            async with self._changed:
+                self._changed.notify_all()
+
+
 class ImageRef:
     """A request's image: its id, its cache scope, and its encoded bytes when the request sent them (decoded at
     most once, only on a cache miss).
@@ -57,6 +82,9 @@ class ImageRef:
     def __init__(self, image_id: str, data: bytes | None = None, max_pixels: int = 0, scope: str = "") -> None:
         self.image_id = image_id
         self.scope = scope
+        self.keep_pixels = False
+        """Keep the decoded pixels after the whole image's encode (GenerateMasks with crops encodes them again);
+        else they are dropped as soon as the encoder's input is made."""
         self._data = data
         self._max_pixels = max_pixels
         self._pixels: np.ndarray | None = None
@@ -80,6 +108,14 @@ class ImageRef:
     def has_bytes(self) -> bool:
         return self._data is not None
 
+    def pixel_count(self) -> int:
+        """width x height from the image's header (0 when it has none: decoding will say why)."""
+        assert self._data is not None
+        return images.pixel_count(self._data)
+
+    def drop_pixels(self) -> None:
+        self._pixels = None
+
     async def pixels(self) -> np.ndarray:
         """uint8, H x W x 3 RGB, EXIF orientation applied (size-checked before decoding)."""
         assert self._data is not None
@@ -99,6 +135,7 @@ class ImageEmbedder:
     """S of the served model's encoder input."""
     cache: EmbeddingCache
     limiter: EncodeLimiter
+    decode_budget: DecodeBudget
 
     @contextlib.asynccontextmanager
     async def embedded(
@@ -110,11 +147,15 @@ class ImageEmbedder:
 
         async def compute() -> Embedding:
             quotas.charge(quotas.Limit.ENCODES)
-            pixels = await image.pixels()
-            if crop is not None:
-                x0, y0, x1, y1 = crop
-                pixels = pixels[y0:y1, x0:x1]
-            prepared = await asyncio.to_thread(processing.prepare_image, pixels, self.image_size)
+            async with self.decode_budget.held(image.pixel_count()):
+                pixels = await image.pixels()
+                if crop is not None:
+                    x0, y0, x1, y1 = crop
+                    pixels = pixels[y0:y1, x0:x1]
+                prepared = await asyncio.to_thread(processing.prepare_image, pixels, self.image_size)
+                del pixels
+                if not image.keep_pixels:
+                    image.drop_pixels()
             async with self.limiter.slot():
                 return await self.triton.encode(prepared, timeout_s)
 

@@ -11,11 +11,25 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from samserve.errors import InvalidArgument
 
 ACCEPTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF"})
+BAND_PIXELS = 4_000_000
+"""Pixels converted to the output array at a time: peak memory of a decode is Pillow's image (4 bytes per pixel)
+plus the result (3), not the several whole-image copies that ``np.asarray(image.convert("RGB"))`` makes (a 64 MP
+JPEG: +0.45 GB instead of +1.1 GB)."""
 
 
 def image_id(data: bytes) -> str:
     """Content address of an encoded image: hex SHA-256 of its BYTES (re-encoding the same pixels changes it)."""
     return hashlib.sha256(data).hexdigest()
+
+
+def pixel_count(data: bytes) -> int:
+    """width x height from the header of encoded image bytes (nothing decoded); 0 when there is no readable
+    header."""
+    try:
+        width, height = Image.open(io.BytesIO(data)).size
+    except Exception:  # noqa: BLE001 - any unreadable header: decode_image reports it with the reason
+        return 0
+    return max(0, width) * max(0, height)
 
 
 def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
@@ -33,10 +47,21 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
             raise InvalidArgument(f"image has no pixels ({width}x{height})")
         if width * height > max_pixels:
             raise InvalidArgument(f"image has {width}x{height} pixels, over the limit of {max_pixels}")
-        upright = ImageOps.exif_transpose(image)
-        return np.asarray(upright.convert("RGB"))
+        ImageOps.exif_transpose(image, in_place=True)  # one whole image held at a time, never a copy
+        return _rgb_array(image)
     except InvalidArgument:
         raise
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         reason = "not a supported image format" if isinstance(error, UnidentifiedImageError) else str(error)
         raise InvalidArgument(f"undecodable image: {reason}") from None
+
+
+def _rgb_array(image: Image.Image) -> np.ndarray:
+    """H x W x 3 uint8 RGB of ``image`` (any mode), converted band by band (:data:`BAND_PIXELS`) into one array."""
+    width, height = image.size
+    out = np.empty((height, width, 3), dtype=np.uint8)
+    rows = max(1, BAND_PIXELS // width)
+    for top in range(0, height, rows):
+        band = image.crop((0, top, width, min(top + rows, height)))
+        out[top : top + band.height] = np.asarray(band if band.mode == "RGB" else band.convert("RGB"))
+    return out

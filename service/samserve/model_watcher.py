@@ -14,7 +14,7 @@ from grpc_health.v1 import health, health_pb2
 from samserve import __version__, metrics, model_spec
 from samserve.api import SERVICE_NAME
 from samserve.cache import EmbeddingCache
-from samserve.embedder import EncodeLimiter, ImageEmbedder
+from samserve.embedder import DecodeBudget, EncodeLimiter, ImageEmbedder
 from samserve.errors import Unavailable
 from samserve.settings import GatewaySettings
 from samserve.triton_models import TritonSam
@@ -39,6 +39,7 @@ class ModelWatcher:
         self.redis = redis
         self.health = health.aio.HealthServicer()
         self.limiter = EncodeLimiter(settings.max_concurrent_encodes, settings.max_queued_encodes)
+        self.decode_budget = DecodeBudget(settings.max_decoding_pixels)
         self._model: ServedModel | None = None
         self._ready = False
         self._task: asyncio.Task[None] | None = None
@@ -88,7 +89,8 @@ class ModelWatcher:
             ttl_s=settings.redis_ttl_s, redis_timeout_s=settings.redis_timeout_s,
             lock_ttl_s=settings.redis_lock_ttl_s, failure_log_interval_s=settings.failure_log_interval_s,
         )
-        self._model = ServedModel(meta, ImageEmbedder(self.triton, meta.image_size, cache, self.limiter))
+        self._model = ServedModel(meta, ImageEmbedder(self.triton, meta.image_size, cache, self.limiter,
+                                                                 self.decode_budget))
         metrics.set_build_info(__version__, meta.model_id, meta.weights_sha256)
         LOG.info("serving %s (weights %s..., %d px, embedding %s)", meta.model_id, meta.weights_sha256[:12],
                  meta.image_size, "x".join(map(str, meta.embedding_shape)))

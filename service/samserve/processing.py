@@ -127,8 +127,10 @@ def decoder_batches(
     original_hw: tuple[int, int],
     input_hw: tuple[int, int],
     low_res_mask_size: tuple[int, int],
+    max_prompts: int | None = None,
 ) -> list[DecoderBatch]:
-    """Group prompts by token count so each group is one decoder call that equals the official predictor.
+    """Group prompts by token count so each group is one decoder call (of at most ``max_prompts``) that equals
+    the official predictor.
 
     Prompts with different token counts are never padded to a common length: an extra padding token changes
     SAM's output, so grouping keeps every prompt's answer identical to decoding it alone.
@@ -137,8 +139,9 @@ def decoder_batches(
     for index, prompt in enumerate(prompts):
         coords, labels = prompt_tokens(prompt, original_hw, input_hw)
         groups.setdefault(len(labels), []).append((index, coords, labels))
+    size = max_prompts or len(prompts) or 1
     batches = []
-    for members in groups.values():
+    for members in [group[i : i + size] for group in groups.values() for i in range(0, len(group), size)]:
         n = len(members)
         mask_input = np.zeros((n, 1, *low_res_mask_size), dtype=np.float32)
         has_mask = np.zeros((n,), dtype=np.float32)
@@ -165,6 +168,11 @@ def decoder_batches(
 def select_masks(multimask_output: bool, num_mask_tokens: int) -> slice:
     """Which mask tokens a prompt returns: 1..M-1 for multimask output, token 0 otherwise (official predictor)."""
     return slice(1, num_mask_tokens) if multimask_output else slice(0, 1)
+
+
+def masks_returned(multimask_output: bool, num_mask_tokens: int) -> int:
+    """How many masks a prompt returns (:func:`select_masks`)."""
+    return len(range(num_mask_tokens)[select_masks(multimask_output, num_mask_tokens)])
 
 
 def upscale_logits(

@@ -17,7 +17,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from samserve import metrics
+from samserve import memory, metrics
 from samserve.api import SERVICE_NAME, pb_grpc
 from samserve.interceptors import interceptors
 from samserve.model_watcher import ModelWatcher
@@ -78,7 +78,7 @@ async def create_server(
         interceptors=interceptors(security.keys),
         options=[
             ("grpc.max_receive_message_length", settings.max_request_bytes),
-            ("grpc.max_send_message_length", 1 << 30),
+            ("grpc.max_send_message_length", settings.max_response_bytes + (16 << 20)),  # + the messages' framing
         ],
     )
     pb_grpc.add_SegmentAnythingServicer_to_server(SegmentAnythingServicer(settings, triton, watcher), server)
@@ -108,6 +108,7 @@ async def serve(settings: GatewaySettings, stop: asyncio.Event, security: Securi
     """Run the gateway until ``stop`` is set, then drain gracefully (health NOT_SERVING, in-flight calls finish).
     ``security`` None: :func:`load_security` of ``settings``, before any connection."""
     security = security or load_security(settings)
+    memory.tune_allocator()
     triton = TritonSam(settings.triton_grpc_url, embedding_transport=settings.embedding_transport)
     gateway = await create_server(settings, triton, connect_redis(settings), settings.metrics_port, security)
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -68,6 +69,11 @@ class SegmentAnythingServicer(pb_grpc.SegmentAnythingServicer):
             raise InvalidArgument(f"{len(request.prompts)} prompts; the limit is {self.settings.max_prompts}",
                                   field="prompts")
         quotas.charge(quotas.Limit.DECODER_PROMPTS, len(request.prompts))
+        budget = convert.ResponseBudget(self.settings.max_response_bytes)
+        if request.return_low_res_logits:  # known before any work: 4 bytes per logit of each mask returned
+            masks = sum(processing.masks_returned(p.multimask_output, model.meta.num_mask_tokens)
+                        for p in request.prompts)
+            budget.spend(masks * 4 * math.prod(model.meta.low_res_mask_size))
         image = self._image(request)
         timeout = self._timeout(context)
         async with model.embedder.embedded(image, timeout_s=timeout) as (embedded, cached):
@@ -76,11 +82,12 @@ class SegmentAnythingServicer(pb_grpc.SegmentAnythingServicer):
                 convert.prompt_from_proto(p, i, original, model.meta, self.settings.max_points_per_prompt)
                 for i, p in enumerate(request.prompts)
             ]
-            results = await segmentation.segment(self.triton, model.meta, embedded, prompts, timeout)
+            answers = await segmentation.segment_each(
+                self.triton, model.meta, embedded, prompts, convert.mask_encoder(request.mask_encoding, budget),
+                timeout, keep_logits=request.return_low_res_logits)
         return pb.SegmentResponse(
             image_id=image.image_id, width=original[1], height=original[0], cached=cached,
-            model_id=model.meta.model_id,
-            results=await convert.results_to_proto(results, request.mask_encoding, request.return_low_res_logits),
+            model_id=model.meta.model_id, results=convert.results_to_proto(answers),
         )
 
     async def GenerateMasks(
@@ -97,6 +104,7 @@ class SegmentAnythingServicer(pb_grpc.SegmentAnythingServicer):
                 "points_per_side or crop_n_layers", quota="max_generate_decoder_prompts")
         quotas.charge(quotas.Limit.DECODER_PROMPTS, planned)
         image = self._image(request)
+        image.keep_pixels = params.crop_n_layers > 0  # the crops are encoded from them after the whole image
         timeout = self._timeout(context)
         encoded_any = False
 

@@ -64,6 +64,10 @@ class GatewaySettings(BaseSettings):
     triton_timeout_s: float = Field(600.0, description="upper bound of one Triton call (client deadlines cut it)")
     max_request_bytes: int = Field(32 << 20, description="largest request message; larger -> RESOURCE_EXHAUSTED")
     max_image_pixels: int = Field(64_000_000, description="largest image (width*height); larger -> INVALID_ARGUMENT")
+    max_response_bytes: int = Field(
+        256 << 20, description="largest answer: bytes of masks (RLE, PNG) and logits; more -> RESOURCE_EXHAUSTED")
+    max_decoding_pixels: int = Field(
+        128_000_000, description="image pixels decoded at once per gateway (about 7 bytes each); more wait")
     max_prompts: int = Field(256, description="prompts per Segment request")
     max_points_per_prompt: int = Field(64, description="points per prompt")
     max_concurrent_encodes: int = Field(2, description="encoder calls in flight per gateway")
