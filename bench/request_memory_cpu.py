@@ -37,6 +37,7 @@ from PIL import Image  # noqa: E402
 
 from samserve.api import pb, pb_grpc  # noqa: E402
 from samserve.settings import GatewaySettings  # noqa: E402
+from samserve.tls import client_channel  # noqa: E402
 from tests.support import local_stack  # noqa: E402
 from tests.support.images import synthetic_image  # noqa: E402
 
@@ -77,15 +78,15 @@ def measure(pid: int, stub: pb_grpc.SegmentAnythingStub, case: Case) -> dict[str
     Path(f"/proc/{pid}/clear_refs").write_text("5")  # peak RSS := current RSS
     before = memory_kib(pid, "VmRSS")
     started = time.perf_counter()
-    code, size = "OK", 0
+    code, message, size = "OK", "", 0
     try:
         size = case.call(stub).ByteSize()  # type: ignore[attr-defined]
     except grpc.RpcError as error:
-        code = error.code().name
+        code, message = error.code().name, error.details()
     seconds = time.perf_counter() - started
     peak, after = memory_kib(pid, "VmHWM"), memory_kib(pid, "VmRSS")
     growth = (peak - before) * 1024
-    return {"case": case.name, "request": case.what, "code": code, "seconds": round(seconds, 2),
+    return {"case": case.name, "request": case.what, "code": code, "message": message, "seconds": round(seconds, 2),
             "response_bytes": size, "rss_before_bytes": before * 1024, "peak_growth_bytes": growth,
             "rss_after_bytes": after * 1024, "returned_fraction": round(1 - (after - before) * 1024 / growth, 3)
             if growth > 0 else None, "target_met": code == "OK" and growth <= TARGET_BYTES}
@@ -122,7 +123,8 @@ def main() -> None:
     ]
     work = WORK / "request_memory_cpu"
     with local_stack.serve_locally(model.directory, work) as triton, \
-            local_stack.GatewayProcess(triton.grpc_url, None, work) as gateway, gateway.channel() as channel:
+            local_stack.GatewayProcess(triton.grpc_url, None, work) as gateway, \
+            client_channel(gateway.target, options=[("grpc.max_receive_message_length", 1 << 30)]) as channel:
         assert gateway.process is not None
         stub = pb_grpc.SegmentAnythingStub(channel)
         stub.Segment(pb.SegmentRequest(image_bytes=jpeg(480, 640, 9), prompts=clicks(2, 480, 640, 9)), timeout=300)

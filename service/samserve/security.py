@@ -1,10 +1,12 @@
-"""What the gateway's security settings resolve to (README "Security"): TLS certificates and API keys, checked
-before anything starts."""
+"""What the gateway's security settings resolve to (README "Security"): TLS certificates, API keys and the
+credentials for Redis, checked before anything starts."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+from pathlib import Path
+from typing import Any
 
 from samserve.api_keys import KeyFileError, KeyRing
 from samserve.settings import AuthMode, GatewaySettings
@@ -23,6 +25,8 @@ class Security:
 
     certificates: ServerCertificates | None
     keys: KeyRing | None
+    redis_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Keyword arguments of redis-py's ``from_url``: password (AUTH) and the ``ssl_*`` files of ``rediss://``."""
 
 
 _LOOPBACK = ("127.0.0.1", "::1", "localhost")
@@ -60,4 +64,35 @@ def load_security(settings: GatewaySettings) -> Security:
     if certificates is None and settings.gateway_host not in _LOOPBACK:
         LOG.warning("the gateway serves plaintext gRPC on %s (no SAMSERVE_TLS_CERT_FILE): credentials and images "
                     "travel in clear", settings.gateway_target)
-    return Security(certificates, keys)
+    return Security(certificates, keys, redis_options(settings))
+
+
+def _readable(path: Path, setting: str) -> Path:
+    try:
+        with open(path, "rb"):
+            return path
+    except OSError as error:
+        raise SecurityConfigError(f"{setting} {path}: {error.strerror or error}") from error
+
+
+def redis_options(settings: GatewaySettings) -> dict[str, Any]:
+    """redis-py options for Redis AUTH and TLS; SecurityConfigError when a file is unreadable or TLS files are
+    given for a ``redis://`` (plaintext) URL."""
+    options: dict[str, Any] = {}
+    if settings.redis_password_file is not None:
+        path = _readable(settings.redis_password_file, "SAMSERVE_REDIS_PASSWORD_FILE")
+        options["password"] = path.read_text(encoding="utf-8").rstrip("\r\n")
+    tls = {"ssl_ca_certs": ("SAMSERVE_REDIS_TLS_CA_FILE", settings.redis_tls_ca_file),
+           "ssl_certfile": ("SAMSERVE_REDIS_TLS_CERT_FILE", settings.redis_tls_cert_file),
+           "ssl_keyfile": ("SAMSERVE_REDIS_TLS_KEY_FILE", settings.redis_tls_key_file)}
+    given = {option: (setting, path) for option, (setting, path) in tls.items() if path is not None}
+    if given and not (settings.redis_url or "").startswith("rediss://"):
+        raise SecurityConfigError(f"{', '.join(setting for setting, _ in given.values())} need a rediss:// "
+                                  "SAMSERVE_REDIS_URL (TLS to Redis)")
+    if (settings.redis_tls_cert_file is None) != (settings.redis_tls_key_file is None):
+        raise SecurityConfigError("SAMSERVE_REDIS_TLS_CERT_FILE and SAMSERVE_REDIS_TLS_KEY_FILE go together")
+    options.update({option: str(_readable(path, setting)) for option, (setting, path) in given.items()})
+    if settings.redis_url and settings.redis_url.startswith("redis://") and settings.redis_password_file is not None \
+            and settings.gateway_host not in _LOOPBACK:
+        LOG.warning("the Redis password travels in clear (redis://): use rediss:// beyond a private network")
+    return options

@@ -29,8 +29,9 @@ from samserve.triton_models import TritonSam
 LOG = logging.getLogger(__name__)
 
 
-def connect_redis(settings: GatewaySettings) -> Any | None:
-    """A redis.asyncio client (or Cluster client) for tier 2, or None when no URL is configured."""
+def connect_redis(settings: GatewaySettings, options: dict[str, Any] | None = None) -> Any | None:
+    """A redis.asyncio client (or Cluster client) for tier 2, or None when no URL is configured; ``options``:
+    AUTH and TLS (:func:`samserve.security.redis_options`)."""
     if not settings.redis_url:
         LOG.warning("SAMSERVE_REDIS_URL is not set: embedding cache runs on tier 1 (in-process) alone")
         return None
@@ -38,9 +39,8 @@ def connect_redis(settings: GatewaySettings) -> Any | None:
     from redis.asyncio.cluster import RedisCluster
 
     timeout = settings.redis_timeout_s
-    if settings.redis_cluster:
-        return RedisCluster.from_url(settings.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout)
-    return redis_asyncio.Redis.from_url(settings.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout)
+    connect = RedisCluster.from_url if settings.redis_cluster else redis_asyncio.Redis.from_url
+    return connect(settings.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout, **(options or {}))
 
 
 @dataclasses.dataclass
@@ -110,7 +110,8 @@ async def serve(settings: GatewaySettings, stop: asyncio.Event, security: Securi
     security = security or load_security(settings)
     memory.tune_allocator()
     triton = TritonSam(settings.triton_grpc_url, embedding_transport=settings.embedding_transport)
-    gateway = await create_server(settings, triton, connect_redis(settings), settings.metrics_port, security)
+    gateway = await create_server(settings, triton, connect_redis(settings, security.redis_options),
+                                  settings.metrics_port, security)
     try:
         await stop.wait()
     finally:

@@ -109,6 +109,11 @@ class GatewaySettings(BaseSettings):
     )
     redis_url: str | None = Field(None, description="tier 2, e.g. redis://127.0.0.1:6379/0; unset = tier 1 only")
     redis_cluster: bool = Field(False, description="redis_url points at a Redis Cluster node")
+    redis_password_file: Path | None = Field(
+        None, description="file holding the Redis password (AUTH; the user, if any, goes in the URL)")
+    redis_tls_ca_file: Path | None = Field(None, description="rediss:// only: PEM CA of Redis' certificate")
+    redis_tls_cert_file: Path | None = Field(None, description="rediss:// only: PEM client certificate (mutual TLS)")
+    redis_tls_key_file: Path | None = Field(None, description="rediss:// only: PEM key of that certificate")
     redis_ttl_s: int = Field(24 * 3600, description="how long tier 2 keeps an embedding")
     redis_timeout_s: float = Field(1.0, description="per Redis operation; slower counts as a failure")
     redis_lock_ttl_s: float = Field(120.0, description="single-flight lock lifetime (a crashed holder's lock expires)")

@@ -26,6 +26,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from samserve.api import SERVICE_NAME, pb, pb_grpc
 from samserve.client import PromptSpec, SamServeClient
 from samserve.interceptors import STATUS_DETAILS_HEADER
+from samserve.redis_server import RedisServer, RedisTls
 from samserve.settings import ClientSettings
 from samserve.tls import client_channel
 from tests.support.certificates import Certificate, issue, make_ca, presented_certificate
@@ -228,6 +229,10 @@ def test_unusable_security_settings_stop_the_gateway(pki, tmp_path, keys_file):
     assert "needs both" in _start_refused(tmp_path, tls_cert_file=str(pki["server"].cert), auth="off")
     assert "does not exist" in _start_refused(tmp_path, tls_cert_file=str(tmp_path / "none.pem"),
                                               tls_key_file=str(pki["server"].key), auth="off")
+    plain_redis = dict(redis_url="redis://127.0.0.1:1/0", redis_tls_ca_file=str(pki["server_ca"].cert), auth="off")
+    assert "need a rediss:// SAMSERVE_REDIS_URL" in _start_refused(tmp_path, **plain_redis)
+    assert "SAMSERVE_REDIS_PASSWORD_FILE" in _start_refused(tmp_path, redis_password_file=str(tmp_path / "none"),
+                                                            auth="off")
 
 
 def test_auth_off_is_announced(gateway_factory, nowhere):
@@ -389,3 +394,32 @@ def test_cache_scope_decides_whether_tenants_see_each_others_images(gateway_fact
         assert stub(second, "b").Embed(pb.EmbedRequest(image=image), timeout=60).cached
     assert stub(second, "b").Segment(by_id, timeout=60).cached  # now B's own entry
     channels.close()
+
+
+def test_redis_with_a_password_over_tls(gateway_factory, tiny_triton, pki, tmp_path):
+    """Tier 2 on a TLS-only redis-server that requires a password: the gateway stores embeddings there with the
+    password from a file and the CA given; with a wrong password every request still succeeds (tier 2 counts
+    errors, the embedding is computed)."""
+    password = tmp_path / "redis-password"
+    password.write_text("s3cret-redis\n")
+    wrong = tmp_path / "wrong-password"
+    wrong.write_text("guess\n")
+    redis = RedisServer(free_port(), tmp_path / "redis", password="s3cret-redis",
+                        tls=RedisTls(pki["server"].cert, pki["server"].key, pki["server_ca"].cert)).start()
+    try:
+        assert redis.url.startswith("rediss://")
+        tls = {"redis_tls_ca_file": pki["server_ca"].cert}
+        good = gateway_factory(tiny_triton.url, redis.url, redis_password_file=password, **tls)
+        bad = gateway_factory(tiny_triton.url, redis.url, redis_password_file=wrong, **tls)
+        image = new_image()
+        with good.channel() as channel:
+            embedded = pb_grpc.SegmentAnythingStub(channel).Embed(pb.EmbedRequest(image=image), timeout=60)
+        with redis.client() as client:
+            assert any(key.decode().endswith(embedded.image_id) for key in client.keys("samserve:emb:*"))
+        assert sample(scrape(good.metrics_url), "samserve_cache_lookups_total", tier="l2", result="error") == 0
+        with bad.channel() as channel:
+            again = pb_grpc.SegmentAnythingStub(channel).Embed(pb.EmbedRequest(image=image), timeout=60)
+        assert not again.cached  # not read from Redis: the wrong password is refused there
+        assert sample(scrape(bad.metrics_url), "samserve_cache_lookups_total", tier="l2", result="error") >= 1
+    finally:
+        redis.stop()
