@@ -210,6 +210,24 @@ def revoke_key(path: Path, key_id: str) -> ApiKey:
     return next(key for key in keys.keys if key.id == key_id)
 
 
+def set_limits(path: Path, tenant: str | None, limits: TenantLimits) -> KeyFile:
+    """Set the quotas of ``tenant`` (None: ``default_limits``) in the file; empty limits remove a tenant's entry
+    (it falls back to the defaults). Returns the file as written."""
+    keys = read_key_file(path)
+    if tenant is None:
+        updated = keys.model_copy(update={"default_limits": limits})
+    else:
+        tenants = {name: value for name, value in keys.tenants.items() if name != tenant}
+        if limits != TenantLimits():
+            tenants[tenant] = limits
+        try:
+            updated = KeyFile.model_validate({**keys.model_dump(), "tenants": tenants})
+        except ValidationError as error:
+            raise KeyFileError("; ".join(e["msg"] for e in error.errors())) from error
+    write_key_file(path, updated)
+    return updated
+
+
 @dataclasses.dataclass(frozen=True)
 class _Loaded:
     signature: tuple[int, int, int, int]

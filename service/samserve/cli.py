@@ -23,6 +23,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from samserve import model_spec
+from samserve.quotas import TenantLimits
 from samserve.settings import ClientSettings, GatewaySettings, StackSettings
 
 if TYPE_CHECKING:
@@ -184,12 +185,21 @@ def keys_command(settings: GatewaySettings, args: argparse.Namespace) -> int:
                   "the token below is shown only now:", file=sys.stderr)
             print(token)
         elif args.action == "list":
-            for key in api_keys.read_key_file(path).keys:
+            document = api_keys.read_key_file(path)
+            for key in document.keys:
                 print(f"{key.id}\t{key.tenant}\t{','.join(key.methods)}\t{key.created or '-'}")
+            for tenant, limits in [("(default)", document.default_limits), *document.tenants.items()]:
+                print(f"limits\t{tenant}\t{limits.model_dump_json(exclude_none=True)}")
+        elif args.action == "limit":
+            limits = TenantLimits(**{name: getattr(args, name) for name in TenantLimits.model_fields
+                                     if getattr(args, name) is not None})
+            api_keys.set_limits(path, None if args.default else args.tenant, limits)
+            print(f"limits of {'every other tenant' if args.default else args.tenant} in {path}: "
+                  f"{limits.model_dump_json(exclude_none=True)}", file=sys.stderr)
         else:
             removed = api_keys.revoke_key(path, args.key_id)
             print(f"revoked key {removed.id} of tenant {removed.tenant} in {path}", file=sys.stderr)
-    except api_keys.KeyFileError as error:
+    except (api_keys.KeyFileError, ValidationError) as error:
         print(f"samserve keys: {error}", file=sys.stderr)
         return 1
     except KeyError:
@@ -229,7 +239,15 @@ def main(argv: list[str] | None = None) -> int:
     p_list = key_actions.add_parser("list", help="ids, tenants and RPCs (never tokens)")
     p_revoke = key_actions.add_parser("revoke", help="remove a key (a running gateway stops accepting it)")
     p_revoke.add_argument("key_id")
-    for p_action in (p_add, p_list, p_revoke):
+    p_limit = key_actions.add_parser("limit", help="set a tenant's quotas (unset ones: unlimited); none: remove")
+    who = p_limit.add_mutually_exclusive_group(required=True)
+    who.add_argument("--tenant")
+    who.add_argument("--default", action="store_true", help="the limits of tenants without their own")
+    for name, field in TenantLimits.model_fields.items():
+        rate = name.endswith(("_per_s", "_per_min"))
+        p_limit.add_argument(f"--{name.replace('_', '-')}", dest=name, type=float if rate else int,
+                             help=field.description or "bucket size (default: one period of the rate)")
+    for p_action in (p_add, p_list, p_revoke, p_limit):
         p_action.add_argument("--file", type=Path, default=None, help="keys file (default SAMSERVE_API_KEYS_FILE)")
     client_options = _client_options()
     p_segment = commands.add_parser("segment", parents=[client_options],

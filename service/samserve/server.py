@@ -52,11 +52,15 @@ class Gateway:
     watcher: ModelWatcher
     triton: TritonSam
     redis: Any | None
+    health_server: grpc.aio.Server | None = None
+    """The plaintext health-only server on ``health_port`` (None when not configured)."""
 
     async def stop(self, grace_s: float | None) -> None:
         """Health NOT_SERVING, in-flight calls get ``grace_s`` to finish, then every resource is released."""
         await self.watcher.health.enter_graceful_shutdown()
         await self.server.stop(grace_s)
+        if self.health_server is not None:
+            await self.health_server.stop(None)
         await self.watcher.close()
         await self.triton.close()
         if self.redis is not None:
@@ -95,13 +99,19 @@ async def create_server(
         port = server.add_insecure_port(address)
     if metrics_port is not None:
         metrics.serve_metrics(metrics_port, settings.gateway_host)
+    health_server = None
+    if settings.health_port is not None:  # probes without TLS or keys; nothing but health is served there
+        health_server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(watcher.health, health_server)
+        health_server.add_insecure_port(f"{settings.gateway_host}:{settings.health_port}")
+        await health_server.start()
     await server.start()
     await watcher.start()
     LOG.info("gateway listening on %s:%d (%s, auth %s, reflection %s)", settings.gateway_host, port,
              "plaintext" if security.certificates is None
              else "mutual TLS" if security.certificates.mutual else "TLS",
              "api-keys" if security.keys is not None else "OFF", "on" if settings.reflection else "off")
-    return Gateway(server, port, watcher, triton, redis)
+    return Gateway(server, port, watcher, triton, redis, health_server)
 
 
 async def serve(settings: GatewaySettings, stop: asyncio.Event, security: Security | None = None) -> None:

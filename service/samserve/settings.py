@@ -58,6 +58,9 @@ class GatewaySettings(BaseSettings):
     gateway_host: str = "127.0.0.1"
     gateway_port: int = Field(50051, description="gateway gRPC port (0 = pick a free one)")
     metrics_port: int = Field(9464, description="gateway Prometheus /metrics port")
+    health_port: int | None = Field(
+        None, description="plaintext gRPC port serving only grpc.health.v1 (Kubernetes' gRPC probes when the API "
+        "port has TLS); unset: none")
     embedding_transport: TransportName = Field(
         TransportName.SHM, description="shm (Triton on this host) | grpc (embedding inline)"
     )

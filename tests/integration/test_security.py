@@ -94,6 +94,18 @@ def test_tls_serves_and_plaintext_is_refused(gateway_factory, nowhere, pki, tmp_
     assert "(TLS, auth OFF" in gateway.log()
 
 
+def test_a_plaintext_health_port_serves_probes_and_nothing_else(gateway_factory, nowhere, pki, tmp_path):
+    """With TLS (and keys) on the API port, Kubernetes' built-in gRPC probe reaches health on its own port."""
+    health_port = free_port()
+    client = ClientSettings(ca_file=pki["server_ca"].cert, server_name="localhost")
+    gateway_factory(nowhere, None, client=client, wait_serving=False, health_port=health_port,
+                    **_tls_files(pki, tmp_path / "tls"))
+    with grpc.insecure_channel(f"127.0.0.1:{health_port}") as channel:
+        assert _health(channel) == "NOT_SERVING"  # no Triton: the gateway's health, in plaintext
+        refused = _code(lambda: pb_grpc.SegmentAnythingStub(channel).Embed(pb.EmbedRequest(image=b"x"), timeout=10))
+    assert refused.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
 def test_mutual_tls_refuses_a_client_without_a_certificate(gateway_factory, nowhere, pki, tmp_path):
     client = ClientSettings(ca_file=pki["server_ca"].cert, cert_file=pki["client"].cert,
                             key_file=pki["client"].key)

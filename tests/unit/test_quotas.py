@@ -13,7 +13,7 @@ from google.rpc import error_details_pb2
 from pydantic import ValidationError
 
 from samserve import amg, metrics, quotas
-from samserve.api_keys import KeyFileError, KeyRing, add_key, read_key_file
+from samserve.api_keys import KeyFileError, KeyRing, add_key, read_key_file, set_limits
 from samserve.interceptors import status_details
 from samserve.quotas import Limit, QuotaExceeded, Quotas, TenantLimits, TokenBucket
 from samserve.settings import AuthMode, CacheScope, GatewaySettings
@@ -149,3 +149,17 @@ def test_cache_scope_defaults_to_tenant_with_auth_on():
     assert GatewaySettings(auth=AuthMode.API_KEYS).effective_cache_scope is CacheScope.TENANT
     assert GatewaySettings(auth=AuthMode.OFF).effective_cache_scope is CacheScope.SHARED
     assert GatewaySettings(auth=AuthMode.API_KEYS, cache_scope="shared").effective_cache_scope is CacheScope.SHARED
+
+
+def test_set_limits_edits_one_tenant_or_the_defaults(tmp_path):
+    path = tmp_path / "keys.json"
+    entry, _ = add_key(path, "acme")
+    set_limits(path, "acme", TenantLimits(encodes_per_min=30))
+    set_limits(path, None, TenantLimits(requests_per_s=2))
+    ring = KeyRing(path)
+    assert ring.limits("acme") == TenantLimits(encodes_per_min=30)
+    assert ring.limits("other") == TenantLimits(requests_per_s=2)
+    set_limits(path, "acme", TenantLimits())  # nothing set: back to the defaults
+    assert read_key_file(path).tenants == {} and [k.id for k in read_key_file(path).keys] == [entry.id]
+    with pytest.raises(KeyFileError):
+        set_limits(path, "no spaces allowed", TenantLimits(requests_per_s=1))
