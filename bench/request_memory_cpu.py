@@ -139,7 +139,7 @@ def main() -> None:
                   round((r["rss_after_bytes"] - r["rss_before_bytes"]) / 1e6), r["target_met"]] for r in rows])
     write_results("request_memory_cpu.json", {
         "environment": environment(),
-        "model": {"name": model.name, "weights": model.weights},
+        "model": {"name": model.variant, "weights": model.weights},
         "limits": {"max_prompts": defaults.max_prompts, "max_image_pixels": defaults.max_image_pixels,
                    "max_response_bytes": defaults.max_response_bytes,
                    "max_decoding_pixels": defaults.max_decoding_pixels},

@@ -18,9 +18,9 @@ offline guessing; a token carries 256 random bits, out of reach of any guessing 
 would instead cost every RPC milliseconds of CPU. The stored hash is compared with :func:`hmac.compare_digest`
 (constant time) after the entry is found by its public id.
 
-:class:`KeyRing` re-reads the file when its inode, size or modification time changes (one ``stat`` per call), so a
-key is added or revoked without a restart; a file that does not parse then keeps the last good keys (logged as an
-error) -- at start-up it stops the gateway instead.
+:class:`KeyRing` re-reads the file when it changes (:mod:`samserve.watched_file`), so a key is added or revoked
+without a restart; a file that does not parse then keeps the last good keys (logged as an error) -- at start-up it
+stops the gateway instead.
 """
 
 from __future__ import annotations
@@ -41,8 +41,9 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from samserve.api import SERVICE_NAME, pb
-from samserve.errors import PermissionDenied, Unauthenticated
+from samserve.errors import Unauthenticated
 from samserve.quotas import TenantLimits
+from samserve.watched_file import WatchedFile
 
 LOG = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ ALL_METHODS = "*"
 METHODS: frozenset[str] = frozenset(pb.DESCRIPTOR.services_by_name[SERVICE_NAME.rsplit(".", 1)[1]].methods_by_name)
 """The RPC names of ``samserve.v1.SegmentAnything`` a key may be granted (Embed, Segment, GenerateMasks)."""
 _KEY_ID = re.compile(r"sk-[0-9a-f]{12}")
-_TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+TENANT_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _BEARER = re.compile(r"bearer +(\S+)", re.IGNORECASE)
 
 
@@ -79,7 +80,7 @@ class ApiKey(BaseModel):
     @field_validator("tenant")
     @classmethod
     def _tenant(cls, value: str) -> str:
-        if not _TENANT.fullmatch(value):
+        if not TENANT_PATTERN.fullmatch(value):
             raise ValueError(f"must be 1-64 letters, digits, '.', '_' or '-', got {value!r}")
         return value
 
@@ -230,68 +231,35 @@ def set_limits(path: Path, tenant: str | None, limits: TenantLimits) -> KeyFile:
 
 @dataclasses.dataclass(frozen=True)
 class _Loaded:
-    signature: tuple[int, int, int, int]
-    """(inode, device, size, mtime in ns) of the file this version was read from."""
     keys: dict[str, ApiKey]
     """Key id -> entry."""
     file: KeyFile
 
 
-def _signature(path: Path) -> tuple[int, int, int, int]:
-    stat = os.stat(path)
-    return stat.st_ino, stat.st_dev, stat.st_size, stat.st_mtime_ns
+def _load(path: Path) -> _Loaded:
+    file = read_key_file(path)
+    return _Loaded({key.id: key for key in file.keys}, file)
 
 
 class KeyRing:
-    """The keys of a keys file, re-read when the file changes; :meth:`authorize` decides a call.
-
-    Construction reads the file and raises KeyFileError when it cannot (the gateway does not start). Later a
-    changed file that does not parse, or a file that vanished, keeps the last good keys and logs an error once per
-    version."""
+    """The keys of a keys file, re-read when the file changes (:class:`samserve.watched_file.WatchedFile`: a
+    broken or vanished file keeps the last good keys); :meth:`authorize` decides a call. Construction raises
+    KeyFileError when the file cannot be used (the gateway does not start)."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        try:
-            signature = _signature(self.path)
-        except FileNotFoundError as error:
-            raise KeyFileError(f"API keys file {self.path} does not exist") from error
-        except OSError as error:
-            raise KeyFileError(f"API keys file {self.path}: {error.strerror or error}") from error
-        self._loaded = self._read(signature)
-        self._failed: object = None
-        """The signature of a version that failed to parse ("unreadable" while stat fails): logged once."""
-        if not self._loaded.keys:
+        self._file = WatchedFile(self.path, _load, "API keys file", KeyFileError)
+        if not self.keys():
             LOG.warning("API keys file %s holds no keys: every call will be UNAUTHENTICATED", self.path)
-
-    def _read(self, signature: tuple[int, int, int, int]) -> _Loaded:
-        file = read_key_file(self.path)
-        return _Loaded(signature, {key.id: key for key in file.keys}, file)
 
     def limits(self, tenant: str) -> TenantLimits:
         """The quotas of ``tenant`` (its ``tenants`` entry, else ``default_limits``), from the current file."""
-        self.keys()
-        file = self._loaded.file
+        file = self._file.current().file
         return file.tenants.get(tenant, file.default_limits)
 
     def keys(self) -> dict[str, ApiKey]:
         """The current keys by id (the file re-read first when it changed)."""
-        signature: object = None
-        try:
-            signature = _signature(self.path)
-            if signature in (self._loaded.signature, self._failed):
-                return self._loaded.keys
-            self._loaded = self._read(signature)
-        except (OSError, KeyFileError) as error:
-            if isinstance(error, OSError):  # stat failed: the file is gone or its folder unreadable
-                signature = "unreadable"
-            if signature != self._failed:
-                LOG.error("API keys file %s changed but cannot be used (keeping the %d keys read before): %s",
-                          self.path, len(self._loaded.keys), error)
-            self._failed = signature
-            return self._loaded.keys
-        self._failed = None
-        LOG.info("API keys file %s re-read: %d keys", self.path, len(self._loaded.keys))
-        return self._loaded.keys
+        return self._file.current().keys
 
     def authenticate(self, token: str) -> ApiKey:
         """The key whose hash matches ``token``; Unauthenticated otherwise (constant-time hash comparison)."""
@@ -307,7 +275,6 @@ class KeyRing:
         """The key a call to RPC ``method`` (a SegmentAnything method name; None: another service such as
         reflection, which any valid key may call) is made with. Unauthenticated: no, malformed or unknown
         credentials; PermissionDenied: the key's tenant may not call ``method``."""
-        key = self.authenticate(bearer_token(metadata))
-        if method is None or key.may_call(method):
-            return key
-        raise PermissionDenied(f"tenant {key.tenant!r} may not call {method}")
+        from samserve.credentials import permit  # credentials builds on this module
+
+        return permit(self.authenticate(bearer_token(metadata)), method)

@@ -8,8 +8,8 @@
   ``google.rpc.RequestInfo``. Anything unmapped is INTERNAL with a generic message; the cause is logged.
 * :class:`MetricsInterceptor`: the in-flight gauge, the request counter and the latency histogram, by
   method and final status code (the code :data:`STATUS_CODES` gives the error: the one the client receives).
-* :class:`AuthInterceptor` (innermost, when auth is on): the caller's API key (``authorization: Bearer``) decides
-  (:meth:`samserve.api_keys.KeyRing.authorize`); a refused call raises Unauthenticated / PermissionDenied without
+* :class:`AuthInterceptor` (when auth is on): the caller's API key or JWT (``authorization: Bearer``) decides
+  (:meth:`samserve.credentials.Credentials.authorize`); a refused call raises Unauthenticated / PermissionDenied without
   parsing its request, so it is mapped, counted and logged like any error. The key's tenant is in a context
   variable that log records carry. ``grpc.health.v1.Health`` is open to all (probes); any other service
   (reflection) needs a valid key.
@@ -40,7 +40,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 from samserve import metrics, quotas
 from samserve.api import SERVICE_NAME
-from samserve.api_keys import KeyRing
+from samserve.credentials import Credentials
 from samserve.errors import (
     DeadlineExceeded,
     Internal,
@@ -246,10 +246,11 @@ def _refusal(handler: grpc.RpcMethodHandler, error: SamServeError) -> grpc.RpcMe
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """API-key authentication and per-RPC permission; health checks pass without a key. Sets :data:`tenant`."""
+    """Authentication (API keys, JWTs) and per-RPC permission; health checks pass without a key. Sets
+    :data:`tenant`."""
 
-    def __init__(self, keys: KeyRing) -> None:
-        self.keys = keys
+    def __init__(self, credentials: Credentials) -> None:
+        self.credentials = credentials
 
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -261,7 +262,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         ours = _ours(handler_call_details)
         method = _method_name(handler_call_details)
         try:
-            key = self.keys.authorize(method if ours else None, handler_call_details.invocation_metadata)
+            caller = self.credentials.authorize(method if ours else None, handler_call_details.invocation_metadata)
         except (Unauthenticated, PermissionDenied) as error:
             LOG.debug("refused %s: %s", handler_call_details.method, error)
             return _refusal(handler, error)
@@ -272,7 +273,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             async def as_tenant(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 # Not reset here: the outer interceptors' log lines (an INTERNAL error) name the tenant too;
                 # RequestIdInterceptor, outermost, ends its scope with the call.
-                tenant.set(key.tenant)
+                tenant.set(caller.tenant)
                 return await behavior(request, context)
 
             return as_tenant
@@ -300,15 +301,15 @@ class QuotaInterceptor(_UnaryInterceptor):
         return within_quota
 
 
-def interceptors(keys: KeyRing | None = None) -> list[grpc.aio.ServerInterceptor]:
-    """The gateway's interceptors, outermost first; ``keys`` None: auth off (and no quotas). Metrics sit inside
+def interceptors(credentials: Credentials | None = None) -> list[grpc.aio.ServerInterceptor]:
+    """The gateway's interceptors, outermost first; ``credentials`` None: auth off (and no quotas). Metrics sit inside
     the error mapping: an aborted call's status reaches the client as soon as it is sent, so it is counted before
     (a client that scrapes /metrics after its error sees it counted). Auth and quotas sit inside both: refusals
     are mapped and counted."""
     chain: list[grpc.aio.ServerInterceptor] = [RequestIdInterceptor(), ErrorInterceptor(), MetricsInterceptor()]
-    if keys is None:
+    if credentials is None:
         return chain
-    return [*chain, AuthInterceptor(keys), QuotaInterceptor(quotas.Quotas(keys.limits))]
+    return [*chain, AuthInterceptor(credentials), QuotaInterceptor(quotas.Quotas(credentials.limits))]
 
 
 class RequestIdLogFilter(logging.Filter):

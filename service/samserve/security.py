@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from samserve.api_keys import KeyFileError, KeyRing
+from samserve.credentials import Credentials
+from samserve.jwt_auth import JwksFileError, JwtVerifier
 from samserve.settings import AuthMode, GatewaySettings
 from samserve.tls import ServerCertificates, TlsConfigError
 
@@ -21,10 +23,11 @@ class SecurityConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Security:
-    """What the security settings resolve to: TLS certificates (None: plaintext) and API keys (None: auth off)."""
+    """What the security settings resolve to: TLS certificates (None: plaintext) and credentials (None: auth
+    off)."""
 
     certificates: ServerCertificates | None
-    keys: KeyRing | None
+    credentials: Credentials | None
     redis_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     """Keyword arguments of redis-py's ``from_url``: password (AUTH) and the ``ssl_*`` files of ``rediss://``."""
 
@@ -46,25 +49,29 @@ def load_security(settings: GatewaySettings) -> Security:
                                               settings.tls_client_ca_file)
         except TlsConfigError as error:
             raise SecurityConfigError(str(error)) from error
-    keys = None
+    credentials = None
     if settings.auth is AuthMode.API_KEYS:
-        if settings.api_keys_file is None:
+        if settings.api_keys_file is None and settings.jwt_jwks_file is None:
             raise SecurityConfigError(
-                "SAMSERVE_API_KEYS_FILE is not set: give the gateway a keys file (`samserve keys add`), or set "
-                "SAMSERVE_AUTH=off to let anyone who reaches the port call it")
+                "SAMSERVE_API_KEYS_FILE is not set: give the gateway a keys file (`samserve keys add`) or a JWKS "
+                "file (SAMSERVE_JWT_JWKS_FILE), or set SAMSERVE_AUTH=off to let anyone who reaches the port call it")
         try:
-            keys = KeyRing(settings.api_keys_file)
-        except KeyFileError as error:
+            keys = KeyRing(settings.api_keys_file) if settings.api_keys_file is not None else None
+            tokens = None if settings.jwt_jwks_file is None else JwtVerifier(
+                settings.jwt_jwks_file, settings.jwt_audience, settings.jwt_issuer, settings.jwt_tenant_claim)
+        except (KeyFileError, JwksFileError) as error:
             raise SecurityConfigError(str(error)) from error
-    elif settings.api_keys_file is not None:
-        LOG.warning("SAMSERVE_API_KEYS_FILE is set but SAMSERVE_AUTH=off: the keys are not checked")
-    if keys is None:
+        credentials = Credentials(keys, tokens)
+    elif settings.api_keys_file is not None or settings.jwt_jwks_file is not None:
+        LOG.warning("SAMSERVE_API_KEYS_FILE or SAMSERVE_JWT_JWKS_FILE is set but SAMSERVE_AUTH=off: no credentials "
+                    "are checked")
+    if credentials is None:
         LOG.warning("authentication is OFF (SAMSERVE_AUTH=off): anyone who reaches %s may call every RPC",
                     settings.gateway_target)
     if certificates is None and settings.gateway_host not in _LOOPBACK:
         LOG.warning("the gateway serves plaintext gRPC on %s (no SAMSERVE_TLS_CERT_FILE): credentials and images "
                     "travel in clear", settings.gateway_target)
-    return Security(certificates, keys, redis_options(settings))
+    return Security(certificates, credentials, redis_options(settings))
 
 
 def _readable(path: Path, setting: str) -> Path:

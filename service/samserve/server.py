@@ -79,7 +79,7 @@ async def create_server(
     security = security or load_security(settings)
     watcher = ModelWatcher(settings, triton, redis)
     server = grpc.aio.server(
-        interceptors=interceptors(security.keys),
+        interceptors=interceptors(security.credentials),
         options=[
             ("grpc.max_receive_message_length", settings.max_request_bytes),
             ("grpc.max_send_message_length", settings.max_response_bytes + (16 << 20)),  # + the messages' framing
@@ -110,7 +110,7 @@ async def create_server(
     LOG.info("gateway listening on %s:%d (%s, auth %s, reflection %s)", settings.gateway_host, port,
              "plaintext" if security.certificates is None
              else "mutual TLS" if security.certificates.mutual else "TLS",
-             "api-keys" if security.keys is not None else "OFF", "on" if settings.reflection else "off")
+             "on" if security.credentials is not None else "OFF", "on" if settings.reflection else "off")
     return Gateway(server, port, watcher, triton, redis, health_server)
 
 

@@ -26,6 +26,7 @@ class AuthMode(enum.StrEnum):
     """Who may call the gateway's API (health checks are always open)."""
 
     API_KEYS = "api-keys"
+    """Bearer credentials: API keys (api_keys_file) and/or JWTs (jwt_jwks_file)."""
     OFF = "off"
 
 
@@ -97,9 +98,14 @@ class GatewaySettings(BaseSettings):
         None, description="PEM CA(s) of client certificates: set = mutual TLS (clients without one are refused)"
     )
     auth: AuthMode = Field(
-        AuthMode.API_KEYS, description="api-keys (needs api_keys_file) | off (anyone may call; logged as a warning)"
+        AuthMode.API_KEYS, description="api-keys (needs api_keys_file and/or jwt_jwks_file) | off (anyone may call; "
+        "logged as a warning)"
     )
     api_keys_file: Path | None = Field(None, description="JSON keys file (hashed tokens, tenants, allowed RPCs)")
+    jwt_jwks_file: Path | None = Field(None, description="JWKS file: JWTs signed by its keys are accepted too")
+    jwt_audience: str = Field("samserve", description="the `aud` a JWT must carry")
+    jwt_issuer: str | None = Field(None, description="the `iss` a JWT must carry (unset: not checked)")
+    jwt_tenant_claim: str = Field("tenant", description="the JWT claim that names the tenant")
     reflection: bool = Field(False, description="serve gRPC server reflection (with auth on: to any valid key)")
     cache_scope: CacheScope | None = Field(
         None, description="shared (any caller's image is a hit for all) | tenant (each tenant its own entries); "

@@ -16,6 +16,7 @@ import pytest
 from samserve import api_keys
 from samserve.api import SERVICE_NAME
 from samserve.api_keys import KeyFileError, KeyRing, add_key, hash_token, read_key_file, revoke_key
+from samserve.credentials import Credentials
 from samserve.errors import PermissionDenied, Unauthenticated
 from samserve.interceptors import (
     AuthInterceptor,
@@ -204,7 +205,7 @@ def _decide(keys: KeyRing, method: str, metadata, handler: grpc.RpcMethodHandler
     async def continuation(_details):
         return handler
 
-    return asyncio.run(AuthInterceptor(keys).intercept_service(continuation, details))
+    return asyncio.run(AuthInterceptor(Credentials(keys, None)).intercept_service(continuation, details))
 
 
 def _call(handler: grpc.RpcMethodHandler) -> object:
@@ -262,7 +263,7 @@ def test_auth_and_quotas_are_in_the_chain_only_when_on(ring):
     keys, _ = ring
     assert not any(isinstance(i, (AuthInterceptor, QuotaInterceptor)) for i in interceptors())
     # innermost, quotas inside auth (they need the tenant): refusals are mapped and counted
-    assert [type(i) for i in interceptors(keys)[-2:]] == [AuthInterceptor, QuotaInterceptor]
+    assert [type(i) for i in interceptors(Credentials(keys, None))[-2:]] == [AuthInterceptor, QuotaInterceptor]
 
 
 def test_log_records_carry_the_request_and_the_tenant():

@@ -41,11 +41,11 @@ def test_auth_needs_a_keys_file_or_an_explicit_off(tmp_path, monkeypatch, caplog
         load_security(settings())
     with caplog.at_level(logging.WARNING):
         security = load_security(settings(auth="off"))
-    assert security.keys is None and security.certificates is None
+    assert security.credentials is None and security.certificates is None
     assert any(r.levelno == logging.WARNING and "authentication is OFF" in r.getMessage() for r in caplog.records)
     path = tmp_path / "keys.json"
     add_key(path, "acme")
-    assert load_security(settings(api_keys_file=path)).keys is not None
+    assert load_security(settings(api_keys_file=path)).credentials is not None
     with pytest.raises(SecurityConfigError, match="does not exist"):
         load_security(settings(api_keys_file=tmp_path / "absent.json"))
 
