@@ -31,6 +31,7 @@ from samserve.settings import ClientSettings
 from samserve.tls import client_channel
 from tests.support.certificates import Certificate, issue, make_ca, presented_certificate
 from tests.support.images import new_image
+from tests.support.jwts import new_key, token, write_jwks
 from tests.support.local_stack import free_port
 from tests.support.locust import run_headless
 from tests.support.metrics import sample, scrape
@@ -435,3 +436,18 @@ def test_redis_with_a_password_over_tls(gateway_factory, tiny_triton, pki, tmp_p
         assert sample(scrape(bad.metrics_url), "samserve_cache_lookups_total", tier="l2", result="error") >= 1
     finally:
         redis.stop()
+
+
+def test_jwts_from_a_jwks_file(gateway_factory, nowhere, tmp_path):
+    """A gateway configured with a JWKS file only: a token its identity provider signed is let through (answered
+    UNAVAILABLE: no models behind it), a forged or expired one is UNAUTHENTICATED, a scope without the RPC is
+    PERMISSION_DENIED."""
+    key = new_key()
+    jwks = write_jwks(tmp_path / "jwks.json", {"k1": key})
+    gateway = gateway_factory(nowhere, None, wait_serving=False, auth="api-keys", jwt_jwks_file=jwks,
+                              jwt_issuer="https://idp.example")
+    assert _embed(gateway.target, token(key)).code() == grpc.StatusCode.UNAVAILABLE
+    assert _embed(gateway.target, token(new_key())).code() == grpc.StatusCode.UNAUTHENTICATED
+    expired = _embed(gateway.target, token(key, exp=0))
+    assert expired.code() == grpc.StatusCode.UNAUTHENTICATED and "expired" in expired.details()
+    assert _embed(gateway.target, token(key, scope="samserve:Segment")).code() == grpc.StatusCode.PERMISSION_DENIED

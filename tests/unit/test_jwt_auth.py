@@ -5,7 +5,6 @@ included), key rotation by replacing the file, and how a bearer token is routed 
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -18,27 +17,7 @@ from samserve.api_keys import KeyRing, add_key
 from samserve.credentials import Credentials
 from samserve.errors import PermissionDenied, Unauthenticated
 from samserve.jwt_auth import JwksFileError, JwtVerifier
-
-
-def new_key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-def write_jwks(path: Path, keys: dict[str, ec.EllipticCurvePrivateKey]) -> Path:
-    jwks = {"keys": [{**jwt.algorithms.ECAlgorithm.to_jwk(key.public_key(), as_dict=True), "kid": kid,
-                      "use": "sig", "alg": "ES256"} for kid, key in keys.items()]}
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(jwks))
-    os.replace(temporary, path)  # as a Secret update does: a new inode
-    return path
-
-
-def token(key: ec.EllipticCurvePrivateKey, kid: str = "k1", **claims: object) -> str:
-    now = int(time.time())
-    body = {"aud": "samserve", "iss": "https://idp.example", "exp": now + 300, "iat": now, "sub": "user-1",
-            "tenant": "acme", "scope": "openid samserve:Segment samserve:Embed"}
-    body.update(claims)
-    return jwt.encode({k: v for k, v in body.items() if v is not None}, key, algorithm="ES256", headers={"kid": kid})
+from tests.support.jwts import new_key, token, write_jwks
 
 
 def bearer(value: str) -> tuple[tuple[str, str], ...]:
