@@ -451,3 +451,21 @@ def test_jwts_from_a_jwks_file(gateway_factory, nowhere, tmp_path):
     expired = _embed(gateway.target, token(key, exp=0))
     assert expired.code() == grpc.StatusCode.UNAUTHENTICATED and "expired" in expired.details()
     assert _embed(gateway.target, token(key, scope="samserve:Segment")).code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_an_answer_over_the_response_limit_is_refused_naming_it(gateway_factory, tiny_triton):
+    """Masks are counted as they are made, logits before any work; a smaller answer still passes."""
+    gateway = gateway_factory(tiny_triton.url, None, max_response_bytes=100_000)
+    click = pb.Prompt(points=[pb.Point(x=10, y=10, label=pb.POINT_LABEL_FOREGROUND)], multimask_output=True)
+    with gateway.channel() as channel:
+        stub = pb_grpc.SegmentAnythingStub(channel)
+        embedded = stub.Embed(pb.EmbedRequest(image=new_image()), timeout=60)
+        one = stub.Segment(pb.SegmentRequest(image_id=embedded.image_id, prompts=[click]), timeout=60)
+        assert len(one.results[0].masks) == 3
+        with_logits = pb.SegmentRequest(image_id=embedded.image_id, prompts=[click], return_low_res_logits=True)
+        error, trailers, status = _refusal(lambda: stub.Segment(with_logits, timeout=60))  # 3 x 256 KiB of logits
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "SAMSERVE_MAX_RESPONSE_BYTES" in error.details()
+        assert _quota_failure(status) == "max_response_bytes" and "retry-after" not in trailers
+        many = pb.SegmentRequest(image_id=embedded.image_id, prompts=[click] * 256,
+                                 mask_encoding=pb.MASK_ENCODING_RLE_AND_PNG)
+        assert _code(lambda: stub.Segment(many, timeout=120)).code() == grpc.StatusCode.RESOURCE_EXHAUSTED
