@@ -462,8 +462,12 @@ def test_an_answer_over_the_response_limit_is_refused_naming_it(gateway_factory,
         embedded = stub.Embed(pb.EmbedRequest(image=new_image()), timeout=60)
         one = stub.Segment(pb.SegmentRequest(image_id=embedded.image_id, prompts=[click]), timeout=60)
         assert len(one.results[0].masks) == 3
-        with_logits = pb.SegmentRequest(image_id=embedded.image_id, prompts=[click], return_low_res_logits=True)
-        error, trailers, status = _refusal(lambda: stub.Segment(with_logits, timeout=60))  # 3 x 256 KiB of logits
+        with_logits = pb.SegmentRequest(image_id=embedded.image_id, prompts=[click] * 10, return_low_res_logits=True)
+        logits = len(stub.Segment(pb.SegmentRequest(image_id=embedded.image_id, prompts=[click],
+                                                    return_low_res_logits=True), timeout=60).results[0].masks[0]
+                     .low_res_logits.data)
+        assert 30 * logits > 100_000  # 10 prompts x 3 masks: over the limit before any work
+        error, trailers, status = _refusal(lambda: stub.Segment(with_logits, timeout=60))
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "SAMSERVE_MAX_RESPONSE_BYTES" in error.details()
         assert _quota_failure(status) == "max_response_bytes" and "retry-after" not in trailers
         many = pb.SegmentRequest(image_id=embedded.image_id, prompts=[click] * 256,
