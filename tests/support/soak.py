@@ -57,6 +57,10 @@ CALL_TIMEOUT_S = 30.0
 RECOVERY_STREAK = 5
 """Time to recover ends at the first of this many consecutive successful calls."""
 TRITON_RECOVERY_TARGET_S = 30.0
+OUTAGE_MARGIN_S = 0.5
+"""A call counts as started during an outage when it started this long before the recovery point (Triton ready
+is seen by polling, up to 0.25 s late; the gateways poll Triton every 0.2 s). Such a call answered OK was answered
+thanks to the client's retries."""
 WORKING_SET = 6
 IMAGE_SIZE = (240, 320)
 CLICKS = ((0.5, 0.4), (0.3, 0.3), (0.7, 0.6))
@@ -679,6 +683,7 @@ def summarize(phases: list[Phase], calls: list[Call]) -> dict[str, object]:
             since = float(phase.details.get("recovery_from_s", phase.end_s))  # type: ignore[arg-type]
             entry["recovery_from_s"] = since
             entry["recovery_s"] = recovery_s(calls, since)
+            entry["ok_started_during_outage"] = sum(c.ok for c in inside if c.start_s < since - OUTAGE_MARGIN_S)
             entry["details"] = {k: v for k, v in phase.details.items() if k != "recovery_from_s"}
         out[phase.name] = entry
     return out
@@ -777,7 +782,7 @@ class SoakResult:
 
 
 def run_soak(model_dir: Path, workdir: Path, duration_s: float, rate_per_s: float = 8.0,
-             big_image_count: int = 4, memory_limit_bytes: int = 1 << 30, tail_s: float = 5.0,
+             big_image_count: int = 4, memory_limit_bytes: int = 1536 << 20, tail_s: float = 5.0,
              progress: Callable[[str], None] = print) -> SoakResult:
     """Start the stack, take the reference answers, run the load with the faults for ``duration_s`` (longer when a
     fault overruns its window: the load goes on ``tail_s`` after the last fault), summarize and evaluate."""
