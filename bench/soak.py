@@ -56,20 +56,34 @@ def tiny_model(root: Path) -> Path:
 
 MODELS: dict[str, Callable[[Path], Path]] = {"scenes": scenes_model, "tiny": tiny_model}
 
-OUTCOME_COLORS = {"OK": "tab:green", "UNAVAILABLE": "tab:orange", "DEADLINE_EXCEEDED": "tab:purple",
-                  "RESOURCE_EXHAUSTED": "tab:brown"}
+OUTCOME_COLORS = {"OK": "tab:green", "UNAVAILABLE": "tab:red", "DEADLINE_EXCEEDED": "magenta",
+                  "RESOURCE_EXHAUSTED": "tab:olive"}
+
+
+FAULT_STYLE = {"redis_sigkill": ("Redis SIGKILL", "tab:red"), "redis_slow": ("Redis slow", "tab:orange"),
+               "gateway_rolling_restart": ("gateway restart", "tab:blue"),
+               "triton_sigkill": ("Triton SIGKILL", "tab:purple"),
+               "memory_limited_gateway": ("60-MP burst, limited gateway", "tab:brown")}
 
 
 def plot(result: soak.SoakResult, path: Path) -> None:
     """Latency of every call over time (failures by code, wrong answers black), calls per second below; the
-    fault phases shaded."""
-    figure, (latency, rate) = plt.subplots(2, 1, figsize=(11, 6.5), dpi=110, sharex=True,
+    fault phases shaded, one colour per fault."""
+    figure, (latency, rate) = plt.subplots(2, 1, figsize=(12, 6.5), dpi=110, sharex=True,
                                            gridspec_kw={"height_ratios": [3, 1.3]})
-    for index, phase in enumerate(p for p in result.phases if p.fault is not None):
+    shaded: set[str] = set()
+    fault_handles: list = []
+    fault_labels: list[str] = []
+    for phase in result.phases:
+        if phase.fault is None:
+            continue
+        label, color = FAULT_STYLE.get(phase.fault, (phase.fault, "tab:gray"))
         for axis in (latency, rate):
-            axis.axvspan(phase.start_s, phase.end_s, color="tab:red", alpha=0.12)
-        latency.text((phase.start_s + phase.end_s) / 2, 1.01 + 0.05 * (index % 2), phase.name.replace("_", " "),
-                     ha="center", va="bottom", fontsize=7, transform=latency.get_xaxis_transform())
+            span = axis.axvspan(phase.start_s, max(phase.end_s, phase.start_s + 0.3), color=color, alpha=0.18)
+        if phase.fault not in shaded:
+            fault_handles.append(span)
+            fault_labels.append(label)
+        shaded.add(phase.fault)
     codes = sorted({c.code for c in result.calls}, key=lambda code: (code != "OK", code))
     for code in codes:
         calls = [c for c in result.calls if c.code == code and c.verdict != "wrong"]
@@ -81,37 +95,57 @@ def plot(result: soak.SoakResult, path: Path) -> None:
                     marker="D", label=f"wrong answer ({len(wrong)})")
     latency.set_yscale("log")
     latency.set_ylabel("latency (ms)")
-    latency.legend(fontsize=7, loc="upper left")
+    latency.legend(fontsize=7, loc="upper left", title="main load (retries on)", title_fontsize=7)
     latency.grid(True, which="both", alpha=0.3)
     end = max(phase.end_s for phase in result.phases)
     bins = np.arange(0, end + 1, 1.0)
     ok = [c.start_s for c in result.calls if c.ok]
     failed = [c.start_s for c in result.calls if not c.ok]
+    probe_failed = [c.start_s for c in result.probe_calls if not c.ok]
     rate.hist([ok, failed], bins=bins, stacked=True, color=["tab:green", "tab:red"], label=["ok", "failed/wrong"])
+    rate.hist(probe_failed, bins=bins, histtype="step", color="black", label="no-retry probe: failed")
     rate.set_ylabel("calls / s")
     rate.set_xlabel("seconds since the load started")
-    rate.legend(fontsize=7, loc="upper left")
-    figure.suptitle(f"samserve chaos soak on a CPU: {result.rate_per_s:g} calls/s, 2 gateways + Redis + Triton",
-                    fontsize=10)
-    figure.tight_layout()
+    rate.legend(fontsize=7, loc="lower left", ncol=3, framealpha=0.9)
+    figure.legend(fault_handles, fault_labels, loc="lower center", ncol=len(fault_labels), fontsize=8,
+                  title="fault phases", title_fontsize=8)
+    figure.suptitle(f"samserve chaos soak on a CPU: {result.rate_per_s:g} calls/s over 2 gateways sharing Redis, "
+                    "one Triton", fontsize=10)
+    figure.tight_layout(rect=(0, 0.09, 1, 1))
     figure.savefig(path)
     plt.close(figure)
 
 
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
+def _failures(entry: dict) -> str:
+    return ", ".join(f"{code} {n}" for code, n in entry["failures_by_code"].items()) or "-"
+
+
 def print_summary(result: soak.SoakResult) -> None:
+    probe_phases = result.probe_summary["phases"]
     rows = []
-    for name, entry in result.summary.items():
-        failures = ", ".join(f"{code} {n}" for code, n in entry["failures_by_code"].items()) or "-"
-        probe = result.probe_summary[name]["failures_by_code"]
-        rows.append([name, f"{entry['start_s']:.0f}-{entry['end_s']:.0f}", entry["requests"], failures,
-                     entry["wrong_answers"], entry["resent_after_not_found"],
-                     "-" if entry["p50_ms"] is None else f"{entry['p50_ms']:.0f}",
-                     "-" if entry["p99_ms"] is None else f"{entry['p99_ms']:.0f}",
+    for entry, probe in zip(result.summary["phases"], probe_phases, strict=True):
+        rows.append([entry["name"], entry["cycle"], f"{entry['start_s']:.0f}-{entry['end_s']:.0f}",
+                     entry["requests"], _failures(entry), entry["wrong_answers"], entry["resent_after_not_found"],
+                     _ms(entry["p50_ms"]), _ms(entry["p99_ms"]),
                      "-" if entry.get("recovery_s") is None else f"{entry['recovery_s']:.2f}",
-                     entry.get("ok_started_during_outage", "-"), sum(probe.values())])
+                     entry.get("ok_started_during_outage", "-"), sum(probe["failures_by_code"].values())])
     print_table("chaos soak, per phase (main load with retries; last column: failures of the no-retry probe)",
-                ["phase", "s", "requests", "failures", "wrong", "resent", "p50 ms", "p99 ms", "recover s",
+                ["phase", "#", "s", "requests", "failures", "wrong", "resent", "p50 ms", "p99 ms", "recover s",
                  "ok in outage", "probe fail"], rows)
+    rows = []
+    for fault, entry in result.summary["by_fault"].items():
+        probe = result.probe_summary["by_fault"][fault]
+        rows.append([fault, entry["runs"], entry["requests"], _failures(entry), entry["wrong_answers"],
+                     _ms(entry["p50_ms"]), _ms(entry["p99_ms"]),
+                     "-" if entry["worst_recovery_s"] is None else f"{entry['worst_recovery_s']:.2f}",
+                     entry["ok_started_during_outage"], _failures(probe)])
+    print_table("per fault (its phases and the quiet time after them)",
+                ["fault", "runs", "requests", "failures", "wrong", "p50 ms", "p99 ms", "worst recover s",
+                 "ok in outage", "probe failures"], rows)
     print()
     for name, target in result.targets.items():
         print(f"{'MET ' if target['met'] else 'MISS'} {name}: {target['measured']}")
@@ -152,9 +186,10 @@ def main() -> None:
         "ok_started_during_outage": f"calls started over {soak.OUTAGE_MARGIN_S} s before the recovery point and "
                                     "answered OK (for Triton: answered thanks to the client's retries)",
         "client_retry_policy": json.loads(service_config.service_config()),
-        "phases": result.summary,
+        "by_fault": result.summary["by_fault"],
+        "phases": result.summary["phases"],
         "no_retry_probe": {"description": "segment_by_id through a client with retry_attempts=1 on the same gateways",
-                           "phases": result.probe_summary},
+                           **result.probe_summary},
         "targets": result.targets,
         "targets_met": {name: target["met"] for name, target in result.targets.items()},
         "plot": shown_path(plot_path),

@@ -601,46 +601,67 @@ FAULTS: dict[str, Fault] = {
 
 @dataclasses.dataclass
 class Phase:
-    """A stretch of the run: a fault (``fault`` set) or the quiet time after one (or the baseline)."""
+    """A stretch of the run: a fault (``fault`` set) or the quiet time after one (``after_<fault>``), or the
+    baseline. ``cycle``: which round of the schedule (0 for the baseline)."""
 
     name: str
     start_s: float
     end_s: float
+    cycle: int = 0
     fault: str | None = None
     details: dict[str, object] = dataclasses.field(default_factory=dict)
 
 
-def schedule(duration_s: float) -> list[tuple[str, float, float]]:
-    """(fault, planned start, window) in seconds from the start: the first 10 % is baseline, then every fault gets
-    12 % of the run with quiet time between them (each fault starts when the one before has ended, if later)."""
-    slot = duration_s * 0.9 / len(FAULTS)
-    return [(name, duration_s * 0.1 + i * slot, slot * 0.6) for i, name in enumerate(FAULTS)]
+@dataclasses.dataclass(frozen=True)
+class Planned:
+    fault: str
+    cycle: int
+    start_s: float
+    window_s: float
 
 
-def run_faults(context: FaultContext, plan: list[tuple[str, float, float]], stop: threading.Event,
+BASELINE_SHARE, BASELINE_MAX_S = 0.1, 30.0
+CYCLE_S = 120.0
+"""About one round of every fault per this many seconds of the run (at least one round)."""
+WINDOW_SHARE = 0.6
+"""Of each fault's slot, the share its window takes; the rest is quiet time after it."""
+
+
+def schedule(duration_s: float) -> list[Planned]:
+    """The faults, in :data:`FAULTS` order, repeated in rounds after a baseline (10 % of the run, at most 30 s):
+    ``round(duration / CYCLE_S)`` rounds (at least 1), each fault a slot of equal length whose window is 60 % of
+    it. A fault that overruns its window delays the ones after it."""
+    baseline = min(duration_s * BASELINE_SHARE, BASELINE_MAX_S)
+    cycles = max(1, round(duration_s / CYCLE_S))
+    slot = (duration_s - baseline) / (cycles * len(FAULTS))
+    return [Planned(name, cycle + 1, baseline + (cycle * len(FAULTS) + index) * slot, slot * WINDOW_SHARE)
+            for cycle in range(cycles) for index, name in enumerate(FAULTS)]
+
+
+def run_faults(context: FaultContext, plan: list[Planned], stop: threading.Event,
                progress: Callable[[str], None]) -> list[Phase]:
     """Runs the plan (waiting for each planned start) and returns the fault phases as they happened."""
     phases = []
-    for name, planned_start, window_s in plan:
-        if stop.wait(max(0.0, planned_start - context.clock())):
+    for planned in plan:
+        if stop.wait(max(0.0, planned.start_s - context.clock())):
             break
         start = context.clock()
-        progress(f"[{start:6.1f} s] fault {name} (window {window_s:.1f} s)")
-        details = FAULTS[name](context, window_s)
+        progress(f"[{start:6.1f} s] fault {planned.fault} #{planned.cycle} (window {planned.window_s:.1f} s)")
+        details = FAULTS[planned.fault](context, planned.window_s)
         end = context.clock()
-        progress(f"[{end:6.1f} s] fault {name} over after {end - start:.1f} s")
-        phases.append(Phase(name, start, end, name, details))
+        progress(f"[{end:6.1f} s] fault {planned.fault} #{planned.cycle} over after {end - start:.1f} s")
+        phases.append(Phase(planned.fault, start, end, planned.cycle, planned.fault, details))
     return phases
 
 
 def all_phases(faults: list[Phase], end_s: float) -> list[Phase]:
     """The fault phases with the quiet stretches between them: baseline, fault, after_<fault>, fault, ..."""
-    phases, cursor, previous = [], 0.0, "baseline"
+    phases, cursor, previous, cycle = [], 0.0, "baseline", 0
     for fault in faults:
-        phases.append(Phase(previous, cursor, fault.start_s))
+        phases.append(Phase(previous, cursor, fault.start_s, cycle))
         phases.append(fault)
-        cursor, previous = fault.end_s, f"after_{fault.name}"
-    phases.append(Phase(previous, cursor, end_s))
+        cursor, previous, cycle = fault.end_s, f"after_{fault.name}", fault.cycle
+    phases.append(Phase(previous, cursor, end_s, cycle))
     return phases
 
 
@@ -673,31 +694,45 @@ def recovery_s(calls: list[Call], since_s: float, streak: int = RECOVERY_STREAK)
     return None
 
 
+def _inside(calls: list[Call], phase: Phase) -> list[Call]:
+    return [c for c in calls if phase.start_s <= c.start_s < phase.end_s]
+
+
 def summarize(phases: list[Phase], calls: list[Call]) -> dict[str, object]:
-    """Per phase (calls assigned by their start): stats, plus time to recover for faults."""
-    out: dict[str, object] = {}
+    """``phases``: one entry per phase (calls assigned by their start): stats, and for a fault the time to recover,
+    the calls started during the outage yet answered, what the fault reported. ``by_fault``: per fault, the calls
+    during its phases and the quiet phases after them together, every recovery time, the worst."""
+    entries = []
     for phase in phases:
-        inside = [c for c in calls if phase.start_s <= c.start_s < phase.end_s]
-        entry = {"start_s": phase.start_s, "end_s": phase.end_s, **phase_stats(inside)}
+        inside = _inside(calls, phase)
+        entry: dict[str, object] = {"name": phase.name, "cycle": phase.cycle, "start_s": phase.start_s,
+                                    "end_s": phase.end_s, **phase_stats(inside)}
         if phase.fault is not None:
             since = float(phase.details.get("recovery_from_s", phase.end_s))  # type: ignore[arg-type]
             entry["recovery_from_s"] = since
             entry["recovery_s"] = recovery_s(calls, since)
             entry["ok_started_during_outage"] = sum(c.ok for c in inside if c.start_s < since - OUTAGE_MARGIN_S)
             entry["details"] = {k: v for k, v in phase.details.items() if k != "recovery_from_s"}
-        out[phase.name] = entry
-    return out
+        entries.append(entry)
+    by_fault: dict[str, object] = {}
+    for fault in FAULTS:
+        mine = [e for e in entries if e["name"] == fault]
+        if not mine:
+            continue
+        stretch = [c for phase in phases if phase.name in (fault, f"after_{fault}") for c in _inside(calls, phase)]
+        recoveries = [e["recovery_s"] for e in mine]
+        by_fault[fault] = {
+            "runs": len(mine), **phase_stats(stretch),
+            "recovery_s": recoveries,
+            "worst_recovery_s": None if None in recoveries else max(recoveries),  # type: ignore[type-var]
+            "ok_started_during_outage": sum(e["ok_started_during_outage"] for e in mine),  # type: ignore[misc]
+        }
+    return {"phases": entries, "by_fault": by_fault}
 
 
-def _failures(summary: dict, *names: str) -> dict[str, int]:
-    total: Counter[str] = Counter()
-    for name in names:
-        total.update(summary.get(name, {}).get("failures_by_code", {}))
-    return dict(total)
-
-
-def _codes_after(calls: list[Call], since_s: float) -> dict[str, int]:
-    return dict(Counter(c.code for c in calls if c.start_s >= since_s and c.code != "OK"))
+def fault_runs(summary: dict, fault: str) -> list[dict]:
+    """The phase entries of every run of ``fault``."""
+    return [entry for entry in summary["phases"] if entry["name"] == fault]
 
 
 Target = Callable[[dict, list[Call]], tuple[bool, object]]
@@ -709,37 +744,67 @@ def _no_wrong_answers(summary: dict, calls: list[Call]) -> tuple[bool, object]:
     return wrong == 0, wrong
 
 
+def _failures(summary: dict, *faults: str) -> dict[str, int]:
+    total: Counter[str] = Counter()
+    for fault in faults:
+        total.update(summary["by_fault"].get(fault, {}).get("failures_by_code", {}))
+    return dict(total)
+
+
+def _ran(summary: dict, *faults: str) -> bool:
+    return all(fault in summary["by_fault"] for fault in faults)
+
+
 def _redis_no_failures(summary: dict, calls: list[Call]) -> tuple[bool, object]:
-    failures = _failures(summary, "redis_sigkill", "after_redis_sigkill", "redis_slow", "after_redis_slow")
-    return not failures, failures
+    failures = _failures(summary, "redis_sigkill", "redis_slow")
+    return _ran(summary, "redis_sigkill", "redis_slow") and not failures, failures
 
 
 def _rolling_no_failures(summary: dict, calls: list[Call]) -> tuple[bool, object]:
-    failures = _failures(summary, "gateway_rolling_restart", "after_gateway_rolling_restart")
-    return not failures, failures
+    failures = _failures(summary, "gateway_rolling_restart")
+    return _ran(summary, "gateway_rolling_restart") and not failures, failures
 
 
 def _triton_only_unavailable(summary: dict, calls: list[Call]) -> tuple[bool, object]:
-    failures = _failures(summary, "triton_sigkill", "after_triton_sigkill")
-    return set(failures) <= {"UNAVAILABLE"}, failures
+    failures = _failures(summary, "triton_sigkill")
+    return _ran(summary, "triton_sigkill") and set(failures) <= {"UNAVAILABLE"}, failures
 
 
 def _triton_recovery(summary: dict, calls: list[Call]) -> tuple[bool, object]:
-    phase = summary.get("triton_sigkill")
-    if phase is None:
-        return False, "not run"
-    ready = phase["recovery_from_s"]
-    late = _codes_after([c for c in calls if c.start_s < summary.get("after_triton_sigkill", phase)["end_s"]],
-                        ready + TRITON_RECOVERY_TARGET_S)
-    recovered = phase["recovery_s"]
-    return recovered is not None and recovered <= TRITON_RECOVERY_TARGET_S and not late, \
-        {"recovery_s": recovered, "failures_30s_after_ready": late}
+    """Every run: recovered within the target after Triton ready, and no failed call started later than that in
+    the quiet time after it."""
+    runs = fault_runs(summary, "triton_sigkill")
+    late: Counter[str] = Counter()
+    for run in runs:
+        after = next((e for e in summary["phases"]
+                      if e["name"] == "after_triton_sigkill" and e["cycle"] == run["cycle"]), run)
+        late.update(c.code for c in calls if not c.ok
+                    and run["recovery_from_s"] + TRITON_RECOVERY_TARGET_S <= c.start_s < after["end_s"])
+    recoveries = [run["recovery_s"] for run in runs]
+    met = bool(runs) and None not in recoveries and max(recoveries) <= TRITON_RECOVERY_TARGET_S and not late
+    return met, {"recovery_s": recoveries, "failures_30s_after_ready": dict(late)}
+
+
+def _memory_runs(summary: dict) -> list[dict]:
+    return [run["details"] for run in fault_runs(summary, "memory_limited_gateway")]
 
 
 def _limited_gateway_up(summary: dict, calls: list[Call]) -> tuple[bool, object]:
-    details = summary.get("memory_limited_gateway", {}).get("details", {})
-    return bool(details.get("alive")) and details.get("health_after") == "SERVING", \
-        {"alive": details.get("alive"), "health_after": details.get("health_after"), "codes": details.get("codes")}
+    runs = _memory_runs(summary)
+    states = [{"alive": d.get("alive"), "health_after": d.get("health_after"), "oom_kills": d.get("oom_kills")}
+              for d in runs]
+    return bool(runs) and all(s["alive"] and s["health_after"] == "SERVING" for s in states), states
+
+
+BIG_IMAGE_ANSWERS = frozenset({"OK", "RESOURCE_EXHAUSTED"})
+"""What a big image may get: an answer (perhaps after waiting its turn) or "too much work now, retry later"."""
+
+
+def _big_images_rejected_or_queued(summary: dict, calls: list[Call]) -> tuple[bool, object]:
+    codes: Counter[str] = Counter()
+    for details in _memory_runs(summary):
+        codes.update(details.get("codes") or {})  # type: ignore[arg-type]
+    return bool(codes) and set(codes) <= BIG_IMAGE_ANSWERS, dict(codes)
 
 
 TARGETS: dict[str, tuple[str, Target]] = {
@@ -754,6 +819,8 @@ TARGETS: dict[str, tuple[str, Target]] = {
                                    " of Triton ready, no failure later", _triton_recovery),
     "memory_limited_gateway_stays_up": ("the memory-limited gateway is alive and SERVING after the big images",
                                         _limited_gateway_up),
+    "big_images_rejected_or_queued": ("each big image is answered (queued) or refused with RESOURCE_EXHAUSTED",
+                                      _big_images_rejected_or_queued),
 }
 
 
@@ -826,8 +893,7 @@ def run_soak(model_dir: Path, workdir: Path, duration_s: float, rate_per_s: floa
         setup = {"working_set_images": WORKING_SET, "clicks_per_image": len(CLICKS), "image_size": list(IMAGE_SIZE),
                  "new_images_made": len(workload.new), "operations": {k: v.weight for k, v in OPERATIONS.items()},
                  "probe_rate_per_s": probe.rate_per_s, "gateways": 2, "call_timeout_s": CALL_TIMEOUT_S,
-                 "schedule": [{"fault": name, "planned_start_s": start, "window_s": window}
-                              for name, start, window in schedule(duration_s)]}
+                 "schedule": [dataclasses.asdict(planned) for planned in schedule(duration_s)]}
     phases = all_phases(faults, end_s)
     summary = summarize(phases, load.calls)
     probe_summary = summarize(phases, probe.calls)
