@@ -10,7 +10,8 @@ the targets). The pieces, each replaceable on its own:
 * :data:`OPERATIONS`: what the load does (weighted): clicks by ``image_id`` on a working set of embedded images
   (NOT_FOUND -> the client sends the bytes again, as the API says), clicks with the image bytes, Embed, clicks on an
   image never sent before. :class:`Load` fires them at a fixed rate from a thread pool (open loop).
-* :data:`FAULTS`: one function per fault; :func:`schedule` places them in the run, scaled to its duration.
+* :data:`FAULTS`: one function per fault; :func:`schedule` places them in the run, in rounds scaled to its
+  duration. The memory-limited gateway runs under :mod:`tests.support.memory_limits` (a cgroup where allowed).
 * :func:`summarize`: per phase requests, failures by status code, wrong answers, p50/p99, time to recover;
   :data:`TARGETS` evaluates the issue's targets on that summary.
 
@@ -27,9 +28,7 @@ import contextlib
 import dataclasses
 import io
 import math
-import os
 import random
-import resource
 import threading
 import time
 from collections import Counter
@@ -49,6 +48,7 @@ from samserve.triton_server import TritonServer
 from samserve_build.repository import write_repository
 from tests.support.images import png_bytes, synthetic_image
 from tests.support.local_stack import GatewayProcess, free_port
+from tests.support.memory_limits import memory_limit, peak_rss_bytes
 from tests.support.polling import wait_until
 
 CLOSE_IOU = 0.99
@@ -331,122 +331,6 @@ class Load:
                 pool.submit(self._execute, self.rng.choices(names, weights)[0], self.rng.randrange(1 << 30))
 
 
-# -- memory limits ----------------------------------------------------------------------------------------------------
-class MemoryLimit:
-    """Puts a process under a memory limit; reports its peak and whether the limit killed it."""
-
-    name = "none"
-
-    def __init__(self, limit_bytes: int, workdir: Path) -> None:
-        self.limit_bytes = limit_bytes
-
-    def apply(self, pid: int) -> None:
-        raise NotImplementedError
-
-    def peak_bytes(self) -> int | None:
-        return None
-
-    def oom_kills(self) -> int | None:
-        return None
-
-    def close(self) -> None:
-        pass
-
-
-class CgroupV1Limit(MemoryLimit):
-    """cgroup v1 memory controller (what a container's memory limit is): over the limit the kernel OOM-kills."""
-
-    name = "cgroup-v1 memory.limit_in_bytes"
-    ROOT = Path("/sys/fs/cgroup/memory")
-
-    def __init__(self, limit_bytes: int, workdir: Path) -> None:
-        super().__init__(limit_bytes, workdir)
-        self.group = self.ROOT / f"samserve-soak-{os.getpid()}-{free_port()}"
-        self.group.mkdir()
-        (self.group / "memory.limit_in_bytes").write_text(str(limit_bytes))
-
-    @classmethod
-    def available(cls) -> bool:
-        return os.access(cls.ROOT, os.W_OK) and (cls.ROOT / "memory.limit_in_bytes").exists()
-
-    def apply(self, pid: int) -> None:
-        (self.group / "cgroup.procs").write_text(str(pid))
-
-    def peak_bytes(self) -> int | None:
-        return int((self.group / "memory.max_usage_in_bytes").read_text())
-
-    def oom_kills(self) -> int | None:
-        for line in (self.group / "memory.oom_control").read_text().splitlines():
-            if line.startswith("oom_kill "):
-                return int(line.split()[1])
-        return None
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.group.rmdir()
-
-
-class CgroupV2Limit(CgroupV1Limit):
-    """cgroup v2 ``memory.max`` (``memory.peak`` where the kernel has it)."""
-
-    name = "cgroup-v2 memory.max"
-    ROOT = Path("/sys/fs/cgroup")
-
-    def __init__(self, limit_bytes: int, workdir: Path) -> None:
-        MemoryLimit.__init__(self, limit_bytes, workdir)
-        self.group = self.ROOT / f"samserve-soak-{os.getpid()}-{free_port()}"
-        self.group.mkdir()
-        (self.group / "memory.max").write_text(str(limit_bytes))
-
-    @classmethod
-    def available(cls) -> bool:
-        controllers = cls.ROOT / "cgroup.subtree_control"
-        return os.access(cls.ROOT, os.W_OK) and controllers.exists() and "memory" in controllers.read_text()
-
-    def peak_bytes(self) -> int | None:
-        peak = self.group / "memory.peak"
-        return int(peak.read_text()) if peak.exists() else None
-
-    def oom_kills(self) -> int | None:
-        for line in (self.group / "memory.events").read_text().splitlines():
-            if line.startswith("oom_kill "):
-                return int(line.split()[1])
-        return None
-
-
-class RlimitData(MemoryLimit):
-    """RLIMIT_DATA (private writable memory, thread stacks and heap included): allocations over it fail
-    (MemoryError in Python) instead of the process being killed."""
-
-    name = "RLIMIT_DATA"
-
-    @classmethod
-    def available(cls) -> bool:
-        return True
-
-    def apply(self, pid: int) -> None:
-        resource.prlimit(pid, resource.RLIMIT_DATA, (self.limit_bytes, self.limit_bytes))
-
-
-MEMORY_LIMITS: list[type[CgroupV2Limit] | type[CgroupV1Limit] | type[RlimitData]] = [
-    CgroupV2Limit, CgroupV1Limit, RlimitData]
-"""Tried in order: the first available one is used (a cgroup is what Kubernetes enforces)."""
-
-
-def memory_limit(limit_bytes: int, workdir: Path) -> MemoryLimit:
-    kind = next(kind for kind in MEMORY_LIMITS if kind.available())
-    return kind(limit_bytes, workdir)
-
-
-def peak_rss_bytes(pid: int) -> int | None:
-    """VmHWM of a live process."""
-    with contextlib.suppress(OSError):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return None
-
-
 def big_images(count: int, seed: int = 0) -> list[bytes]:
     """``count`` different ~60-megapixel JPEGs (smooth, so each is a few MB, under the request size limit)."""
     height, width = BIG_IMAGE_SIZE
@@ -537,7 +421,7 @@ def memory_limited_gateway(context: FaultContext, window_s: float) -> dict[str, 
     """A third gateway (shared Redis and Triton) under a memory limit gets several ~60-megapixel images at once
     (Embed, no client retries); records each call's code, whether it stays alive and SERVING, its peak memory."""
     stack = context.stack
-    limit = memory_limit(context.memory_limit_bytes, stack.workdir)
+    limit = memory_limit(context.memory_limit_bytes)
     gateway = stack.gateway(on_spawn=limit.apply)
     try:
         try:
