@@ -15,10 +15,16 @@ the targets). The pieces, each replaceable on its own:
 * :func:`summarize`: per phase requests, failures by status code, wrong answers, p50/p99, time to recover;
   :data:`TARGETS` evaluates the issue's targets on that summary.
 
-Answers are compared exactly (RLE bytes and scores): every replica serves the embedding from one fp16 form and the
-decoder is deterministic, so equality is expected; an answer that differs is classified "close" (every mask IoU >=
-:data:`CLOSE_IOU`, scores within :data:`CLOSE_SCORE`) or "wrong". Only "wrong" fails the target; the counts of
-"exact" and "close" are recorded so that the assumption is checked on every run.
+Answers are compared exactly first (RLE bytes and scores): every replica serves the embedding from one fp16 form.
+But an embedding computed again is not always bit-equal: Triton's dynamic batcher runs the encoder on batches of
+several images, and ONNX Runtime rounds differently per batch shape (measured on this CPU: the same image encoded
+alone and in a batch of 8 differs by up to 1.2e-6 in fp32, and the fp16 forms differ), so when a fault makes a
+gateway encode an image again (Redis lost or too slow, tier 1 dropped after a Triton restart) its masks can differ
+from the fault-free ones at a few boundary pixels (seen: a few answers per thousand, in the Redis-slow and Triton
+phases). So an answer that differs is "close"
+when every mask has IoU >= :data:`CLOSE_IOU` with its fault-free mask and every score is within
+:data:`CLOSE_SCORE`, else "wrong" (a mask of another image or prompt is far below both). Only "wrong" fails the
+target; every phase records how many answers were not exact and by how much (``not_exact``).
 """
 
 from __future__ import annotations
@@ -135,21 +141,34 @@ class Answer:
         return cls((response.height, response.width), (), (), response.image_id)
 
 
-def verdict(expected: Answer, got: Answer) -> str:
-    """"exact", "close" (every mask IoU >= CLOSE_IOU and scores within CLOSE_SCORE) or "wrong"."""
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+    """How an answer compares with the fault-free one."""
+
+    verdict: str
+    """exact | close (every mask IoU >= CLOSE_IOU and scores within CLOSE_SCORE) | wrong."""
+    min_iou: float = 1.0
+    """The lowest IoU of a mask with its fault-free counterpart (1.0 when every mask is identical)."""
+    score_diff: float = 0.0
+    """The largest difference of a predicted IoU score."""
+
+
+def compare(expected: Answer, got: Answer) -> Comparison:
     if got == expected:
-        return "exact"
+        return Comparison("exact")
     if (got.size, got.image_id, len(got.rles)) != (expected.size, expected.image_id, len(expected.rles)):
-        return "wrong"
-    if any(abs(a - b) > CLOSE_SCORE for a, b in zip(got.scores, expected.scores, strict=True)):
-        return "wrong"
+        return Comparison("wrong", 0.0, float("inf"))
+    score_diff = max((abs(a - b) for a, b in zip(got.scores, expected.scores, strict=True)), default=0.0)
+    min_iou = 1.0
     for mine, theirs in zip(got.rles, expected.rles, strict=True):
+        if mine == theirs:
+            continue
         a = mask_encoding.decode_rle(list(got.size), mine)
         b = mask_encoding.decode_rle(list(expected.size), theirs)
         union = np.logical_or(a, b).sum()
-        if union and np.logical_and(a, b).sum() / union < CLOSE_IOU:
-            return "wrong"
-    return "close"
+        min_iou = min(min_iou, float(np.logical_and(a, b).sum() / union) if union else 1.0)
+    close = min_iou >= CLOSE_IOU and score_diff <= CLOSE_SCORE
+    return Comparison("close" if close else "wrong", min_iou, score_diff)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,6 +246,7 @@ class Call:
     """exact | close | wrong for answered calls."""
     resent: bool = False
     """The image_id was NOT_FOUND (no tier had it) and the client sent the bytes again."""
+    comparison: Comparison | None = None
 
     @property
     def ok(self) -> bool:
@@ -241,8 +261,8 @@ class LoadContext:
     new_images: Iterator[int]
 
 
-Outcome = tuple[str, str | None, bool]
-"""(code, verdict, resent) of one operation."""
+Outcome = tuple[str, Comparison, bool]
+"""(code, comparison with the fault-free answer, resent) of one answered operation."""
 
 
 def _segment_by_id(context: LoadContext, rng: random.Random) -> Outcome:
@@ -256,19 +276,19 @@ def _segment_by_id(context: LoadContext, rng: random.Random) -> Outcome:
             raise
         response = context.stub.Segment(with_bytes(click, context.workload.working[image]), timeout=CALL_TIMEOUT_S)
         resent = True
-    return "OK", verdict(expected, Answer.of_segment(response)), resent
+    return "OK", compare(expected, Answer.of_segment(response)), resent
 
 
 def _segment_by_bytes(context: LoadContext, rng: random.Random) -> Outcome:
     image, click = rng.randrange(WORKING_SET), rng.randrange(len(CLICKS))
     response = context.stub.Segment(with_bytes(click, context.workload.working[image]), timeout=CALL_TIMEOUT_S)
-    return "OK", verdict(context.reference.working[image, click], Answer.of_segment(response)), False
+    return "OK", compare(context.reference.working[image, click], Answer.of_segment(response)), False
 
 
 def _embed(context: LoadContext, rng: random.Random) -> Outcome:
     image = rng.randrange(WORKING_SET)
     response = context.stub.Embed(pb.EmbedRequest(image=context.workload.working[image]), timeout=CALL_TIMEOUT_S)
-    return "OK", verdict(context.reference.embed[image], Answer.of_embed(response)), False
+    return "OK", compare(context.reference.embed[image], Answer.of_embed(response)), False
 
 
 def _new_image(context: LoadContext, rng: random.Random) -> Outcome:
@@ -276,7 +296,7 @@ def _new_image(context: LoadContext, rng: random.Random) -> Outcome:
     if index is None:  # more new images asked for than made: click a working-set image instead
         return _segment_by_bytes(context, rng)
     response = context.stub.Segment(with_bytes(0, context.workload.new[index]), timeout=CALL_TIMEOUT_S)
-    return "OK", verdict(context.reference.new[index], Answer.of_segment(response)), False
+    return "OK", compare(context.reference.new[index], Answer.of_segment(response)), False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -308,13 +328,15 @@ class Load:
 
     def _execute(self, name: str, seed: int) -> None:
         start = self.clock()
+        comparison: Comparison | None = None
         try:
-            code, answer_verdict, resent = self.operations[name].run(self.context, random.Random(seed))
+            code, comparison, resent = self.operations[name].run(self.context, random.Random(seed))
         except grpc.RpcError as error:
-            code, answer_verdict, resent = error.code().name, None, False
+            code, resent = error.code().name, False
         except Exception as error:  # noqa: BLE001 - recorded as a failure of the call, never lost
-            code, answer_verdict, resent = f"CLIENT_{type(error).__name__}", None, False
-        call = Call(self.stream, name, start, self.clock(), code, answer_verdict, resent)
+            code, resent = f"CLIENT_{type(error).__name__}", False
+        call = Call(self.stream, name, start, self.clock(), code, comparison.verdict if comparison else None, resent,
+                    comparison)
         with self._lock:
             self.calls.append(call)
 
@@ -564,9 +586,18 @@ def phase_stats(calls: list[Call]) -> dict[str, object]:
         "wrong_answers": sum(c.verdict == "wrong" for c in calls),
         "verdicts": dict(Counter(c.verdict for c in calls if c.verdict)),
         "resent_after_not_found": sum(c.resent for c in calls),
+        "not_exact": _not_exact(calls),
         "p50_ms": percentile_ms(latencies, 50),
         "p99_ms": percentile_ms(latencies, 99),
     }
+
+
+def _not_exact(calls: list[Call]) -> dict[str, object]:
+    """Answers that differ from the fault-free one at all: how many, in masks or in scores only, and by how much."""
+    differ = [c.comparison for c in calls if c.comparison is not None and c.comparison.verdict != "exact"]
+    return {"answers": len(differ), "masks_differ": sum(c.min_iou < 1.0 for c in differ),
+            "min_iou": min((c.min_iou for c in differ), default=None),
+            "max_score_diff": max((c.score_diff for c in differ), default=None)}
 
 
 def recovery_s(calls: list[Call], since_s: float, streak: int = RECOVERY_STREAK) -> float | None:
