@@ -9,6 +9,11 @@
 
 TLS, mutual TLS and the API key: ``SamServeClient(target, security=ClientSettings(token=..., ca_file=...))``
 (fields not given come from SAMSERVE_CLIENT_* variables; see README "Security").
+
+Reliability (on by default, :mod:`samserve.service_config`): every RPC is idempotent, so calls answered UNAVAILABLE
+are retried by gRPC with exponential backoff (``ClientSettings.retry_attempts``, env
+SAMSERVE_CLIENT_RETRY_ATTEMPTS, 5 attempts in all by default); a target of several gateways,
+``SamServeClient("10.0.0.1:50051,10.0.0.2:50051")``, spreads calls round robin and rides out a rolling restart.
 """
 
 from __future__ import annotations
@@ -138,8 +143,9 @@ class GeneratedMasks:
 
 
 class SamServeClient:
-    """Blocking client; thread-safe (one channel). Errors raise ``grpc.RpcError`` with the API's status codes.
-    ``security`` None: plaintext, no API key."""
+    """Blocking client; thread-safe (one channel). Errors raise ``grpc.RpcError`` with the API's status codes
+    (after the retries of UNAVAILABLE). ``target``: ``host:port``, a comma-separated list of ``ip:port`` (round
+    robin) or a gRPC URI (``dns:///gateways:50051``). ``security`` None: plaintext, no API key, default retries."""
 
     def __init__(self, target: str, timeout_s: float | None = 600.0, security: ClientSettings | None = None) -> None:
         self.channel = client_channel(target, **(security.model_dump() if security else {}),

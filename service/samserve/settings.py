@@ -172,3 +172,7 @@ class ClientSettings(BaseSettings):
     cert_file: Path | None = Field(None, description="PEM client certificate (mutual TLS)")
     key_file: Path | None = Field(None, description="PEM key of the client certificate")
     server_name: str | None = Field(None, description="name to verify the gateway's certificate for (not the host)")
+    retry_attempts: int = Field(
+        5, ge=1, le=5,
+        description="attempts per call (the first included) when the gateway answers UNAVAILABLE; 1 = no retries",
+    )

@@ -20,6 +20,8 @@ from typing import Any
 
 import grpc
 
+from samserve import service_config
+
 LOG = logging.getLogger(__name__)
 
 
@@ -139,13 +141,17 @@ def client_channel(
     cert_file: Path | None = None,
     key_file: Path | None = None,
     server_name: str | None = None,
+    retry_attempts: int = service_config.DEFAULT_ATTEMPTS,
     options: list[tuple[str, Any]] | None = None,
 ) -> grpc.Channel:
     """A blocking channel to the gateway. TLS when ``tls`` or any file is given: ``ca_file`` the CA that signed the
     gateway's certificate (else the system's roots), ``cert_file``/``key_file`` this client's certificate for
     mutual TLS, ``server_name`` the name to check the certificate against instead of the target's host. ``token``
-    is sent as ``authorization: Bearer <token>`` on every call."""
-    options = list(options or [])
+    is sent as ``authorization: Bearer <token>`` on every call. ``target``: one address, or several separated by
+    commas (round robin); calls ending UNAVAILABLE are retried up to ``retry_attempts`` attempts in all (see
+    :mod:`samserve.service_config`)."""
+    options = [("grpc.service_config", service_config.service_config(retry_attempts)), *(options or [])]
+    target = service_config.channel_target(target)
     if (cert_file is None) != (key_file is None):
         raise TlsConfigError("a client certificate needs its key and the other way round (cert_file and key_file)")
     if tls or ca_file or cert_file:

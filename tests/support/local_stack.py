@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -40,10 +40,11 @@ def serve_locally(model_dir: Path, root: Path, timeout_s: float = 300.0) -> Iter
 class GatewayProcess:
     """`samserve gateway` as a real process on a free port (settings through SAMSERVE_* variables). Auth is off
     unless ``settings`` say otherwise (a test stack on loopback); ``client``: how this helper's own channels (the
-    health checks) reach it, e.g. over TLS."""
+    health checks) reach it, e.g. over TLS. ``on_spawn``: called with the process id right after every start, before
+    the gateway imports anything (e.g. to put it in a memory-limited cgroup)."""
 
     def __init__(self, triton_url: str, redis_url: str | None, workdir: Path, client: ClientSettings | None = None,
-                 **settings: object) -> None:
+                 on_spawn: Callable[[int], None] | None = None, **settings: object) -> None:
         host, port = triton_url.rsplit(":", 1)
         self.port = free_port()
         self.metrics_port = free_port()
@@ -62,6 +63,7 @@ class GatewayProcess:
             self.env["SAMSERVE_REDIS_URL"] = redis_url
         self.env.update({f"SAMSERVE_{k.upper()}": str(v) for k, v in settings.items()})
         self.client = client
+        self.on_spawn = on_spawn
         self.log_path = Path(workdir) / f"gateway-{self.port}.log"
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -79,6 +81,8 @@ class GatewayProcess:
             [str(Path(sys.executable).parent / "samserve"), "gateway"], env=self.env,
             stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT,
         )
+        if self.on_spawn is not None:
+            self.on_spawn(self.process.pid)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             assert self.process.poll() is None, self.log()
