@@ -10,7 +10,7 @@ STAMP := $(VENV)/.samserve-installed
 DEBIAN_PACKAGES ?= redis-server prometheus
 PYTEST_ARGS ?=
 
-.PHONY: up test test-unit setup system-deps stubs prepare bench bench-status load clean train quality
+.PHONY: up test test-unit setup system-deps stubs prepare bench bench-status load clean train quality soak fuzz
 
 # A local stack on loopback: auth is off unless a keys file is given, said explicitly (the gateway warns; README
 # "Security"); with SAMSERVE_API_KEYS_FILE (or SAMSERVE_AUTH) set, those apply.
@@ -58,7 +58,7 @@ lint: setup
 prepare: setup
 	$(BIN)/samserve-build prepare
 
-# Every benchmark, regenerating every file in bench/results (about 30 minutes on 2 cores; the ViT-H export in
+# Every benchmark, regenerating every file in bench/results (about 45 minutes on 2 cores, the 10-minute soak included; the ViT-H export in
 # export_cpu.py needs about 18 GB of memory). Run on an otherwise idle machine, on committed code.
 bench: setup
 	$(BIN)/python bench/backends_cpu.py
@@ -68,7 +68,14 @@ bench: setup
 	$(BIN)/python bench/amg_cpu.py
 	$(BIN)/python bench/quality_cpu.py
 	$(BIN)/python bench/export_cpu.py
+	$(BIN)/python bench/request_memory_cpu.py
+	$(BIN)/python bench/soak.py
 	$(BIN)/python bench/freshness.py
+
+# Chaos soak, 10 minutes plus 1-2 of set-up: faults under a fixed-rate load (README "Reliability"); writes
+# bench/results/soak_cpu.json + soak_cpu.png. Idle machine, as root (the memory-limited gateway uses a cgroup).
+soak: setup
+	$(BIN)/python bench/soak.py
 
 # Which results files are stale (measured at a commit older than the code they measure); exit 1 if any is.
 bench-status:
