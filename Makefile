@@ -58,8 +58,9 @@ lint: setup
 prepare: setup
 	$(BIN)/samserve-build prepare
 
-# Every benchmark, regenerating every file in bench/results (about 45 minutes on 2 cores, the 10-minute soak included; the ViT-H export in
-# export_cpu.py needs about 18 GB of memory). Run on an otherwise idle machine, on committed code.
+# Every benchmark, regenerating every file in bench/results (about 45 minutes on 2 cores, the 10-minute soak
+# included; the ViT-H export in export_cpu.py needs about 18 GB of memory). Run on an otherwise idle machine, on
+# committed code.
 bench: setup
 	$(BIN)/python bench/backends_cpu.py
 	$(BIN)/python bench/models_cpu.py

@@ -77,9 +77,16 @@ STATUS_CODES: dict[type[BaseException], grpc.StatusCode] = {
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     TimeoutError: grpc.StatusCode.DEADLINE_EXCEEDED,  # asyncio.TimeoutError is TimeoutError
+    MemoryError: grpc.StatusCode.RESOURCE_EXHAUSTED,  # the process hit its memory limit (RLIMIT_DATA, ...)
     Internal: grpc.StatusCode.INTERNAL,
 }
 """Error type -> status code; a subclass takes its nearest base's code."""
+MESSAGES: dict[type[BaseException], str] = {
+    TimeoutError: "deadline exceeded",
+    MemoryError: "the gateway ran out of memory for this request; retry later, or send a smaller image or fewer "
+                 "prompts",
+}
+"""What the client is told for the mapped errors that are not ours (ours carry their own message)."""
 
 Behavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
@@ -213,7 +220,7 @@ class ErrorInterceptor(_UnaryInterceptor):
                 elif isinstance(error, SamServeError):
                     message = str(error)
                 else:
-                    message = "deadline exceeded"
+                    message = next(text for kind, text in MESSAGES.items() if isinstance(error, kind))
                 status = status_details(code, message, error)
                 trailers: tuple[tuple[str, str | bytes], ...] = (
                     (STATUS_DETAILS_HEADER, status.SerializeToString()), (REQUEST_ID_HEADER, request_id.get()))

@@ -16,7 +16,7 @@ from samserve.errors import (
     SamServeError,
     Unavailable,
 )
-from samserve.interceptors import request_id, status_code, status_details
+from samserve.interceptors import MESSAGES, STATUS_CODES, request_id, status_code, status_details
 
 
 @pytest.mark.parametrize("error, code", [
@@ -27,10 +27,16 @@ from samserve.interceptors import request_id, status_code, status_details
     (Unavailable("x"), grpc.StatusCode.UNAVAILABLE),
     (DeadlineExceeded("x"), grpc.StatusCode.DEADLINE_EXCEEDED),
     (TimeoutError(), grpc.StatusCode.DEADLINE_EXCEEDED),
+    (MemoryError(), grpc.StatusCode.RESOURCE_EXHAUSTED),
     (Internal("x"), grpc.StatusCode.INTERNAL),
 ])
 def test_every_domain_error_has_its_code(error, code):
     assert status_code(error) is code
+
+
+def test_every_mapped_foreign_error_has_a_message():
+    foreign = {kind for kind in STATUS_CODES if not issubclass(kind, SamServeError)}
+    assert foreign == set(MESSAGES)
 
 
 @pytest.mark.parametrize("error", [SamServeError("x"), ValueError("x"), KeyError("x")])
