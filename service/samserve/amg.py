@@ -107,6 +107,12 @@ class AmgParams:
         if self.points_per_side is not None and not 1 <= self.points_per_side ** 2 <= max_points_per_layer:
             raise InvalidParameters(
                 f"points_per_side must lie in [1, {math.isqrt(max_points_per_layer)}], got {self.points_per_side}")
+        if self.points_per_side is not None:
+            smallest = self.crop_n_points_downscale_factor ** self.crop_n_layers  # the last layer's divisor
+            if self.points_per_side < smallest:
+                raise InvalidParameters(
+                    f"points_per_side must be >= crop_n_points_downscale_factor ** crop_n_layers = {smallest} "
+                    f"(every crop layer needs a grid of at least 1 x 1 points), got {self.points_per_side}")
         if self.point_grids is not None:
             if len(self.point_grids) != self.crop_n_layers + 1:
                 raise InvalidParameters(f"point_grids needs crop_n_layers + 1 = {self.crop_n_layers + 1} grids, "
