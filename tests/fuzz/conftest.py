@@ -1,7 +1,7 @@
 """The fuzz tier's fixtures: the integration tier's real Triton (``tiny`` model, seeded random weights) and real Redis,
 and one real `samserve gateway` process that every fuzz test of the session sends its hostile requests to (auth
-off). Every test under tests/fuzz is marked ``fuzz``; the replay of the committed corpus and regressions runs first.
-The generation budget is ``SAMSERVE_FUZZ_SECONDS`` (:mod:`tests.fuzz.harness`)."""
+off). Every test under tests/fuzz is marked ``fuzz``; the replay of the committed corpus and regressions runs before
+the other fuzz tests. The generation budget is ``SAMSERVE_FUZZ_SECONDS`` (:mod:`tests.fuzz.harness`)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from samserve.api import pb
+from samserve.api import SERVICE_NAME, pb
 from samserve.redis_server import RedisServer
 from tests.fuzz.harness import SEED_IMAGE_HW, FuzzTarget
 from tests.fuzz.strategies import corpus_path
@@ -28,32 +28,36 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item in items:
-        if item.path.is_relative_to(HERE):
-            item.add_marker(pytest.mark.fuzz)
-            item.add_marker(TRACER_WARNINGS)  # the tiny model's export traces the official modules
-    # The committed cases replay before any generation (a stable sort keeps every other order as collected).
-    items.sort(key=lambda item: not (item.path.is_relative_to(HERE) and item.path.name == REPLAY_FIRST))
+    ours = [k for k, item in enumerate(items) if item.path.is_relative_to(HERE)]
+    for k in ours:
+        items[k].add_marker(pytest.mark.fuzz)
+        items[k].add_marker(TRACER_WARNINGS)  # the tiny model's export traces the official modules
+    # Within the tier's own positions (other tiers keep theirs): the committed cases first (a stable sort).
+    replay_first = sorted((items[k] for k in ours), key=lambda item: item.path.name != REPLAY_FIRST)
+    for k, item in zip(ours, replay_first, strict=True):
+        items[k] = item
+
+
+def _embed_seed(channel: grpc.Channel) -> str:
+    """Embed tests/fuzz/corpus/seed.png; its image id."""
+    embed = channel.unary_unary(f"/{SERVICE_NAME}/Embed")
+    answer = pb.EmbedResponse.FromString(
+        embed(pb.EmbedRequest(image=corpus_path("seed.png").read_bytes()).SerializeToString(), timeout=60))
+    assert (answer.height, answer.width) == SEED_IMAGE_HW
+    return answer.image_id
 
 
 @pytest.fixture(scope="session")
 def fuzz_target(tiny_triton: ServedModel, redis_server: RedisServer,  # noqa: F811
                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzTarget]:
-    """The gateway under fuzz, with the seed image (tests/fuzz/corpus/seed.png) embedded; after the session it must
-    still be alive and exit cleanly on SIGTERM."""
+    """The gateway under fuzz, with the seed image embedded; after the session it must still be alive and exit
+    cleanly on SIGTERM."""
     gateway = GatewayProcess(tiny_triton.url, redis_server.url, tmp_path_factory.mktemp("fuzz-gateway")).start()
     try:
         # Plaintext like the gateway; no client-side receive limit, so RESOURCE_EXHAUSTED is always the server's.
         with grpc.insecure_channel(gateway.target, options=[("grpc.max_receive_message_length", -1)]) as channel:
-            raw = channel.unary_unary("/samserve.v1.SegmentAnything/Embed")(
-                pb.EmbedRequest(image=corpus_path("seed.png").read_bytes()).SerializeToString(), timeout=60)
-            embedded = pb.EmbedResponse.FromString(raw)
-            assert (embedded.height, embedded.width) == SEED_IMAGE_HW
-            target = FuzzTarget(gateway, channel, embedded.image_id)
-            yield target
+            yield FuzzTarget(gateway, channel, _embed_seed(channel))
         assert gateway.process is not None and gateway.process.poll() is None, gateway.log()[-3000:]
-    except grpc.RpcError as error:
-        raise AssertionError(f"seed Embed failed: {error}\n{gateway.log()[-3000:]}") from None
     finally:
         code = gateway.stop()
     assert code == 0, f"gateway exit code {code}\n{gateway.log()[-3000:]}"

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
+from google.protobuf.message import Message
 from hypothesis import HealthCheck, seed, settings
 from hypothesis.database import DirectoryBasedExampleDatabase
 
@@ -104,6 +105,11 @@ def run_for(target: str, test: Callable[[], None], batch: int = 25) -> int:
             return batches
 
 
+def reset_peak_rss(pid: int) -> None:
+    """Set the process's VmHWM back to its current RSS (Linux ``clear_refs`` 5), so the next read is one call's peak."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
 def peak_rss_bytes(pid: int) -> int:
     """VmHWM (peak resident set size) of a process, from /proc/<pid>/status."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -124,6 +130,8 @@ class FuzzTarget:
     """Id of the embedded seed image (:data:`SEED_IMAGE_HW`)."""
     codes: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     """(method, status code name) -> calls, over the session."""
+    peak_bytes: int = 0
+    """The largest peak RSS of the gateway during one call, over the session."""
 
     @property
     def pid(self) -> int:
@@ -134,6 +142,7 @@ class FuzzTarget:
         """Send ``payload`` as the serialized request of ``method``; check the property; the status code."""
         stub = self.channel.unary_unary(f"/{SERVICE_NAME}/{method}")  # no serializers: bytes in, bytes out
         details = ""
+        reset_peak_rss(self.pid)
         try:
             answer = stub(payload, timeout=CALL_DEADLINE_S)
             code = grpc.StatusCode.OK
@@ -142,31 +151,35 @@ class FuzzTarget:
             code, details = error.code(), error.details() or ""
         self.codes[(method, code.name)] += 1
         alive = self.gateway.process is not None and self.gateway.process.poll() is None
-        if code not in ALLOWED or not alive:
-            where = record_failure(method, code, payload)
+        peak = peak_rss_bytes(self.pid) if alive else 0
+        self.peak_bytes = max(self.peak_bytes, peak)
+        if code not in ALLOWED or not alive or peak >= PEAK_RSS_BOUND_BYTES:
+            where = record_failure(method, code.name if peak < PEAK_RSS_BOUND_BYTES else "MEMORY", payload)
             raise AssertionError(
-                f"{method} answered {code.name} ({details!r}); gateway alive: {alive}; request saved as {where}\n"
-                f"gateway log tail:\n{self.gateway.log()[-3000:]}"
+                f"{method} answered {code.name} ({details!r}); gateway alive: {alive}; peak RSS during the call "
+                f"{peak / 2**20:.0f} MiB; request saved as {where}\ngateway log tail:\n{self.gateway.log()[-3000:]}"
             )
         return code
 
-    def send(self, method: str, request: object) -> grpc.StatusCode:
+    def send(self, method: str, request: Message) -> grpc.StatusCode:
         """:meth:`call` with a request message."""
-        return self.call(method, request.SerializeToString())  # type: ignore[attr-defined]
+        return self.call(method, request.SerializeToString())
 
     @contextlib.contextmanager
     def memory_checked(self) -> Iterator[None]:
-        """Asserts, after the block, that the gateway's peak RSS so far stays under the bound; prints it."""
+        """Prints, after the block, the largest per-call peak RSS so far and the calls by code; asserts the bound
+        (each call checks it too: this catches growth between calls, e.g. a cache or a leak)."""
         yield
-        peak = peak_rss_bytes(self.pid)
+        peak = max(self.peak_bytes, peak_rss_bytes(self.pid))
         print(f"gateway peak RSS (VmHWM) {peak / 2**20:.0f} MiB; calls by (method, code): {dict(self.codes)}")
         assert peak < PEAK_RSS_BOUND_BYTES, f"gateway peak RSS {peak / 2**20:.0f} MiB over the bound"
 
 
-def record_failure(method: str, code: grpc.StatusCode, payload: bytes) -> Path:
-    """Keep the smallest request per (method, code) that broke the property, for a regression case."""
+def record_failure(method: str, what: str, payload: bytes) -> Path:
+    """Keep the smallest request per (method, what went wrong: a status code name or MEMORY) that broke the
+    property, for a regression case."""
     FAILURES.mkdir(parents=True, exist_ok=True)
-    path = FAILURES / f"{method}.{code.name}.bin"
+    path = FAILURES / f"{method}.{what}.bin"
     if not path.exists() or len(payload) <= path.stat().st_size:
         path.write_bytes(payload)
     return path

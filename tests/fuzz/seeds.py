@@ -36,6 +36,7 @@ def seed_files() -> dict[str, bytes]:
         "rgb.jpg": _encode("RGB", "JPEG", quality=90),
         "cmyk.jpg": _encode("CMYK", "JPEG"),
         "gray-exif6.jpg": _encode("L", "JPEG", exif=_exif(6)),
+        "stereo.mpo": _encode("RGB", "MPO", save_all=True, append_images=[frame]),
         "palette.png": _encode("P", "PNG"),
         "gray16.png": _encode("I;16", "PNG"),
         "bilevel.png": _encode("1", "PNG"),

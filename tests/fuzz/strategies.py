@@ -33,12 +33,13 @@ DECLARED_SIZES = (0, 1, 2, 255, 256, 257, 8000, 8001, 16383, 16384, 65535, 65536
 MODES: dict[str, tuple[str, ...]] = {
     "PNG": ("1", "L", "LA", "P", "RGB", "RGBA", "I;16"),
     "JPEG": ("L", "RGB", "CMYK"),
+    "MPO": ("RGB",),  # multi-picture JPEG (stereo phone photos)
     "WEBP": ("RGB", "RGBA"),
     "TIFF": ("1", "L", "LA", "P", "RGB", "RGBA", "CMYK", "I;16", "I", "F"),
     "BMP": ("1", "L", "P", "RGB"),
     "GIF": ("L", "P"),  # not an accepted format: INVALID_ARGUMENT
 }
-MULTI_FRAME = frozenset({"PNG", "TIFF", "WEBP", "GIF"})
+MULTI_FRAME = frozenset({"PNG", "TIFF", "WEBP", "GIF", "MPO"})
 EXIF_ORIENTATION = 0x0112
 SHAPES = st.one_of(
     st.tuples(st.integers(1, 40), st.integers(1, 40)),
@@ -65,13 +66,13 @@ def images(draw: st.DrawFn) -> bytes:
     height, width = draw(SHAPES)
     image = _pixels(mode, height, width, draw(st.integers(0, 1000)))
     options: dict[str, object] = {}
-    if fmt in ("PNG", "JPEG", "WEBP", "TIFF") and draw(st.booleans()):
+    if fmt in ("PNG", "JPEG", "MPO", "WEBP", "TIFF") and draw(st.booleans()):
         exif = Image.Exif()
         exif[EXIF_ORIENTATION] = draw(st.sampled_from([1, 2, 3, 4, 5, 6, 7, 8, 0, 9, 65535]))
         options["exif"] = exif.tobytes()
     if fmt in MULTI_FRAME and draw(st.booleans()):
         options.update(save_all=True, append_images=[_pixels(mode, height, width, 7)])
-    if fmt == "JPEG":
+    if fmt in ("JPEG", "MPO"):
         options["quality"] = draw(st.sampled_from([1, 75, 100]))
     buffer = io.BytesIO()
     image.save(buffer, fmt, **options)
@@ -269,15 +270,15 @@ def prompts(draw: st.DrawFn) -> pb.Prompt:
     return prompt
 
 
-def image_reference(draw: st.DrawFn, request: object, image_id: str) -> None:
+def image_reference(draw: st.DrawFn, request: pb.SegmentRequest | pb.GenerateMasksRequest, image_id: str) -> None:
     """Set the request's ``oneof image``: mostly the embedded image's id; sometimes an unknown id, bytes, none."""
     which = draw(st.sampled_from(["id", "id", "id", "unknown", "bytes", "none"]))
     if which == "id":
-        request.image_id = image_id  # type: ignore[attr-defined]
+        request.image_id = image_id
     elif which == "unknown":
-        request.image_id = draw(st.text(max_size=80))  # type: ignore[attr-defined]
+        request.image_id = draw(st.text(max_size=80))
     elif which == "bytes":
-        request.image_bytes = draw(image_bytes())  # type: ignore[attr-defined]
+        request.image_bytes = draw(image_bytes())
 
 
 @st.composite
