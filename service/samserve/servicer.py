@@ -20,7 +20,7 @@ from samserve import amg, convert, metrics, processing, segmentation
 from samserve.api import pb, pb_grpc
 from samserve.embedder import ImageRef
 from samserve.embedding import CropBox, EmbeddedImage
-from samserve.errors import InvalidArgument
+from samserve.errors import InvalidArgument, ResourceExhausted
 from samserve.model_watcher import ModelWatcher
 from samserve.settings import GatewaySettings
 from samserve.triton_models import TritonSam
@@ -46,6 +46,17 @@ class SegmentAnythingServicer(pb_grpc.SegmentAnythingServicer):
             return ImageRef(request.image_id)
         raise InvalidArgument("set image_bytes or image_id", field="image")
 
+    def _check_mask_pixels(self, prompts: Any, original_hw: tuple[int, int], num_mask_tokens: int) -> None:
+        """ResourceExhausted when the answer's masks (each held at the image's full size) exceed
+        ``max_segment_mask_pixels``: a 1 KB JPEG may declare 64 M pixels, times 3 masks times 256 prompts."""
+        tokens = range(num_mask_tokens)
+        masks = sum(len(tokens[processing.select_masks(p.multimask_output, num_mask_tokens)]) for p in prompts)
+        pixels = masks * original_hw[0] * original_hw[1]
+        if pixels > self.settings.max_segment_mask_pixels:
+            raise ResourceExhausted(
+                f"{masks} masks of {original_hw[1]}x{original_hw[0]} pixels are {pixels} mask pixels, over the limit "
+                f"of {self.settings.max_segment_mask_pixels} per request: send fewer prompts per request")
+
     async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
         model = self.watcher.current()
         image = ImageRef.from_bytes(request.image, self.settings.max_image_pixels)
@@ -65,6 +76,7 @@ class SegmentAnythingServicer(pb_grpc.SegmentAnythingServicer):
         timeout = self._timeout(context)
         async with model.embedder.embedded(image, timeout_s=timeout) as (embedded, cached):
             original = embedded.original_size
+            self._check_mask_pixels(request.prompts, original, model.meta.num_mask_tokens)
             prompts = [
                 convert.prompt_from_proto(p, i, original, model.meta, self.settings.max_points_per_prompt)
                 for i, p in enumerate(request.prompts)

@@ -59,6 +59,11 @@ class GatewaySettings(BaseSettings):
     max_image_pixels: int = Field(64_000_000, description="largest image (width*height); larger -> INVALID_ARGUMENT")
     max_prompts: int = Field(256, description="prompts per Segment request")
     max_points_per_prompt: int = Field(64, description="points per prompt")
+    max_segment_mask_pixels: int = Field(
+        1 << 30,
+        description="Segment: masks x image pixels per request (every mask is held at full size, ~1 byte a pixel); "
+        "more -> RESOURCE_EXHAUSTED",
+    )
     max_concurrent_encodes: int = Field(2, description="encoder calls in flight per gateway")
     max_queued_encodes: int = Field(32, description="encodes waiting beyond that; more -> RESOURCE_EXHAUSTED")
     max_generate_points: int = Field(

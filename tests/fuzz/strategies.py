@@ -105,7 +105,7 @@ def _jpeg_size(data: bytes, width: int, height: int) -> bytes:
 
 
 def _tiff_size(data: bytes, width: int, height: int) -> bytes:
-    if data[:4] not in (b"II*\x00", b"MM\x00*"):
+    if data[:4] not in (b"II*\x00", b"MM\x00*") or len(data) < 8:
         return data
     end = "<" if data[:2] == b"II" else ">"
     out = bytearray(data)
