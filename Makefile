@@ -73,6 +73,12 @@ bench: setup
 	$(BIN)/python bench/soak.py
 	$(BIN)/python bench/freshness.py
 
+# Property-based fuzzing (tests/fuzz, hypothesis) of the real gateway for FUZZ_SECONDS; `make test` runs the same
+# tier for 60 s. Failing requests are written to .samserve/fuzz-failures (see tests/fuzz/README.md).
+FUZZ_SECONDS ?= 600
+fuzz: setup
+	SAMSERVE_FUZZ_SECONDS=$(FUZZ_SECONDS) $(BIN)/python -m pytest tests/fuzz -q -s $(PYTEST_ARGS)
+
 # Chaos soak, 10 minutes plus 1-2 of set-up: faults under a fixed-rate load (README "Reliability"); writes
 # bench/results/soak_cpu.json + soak_cpu.png. Idle machine, as root (the memory-limited gateway uses a cgroup).
 soak: setup

@@ -107,6 +107,12 @@ class AmgParams:
         if self.points_per_side is not None and not 1 <= self.points_per_side ** 2 <= max_points_per_layer:
             raise InvalidParameters(
                 f"points_per_side must lie in [1, {math.isqrt(max_points_per_layer)}], got {self.points_per_side}")
+        if self.points_per_side is not None:
+            smallest = self.crop_n_points_downscale_factor ** self.crop_n_layers  # the last layer's divisor
+            if self.points_per_side < smallest:
+                raise InvalidParameters(
+                    f"points_per_side must be >= crop_n_points_downscale_factor ** crop_n_layers = {smallest} "
+                    f"(every crop layer needs a grid of at least 1 x 1 points), got {self.points_per_side}")
         if self.point_grids is not None:
             if len(self.point_grids) != self.crop_n_layers + 1:
                 raise InvalidParameters(f"point_grids needs crop_n_layers + 1 = {self.crop_n_layers + 1} grids, "
@@ -177,26 +183,30 @@ def mask_boxes(masks: np.ndarray) -> np.ndarray:
 
 def box_nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
     """Indices kept by greedy NMS, highest score first (torchvision ``nms`` on float32 XYXY boxes: stable sort,
-    area (x1 - x0) * (y1 - y0), suppress IoU > threshold). ``boxes``: K x 4; ``scores``: K."""
+    area (x1 - x0) * (y1 - y0), suppress IoU > threshold). ``boxes``: K x 4; ``scores``: K.
+
+    Memory is O(K): the IoUs of each kept box with the boxes after it, one row at a time (a K x K matrix is
+    gigabytes for the 3 x 128^2 masks one GenerateMasks call may keep)."""
     if len(boxes) == 0:
         return np.zeros((0,), dtype=np.int64)
     boxes = np.asarray(boxes, dtype=np.float32)
     order = np.argsort(-np.asarray(scores, dtype=np.float32), kind="stable")
     b = boxes[order]
     areas = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    inter_w = np.maximum(np.minimum(b[:, None, 2], b[None, :, 2]) - np.maximum(b[:, None, 0], b[None, :, 0]), 0)
-    inter_h = np.maximum(np.minimum(b[:, None, 3], b[None, :, 3]) - np.maximum(b[:, None, 1], b[None, :, 1]), 0)
-    inter = inter_w * inter_h
-    with np.errstate(invalid="ignore", divide="ignore"):
-        ratio = inter / (areas[:, None] + areas[None, :] - inter)  # float32, as torchvision computes it
-    over = ratio.astype(np.float64) > float(iou_threshold)  # compared in double, as in C++; NaN never suppresses
+    threshold = float(iou_threshold)
     suppressed = np.zeros(len(b), dtype=bool)
     keep = []
     for i in range(len(b)):
         if suppressed[i]:
             continue
         keep.append(i)
-        suppressed[i + 1 :] |= over[i, i + 1 :]
+        rest = b[i + 1 :]
+        inter_w = np.maximum(np.minimum(b[i, 2], rest[:, 2]) - np.maximum(b[i, 0], rest[:, 0]), 0)
+        inter_h = np.maximum(np.minimum(b[i, 3], rest[:, 3]) - np.maximum(b[i, 1], rest[:, 1]), 0)
+        inter = inter_w * inter_h
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ratio = inter / (areas[i] + areas[i + 1 :] - inter)  # float32, as torchvision computes it
+        suppressed[i + 1 :] |= ratio.astype(np.float64) > threshold  # compared in double, as in C++; NaN never
     return order[np.asarray(keep, dtype=np.int64)]
 
 

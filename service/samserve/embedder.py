@@ -152,6 +152,10 @@ class ImageEmbedder:
                 if crop is not None:
                     x0, y0, x1, y1 = crop
                     pixels = pixels[y0:y1, x0:x1]
+                height, width = pixels.shape[:2]
+                if min(processing.resized_size((height, width), self.image_size)) < 1:
+                    raise InvalidArgument(f"a {width}x{height} image is too thin for the model: its short side "
+                                          f"would be 0 pixels at the {self.image_size}-pixel input")
                 prepared = await asyncio.to_thread(processing.prepare_image, pixels, self.image_size)
                 del pixels
                 if not image.keep_pixels:

@@ -5,7 +5,8 @@
   trailing metadata.
 * :class:`ErrorInterceptor`: THE place that maps errors to status codes (:data:`STATUS_CODES`), with rich status
   details: a ``google.rpc.BadRequest`` field violation when a request field is at fault, the request id as
-  ``google.rpc.RequestInfo``. Anything unmapped is INTERNAL with a generic message; the cause is logged.
+  ``google.rpc.RequestInfo``. Anything unmapped is INTERNAL with a generic message; the cause is logged. Requests
+  are parsed inside the interceptors (innermost), so a malformed message is INVALID_ARGUMENT, never gRPC's UNKNOWN.
 * :class:`MetricsInterceptor`: the in-flight gauge, the request counter and the latency histogram, by
   method and final status code (the code :data:`STATUS_CODES` gives the error: the one the client receives).
 * :class:`AuthInterceptor` (when auth is on): the caller's API key or JWT (``authorization: Bearer``) decides
@@ -36,6 +37,7 @@ from typing import Any
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 
 from samserve import metrics, quotas
@@ -133,9 +135,27 @@ def _method_name(details: grpc.HandlerCallDetails) -> str:
     return details.method.rsplit("/", 1)[-1]
 
 
+def _parsing(behavior: Behavior, parse: Callable[[bytes], Any] | None) -> Behavior:
+    """``behavior`` taking the request's bytes: a message that does not parse is InvalidArgument (raised inside the
+    interceptors, so it is mapped, counted and logged like any error; gRPC's own deserialization answers UNKNOWN)."""
+    if parse is None:
+        return behavior
+
+    async def parsed(request: bytes, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            message = parse(request)
+        except DecodeError:
+            raise InvalidArgument("the request is not a valid serialized message of this method") from None
+        return await behavior(message, context)
+
+    return parsed
+
+
 def _wrap_unary(handler: grpc.RpcMethodHandler, wrap: Callable[[Behavior], Behavior]) -> grpc.RpcMethodHandler:
+    """``handler`` with its behavior wrapped; the request reaches the wrappers as bytes and is parsed innermost
+    (each wrapping moves the parse inside the new wrapper)."""
     return grpc.unary_unary_rpc_method_handler(
-        wrap(handler.unary_unary), request_deserializer=handler.request_deserializer,
+        wrap(_parsing(handler.unary_unary, handler.request_deserializer)), request_deserializer=None,
         response_serializer=handler.response_serializer,
     )
 

@@ -53,6 +53,17 @@ class SegmentAnythingServicer(pb_grpc.SegmentAnythingServicer):
             return ImageRef(request.image_id, scope=self._scope())
         raise InvalidArgument("set image_bytes or image_id", field="image")
 
+    def _check_mask_pixels(self, prompts: Any, original_hw: tuple[int, int], num_mask_tokens: int) -> None:
+        """ResourceExhausted when making the answer's full-size masks is more work than ``max_segment_mask_pixels``
+        (a 1 KB JPEG may declare 64 M pixels, times 3 masks times 256 prompts: many minutes of CPU)."""
+        masks = sum(processing.masks_returned(p.multimask_output, num_mask_tokens) for p in prompts)
+        pixels = masks * original_hw[0] * original_hw[1]
+        if pixels > self.settings.max_segment_mask_pixels:
+            raise ResourceExhausted(
+                f"{masks} masks of {original_hw[1]}x{original_hw[0]} pixels are {pixels} mask pixels, over the limit "
+                f"of {self.settings.max_segment_mask_pixels} per request (SAMSERVE_MAX_SEGMENT_MASK_PIXELS): send "
+                "fewer prompts per request, or single-mask prompts", quota="max_segment_mask_pixels")
+
     async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
         model = self.watcher.current()
         image = ImageRef.from_bytes(request.image, self.settings.max_image_pixels, scope=self._scope())
@@ -78,6 +89,7 @@ class SegmentAnythingServicer(pb_grpc.SegmentAnythingServicer):
         timeout = self._timeout(context)
         async with model.embedder.embedded(image, timeout_s=timeout) as (embedded, cached):
             original = embedded.original_size
+            self._check_mask_pixels(request.prompts, original, model.meta.num_mask_tokens)
             prompts = [
                 convert.prompt_from_proto(p, i, original, model.meta, self.settings.max_points_per_prompt)
                 for i, p in enumerate(request.prompts)

@@ -74,6 +74,11 @@ class GatewaySettings(BaseSettings):
         128_000_000, description="image pixels decoded at once per gateway (about 7 bytes each); more wait")
     max_prompts: int = Field(256, description="prompts per Segment request")
     max_points_per_prompt: int = Field(64, description="points per prompt")
+    max_segment_mask_pixels: int = Field(
+        1 << 34,
+        description="Segment: full-size mask pixels per request (masks x image pixels: the post-processing work); "
+        "more -> RESOURCE_EXHAUSTED",
+    )
     max_concurrent_encodes: int = Field(2, description="encoder calls in flight per gateway")
     max_queued_encodes: int = Field(32, description="encodes waiting beyond that; more -> RESOURCE_EXHAUSTED")
     max_generate_points: int = Field(
