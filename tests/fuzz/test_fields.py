@@ -7,36 +7,29 @@ gateway alive, its peak memory bounded."""
 from __future__ import annotations
 
 import collections
+from typing import Any
 
 import grpc
+import pytest
 from hypothesis import given
 
-from samserve.api import pb
 from tests.fuzz.harness import FuzzTarget, fuzz_settings, run_for
 from tests.fuzz.strategies import generate_requests, segment_requests
 
+TARGETS = {"segment_fields": ("Segment", segment_requests), "generate_fields": ("GenerateMasks", generate_requests)}
+"""Budget share name -> (method, strategy of its requests given the embedded image's id)."""
 
-def test_segment_prompt_fields(fuzz_target: FuzzTarget):
+
+@pytest.mark.parametrize("name", list(TARGETS))
+def test_every_numeric_field(fuzz_target: FuzzTarget, name: str):
+    method, requests = TARGETS[name]
     seen: collections.Counter[grpc.StatusCode] = collections.Counter()
 
     @fuzz_settings(batch=25)
-    @given(request=segment_requests(fuzz_target.image_id))
-    def one(request: pb.SegmentRequest) -> None:
-        seen[fuzz_target.send("Segment", request)] += 1
+    @given(request=requests(fuzz_target.image_id))
+    def one(request: Any) -> None:
+        seen[fuzz_target.send(method, request)] += 1
 
     with fuzz_target.memory_checked():
-        run_for("segment_fields", one)
-    assert seen[grpc.StatusCode.OK] and seen[grpc.StatusCode.INVALID_ARGUMENT], seen
-
-
-def test_generate_masks_parameters(fuzz_target: FuzzTarget):
-    seen: collections.Counter[grpc.StatusCode] = collections.Counter()
-
-    @fuzz_settings(batch=25)
-    @given(request=generate_requests(fuzz_target.image_id))
-    def one(request: pb.GenerateMasksRequest) -> None:
-        seen[fuzz_target.send("GenerateMasks", request)] += 1
-
-    with fuzz_target.memory_checked():
-        run_for("generate_fields", one)
+        run_for(name, one)
     assert seen[grpc.StatusCode.OK] and seen[grpc.StatusCode.INVALID_ARGUMENT], seen
