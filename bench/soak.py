@@ -158,7 +158,7 @@ def main() -> None:
     parser.add_argument("--model", choices=sorted(MODELS), default="scenes")
     parser.add_argument("--big-images", type=int, default=4, help="~60-megapixel images sent at once")
     parser.add_argument("--memory-limit-mib", type=int, default=1536,
-                        help="of the memory-limited gateway (measured: one 60-MP image in flight peaks at ~1.1 GiB)")
+                        help="of the memory-limited gateway (measured: its 4 images at once peak at about 1.0 GB)")
     add_output_argument(parser)
     args = parser.parse_args()
     started = time.monotonic()
