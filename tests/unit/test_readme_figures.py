@@ -121,8 +121,28 @@ def amg_rows() -> list[str]:
     return rows
 
 
+def request_memory_rows() -> list[str]:
+    data = results("request_memory_cpu.json")
+    return [f"| `{case['case']}` | {case['request']} | {case['code']} | {case['seconds']:.0f} s | "
+            f"{case['peak_growth_bytes'] / 1e6:.0f} MB | {'yes' if case['target_met'] else 'no'} |"
+            for case in data["cases"]]
+
+
+def soak_rows() -> list[str]:
+    data = results("soak_cpu.json")
+    probe = data["no_retry_probe"]["by_fault"]
+    rows = [f"{sum(phase['requests'] for phase in data['phases'])} calls in {data['duration_s'] / 60:.0f} minutes"]
+    for fault, entry in data["by_fault"].items():
+        failures = ", ".join(f"{code} {n}" for code, n in entry["failures_by_code"].items()) or "0"
+        lost = ", ".join(f"{code} {n}" for code, n in probe[fault]["failures_by_code"].items()) or "0"
+        rows.append(f"| `{fault}` | {entry['runs']} | {entry['requests']} | {failures} | {entry['wrong_answers']} | "
+                    f"{entry['p50_ms']:.0f} / {entry['p99_ms']:.0f} ms | {entry['worst_recovery_s']:.2f} s | {lost} |")
+    return rows
+
+
 @pytest.mark.parametrize(
-    "rows", [models_rows, gateway_rows, throughput_rows, amg_rows, backends_rows, quality_rows, export_rows],
+    "rows", [models_rows, gateway_rows, throughput_rows, amg_rows, backends_rows, quality_rows, export_rows,
+             request_memory_rows, soak_rows],
     ids=lambda f: f.__name__)
 def test_readme_quotes_the_results_files(rows):
     missing = [row for row in rows() if row not in README.replace("\n", " ")]
