@@ -28,12 +28,17 @@ BUILD_BASE = ".setuptools-build"  # not setuptools' default `build/`: that is th
 def generate_stubs(out_root: Path) -> Path:
     """Run grpcio-tools' protoc on the proto: ``<out_root>/samserve/v1/`` gets samserve_pb2(.pyi),
     samserve_pb2_grpc and an ``__init__.py``. Returns that folder."""
+    import google.api.annotations_pb2
+    import grpc_tools
     from grpc_tools import protoc
 
     out_root = Path(out_root)
     package = out_root / PROTO.parent
     package.mkdir(parents=True, exist_ok=True)
-    args = ["protoc", f"-I{PROTO_ROOT}", f"--python_out={out_root}", f"--grpc_python_out={out_root}",
+    # Imports: google/api/*.proto ship with googleapis-common-protos, google/protobuf/*.proto with grpcio-tools.
+    googleapis = Path(google.api.annotations_pb2.__file__).parents[2]
+    well_known = Path(grpc_tools.__file__).parent / "_proto"
+    args = ["protoc", f"-I{PROTO_ROOT}", f"-I{googleapis}", f"-I{well_known}", f"--python_out={out_root}", f"--grpc_python_out={out_root}",
             f"--pyi_out={out_root}", str(PROTO_ROOT / PROTO)]
     if protoc.main(args) != 0:
         raise RuntimeError(f"protoc failed for {PROTO_ROOT / PROTO}")
