@@ -59,6 +59,7 @@ def write_repository(
                 (version / entry.name).write_bytes(entry.read_bytes())
         for exported in sorted(model_dir.glob(model_file + "*")):  # the file and its external data, if any
             _link_or_copy(exported, version / exported.name)
+        metadata.write(version)  # beside the graph: what it is (the gateway gives the decoder to browsers with it)
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)
     return out

@@ -22,4 +22,9 @@ except ModuleNotFoundError as error:
         name=error.name,
     ) from error
 
-__all__ = ["pb", "pb_grpc", "SERVICE_NAME"]
+SERVICE = pb.DESCRIPTOR.services_by_name[SERVICE_NAME.rsplit(".", 1)[1]]
+"""The service's descriptor: its methods, their types and HTTP routes (:mod:`samserve.http_api`)."""
+METHOD_NAMES: tuple[str, ...] = tuple(method.name for method in SERVICE.methods)
+"""Every RPC of the service, in the proto's order."""
+
+__all__ = ["pb", "pb_grpc", "SERVICE", "SERVICE_NAME", "METHOD_NAMES"]

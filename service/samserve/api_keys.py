@@ -40,7 +40,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from samserve.api import SERVICE_NAME, pb
+from samserve.api import METHOD_NAMES
 from samserve.errors import Unauthenticated
 from samserve.quotas import TenantLimits
 from samserve.watched_file import WatchedFile
@@ -48,7 +48,7 @@ from samserve.watched_file import WatchedFile
 LOG = logging.getLogger(__name__)
 
 ALL_METHODS = "*"
-METHODS: frozenset[str] = frozenset(pb.DESCRIPTOR.services_by_name[SERVICE_NAME.rsplit(".", 1)[1]].methods_by_name)
+METHODS: frozenset[str] = frozenset(METHOD_NAMES)
 """The RPC names of ``samserve.v1.SegmentAnything`` a key may be granted (Embed, Segment, GenerateMasks)."""
 _KEY_ID = re.compile(r"sk-[0-9a-f]{12}")
 TENANT_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")

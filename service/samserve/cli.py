@@ -79,6 +79,9 @@ def up(settings: StackSettings) -> int:
     security = _security(settings)
     if security is None:
         return 2
+    decoder_dir = repository / model_spec.DECODER_MODEL / "1"
+    if settings.client_decoder_dir is None and (decoder_dir / model_spec.DECODER_FILE).exists():
+        settings = settings.model_copy(update={"client_decoder_dir": decoder_dir})  # browsers decode with it
     redis = None
     if settings.redis_url is None and redis_binary() is not None:
         try:

@@ -9,6 +9,8 @@ import logging
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
+from samserve.api import METHOD_NAMES
+
 LOG = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -19,6 +21,9 @@ BYTES_BUCKETS = tuple(float(4**k * 1024) for k in range(1, 10))  # 4 KiB .. 256 
 PIXEL_BUCKETS = tuple(float(v) for v in (1e4, 1e5, 3e5, 1e6, 3e6, 1e7, 3e7, 1e8))
 
 RPC_REQUESTS = Counter("samserve_rpc_requests_total", "Gateway RPCs by method and status code", ["method", "code"])
+HTTP_REQUESTS = Counter(
+    "samserve_http_requests_total", "HTTP/JSON API requests by RPC and HTTP status (each is also an RPC above, "
+    "unless the transport refused it first)", ["method", "status"])
 RPC_DURATION = Histogram("samserve_rpc_duration_seconds", "Gateway RPC latency by method and status code",
                          ["method", "code"], buckets=LATENCY_BUCKETS)
 INFLIGHT = Gauge("samserve_inflight_requests", "RPCs being served now", ["method"])
@@ -67,7 +72,7 @@ def _initialize_series() -> None:
     """Export the common series at 0 from the start, so that rate() sees their first increase."""
     for tier, result in (("l1", "hit"), ("l1", "miss"), ("l2", "hit"), ("l2", "miss"), ("l2", "error")):
         CACHE_LOOKUPS.labels(tier, result)
-    for method in ("Embed", "Segment", "GenerateMasks"):
+    for method in METHOD_NAMES:
         RPC_REQUESTS.labels(method, "OK")
         INFLIGHT.labels(method)
 

@@ -17,7 +17,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from samserve import memory, metrics
+from samserve import http_api, memory, metrics
 from samserve.api import SERVICE_NAME, pb_grpc
 from samserve.interceptors import interceptors
 from samserve.model_watcher import ModelWatcher
@@ -54,11 +54,16 @@ class Gateway:
     redis: Any | None
     health_server: grpc.aio.Server | None = None
     """The plaintext health-only server on ``health_port`` (None when not configured)."""
+    http: http_api.HttpServer | None = None
+    """The HTTP/JSON transport on ``http_port`` (None when not configured)."""
 
     async def stop(self, grace_s: float | None) -> None:
         """Health NOT_SERVING, in-flight calls get ``grace_s`` to finish, then every resource is released."""
         await self.watcher.health.enter_graceful_shutdown()
-        await self.server.stop(grace_s)
+        grpc_stopped = asyncio.ensure_future(self.server.stop(grace_s))
+        if self.http is not None:  # its calls are gRPC calls: they drain with the gRPC server, at the same time
+            await self.http.stop()
+        await grpc_stopped
         if self.health_server is not None:
             await self.health_server.stop(None)
         await self.watcher.close()
@@ -97,6 +102,10 @@ async def create_server(
         port = server.add_secure_port(address, security.certificates.credentials())
     else:
         port = server.add_insecure_port(address)
+    socket_dir = internal = None
+    if settings.http_port is not None:  # the HTTP transport calls this server over a private Unix socket
+        socket_dir, internal = http_api.private_socket()
+        server.add_insecure_port(internal)
     if metrics_port is not None:
         metrics.serve_metrics(metrics_port, settings.gateway_host)
     health_server = None
@@ -107,11 +116,17 @@ async def create_server(
         await health_server.start()
     await server.start()
     await watcher.start()
-    LOG.info("gateway listening on %s:%d (%s, auth %s, reflection %s)", settings.gateway_host, port,
-             "plaintext" if security.certificates is None
-             else "mutual TLS" if security.certificates.mutual else "TLS",
+    transport = ("plaintext" if security.certificates is None
+                 else "mutual TLS" if security.certificates.mutual else "TLS")
+    LOG.info("gateway listening on %s:%d (%s, auth %s, reflection %s)", settings.gateway_host, port, transport,
              "on" if security.credentials is not None else "OFF", "on" if settings.reflection else "off")
-    return Gateway(server, port, watcher, triton, redis, health_server)
+    http = None
+    if socket_dir is not None and internal is not None:
+        http = await http_api.start_http(settings, security.certificates, socket_dir, internal)
+        scheme = "http" if security.certificates is None else "https"
+        LOG.info("HTTP/JSON API and web page on %s://%s:%d/ (%s; OpenAPI at /openapi.json)", scheme,
+                 settings.gateway_host, http.port, transport)
+    return Gateway(server, port, watcher, triton, redis, health_server, http)
 
 
 async def serve(settings: GatewaySettings, stop: asyncio.Event, security: Security | None = None) -> None:

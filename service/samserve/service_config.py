@@ -19,7 +19,7 @@ from __future__ import annotations
 import ipaddress
 import json
 
-from samserve.api import SERVICE_NAME
+from samserve.api import METHOD_NAMES, SERVICE_NAME
 
 DEFAULT_ATTEMPTS = 5
 """Attempts per call, the first included (gRPC's own upper bound)."""
@@ -29,7 +29,7 @@ BACKOFF_MULTIPLIER = 2.5
 """With 5 attempts the waits are drawn below 0.25, 0.625, 1.5625 and 2 s: a call rides out up to ~4.4 s of
 unavailability (~2.2 s on average), about a gateway restart or a short Triton restart."""
 RETRYABLE_CODES = ("UNAVAILABLE",)
-IDEMPOTENT_METHODS = ("Embed", "Segment", "GenerateMasks")
+IDEMPOTENT_METHODS = METHOD_NAMES
 """Every RPC of samserve.v1.SegmentAnything: none changes state a retry could apply twice."""
 
 

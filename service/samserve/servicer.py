@@ -16,12 +16,13 @@ from typing import Any
 
 import grpc
 import numpy as np
+from google.api import httpbody_pb2
 
-from samserve import amg, convert, interceptors, metrics, processing, quotas, segmentation
+from samserve import amg, client_decoder, convert, interceptors, metrics, model_spec, processing, quotas, segmentation
 from samserve.api import pb, pb_grpc
 from samserve.embedder import ImageRef
 from samserve.embedding import CropBox, EmbeddedImage
-from samserve.errors import InvalidArgument, ResourceExhausted
+from samserve.errors import InvalidArgument, NotFound, ResourceExhausted
 from samserve.model_watcher import ModelWatcher
 from samserve.settings import CacheScope, GatewaySettings
 from samserve.triton_models import TritonSam
@@ -33,6 +34,7 @@ class SegmentAnythingServicer(pb_grpc.SegmentAnythingServicer):
         self.triton = triton
         self.watcher = watcher
         self.cache_scope = settings.effective_cache_scope
+        self.decoders = client_decoder.DecoderFiles(settings.client_decoder_dir)
 
     def _timeout(self, context: grpc.aio.ServicerContext) -> float:
         """The call's remaining time, bounded by ``triton_timeout_s``: every Triton call of the RPC gets it."""
@@ -152,3 +154,50 @@ class SegmentAnythingServicer(pb_grpc.SegmentAnythingServicer):
             model_id=model.meta.model_id, masks=records, crops=generator.progress.crops,
             points=generator.progress.points,
         )
+
+    async def GetEmbedding(
+        self, request: pb.GetEmbeddingRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetEmbeddingResponse:
+        model = self.watcher.current()
+        image = self._image(request)
+        async with model.embedder.embedded(image, timeout_s=self._timeout(context)) as (embedded, cached):
+            shape, data = client_decoder.embedding_bytes(embedded.embedding)
+            (height, width), (input_height, input_width) = embedded.original_size, embedded.input_size
+        return pb.GetEmbeddingResponse(
+            image_id=image.image_id, width=width, height=height, cached=cached, model_id=model.meta.model_id,
+            weights_sha256=model.meta.weights_sha256, image_size=model.meta.image_size, input_width=input_width,
+            input_height=input_height,
+            embedding=pb.Embedding(layout_version=client_decoder.EMBEDDING_LAYOUT_VERSION,
+                                   dtype=client_decoder.EMBEDDING_DTYPE, shape=shape, data=data),
+        )
+
+    async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        meta = self.watcher.current().meta
+        info = pb.ModelInfo(
+            model_id=meta.model_id, variant=meta.variant, weights_sha256=meta.weights_sha256,
+            image_size=meta.image_size, embedding_shape=meta.embedding_shape,
+            low_res_mask_size=meta.low_res_mask_size, num_mask_tokens=meta.num_mask_tokens,
+            mask_threshold=meta.mask_threshold, embedding_layout_version=client_decoder.EMBEDDING_LAYOUT_VERSION,
+            preprocessing_version=meta.preprocessing_version,
+        )
+        decoder = await asyncio.to_thread(self.decoders.for_model, meta)
+        if decoder is not None:
+            info.decoder.CopyFrom(pb.DecoderInfo(
+                url=f"/v1/models/{meta.weights_sha256}/{model_spec.DECODER_FILE}", sha256=decoder.sha256,
+                size_bytes=len(decoder.data), input_names=model_spec.DECODER_INPUTS,
+                output_names=model_spec.DECODER_OUTPUTS,
+            ))
+        return info
+
+    async def GetDecoder(
+        self, request: pb.GetDecoderRequest, context: grpc.aio.ServicerContext
+    ) -> httpbody_pb2.HttpBody:
+        meta = self.watcher.current().meta
+        if request.weights_sha256 != meta.weights_sha256:
+            raise NotFound(f"weights {request.weights_sha256!r} are not the served model's ({meta.weights_sha256}): "
+                           "call GetModel again")
+        decoder = await asyncio.to_thread(self.decoders.for_model, meta)
+        if decoder is None:
+            raise NotFound("this gateway gives no decoder to clients (SAMSERVE_CLIENT_DECODER_DIR is not set, or "
+                           "does not hold the served model)")
+        return httpbody_pb2.HttpBody(content_type="application/octet-stream", data=decoder.data)

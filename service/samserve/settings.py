@@ -47,7 +47,8 @@ class LogLevel(enum.StrEnum):
 class GatewaySettings(BaseSettings):
     """What a gateway replica needs: where Triton and Redis are, its own ports, limits and cache sizes."""
 
-    model_config = SettingsConfigDict(env_prefix="SAMSERVE_", extra="ignore", use_enum_values=False)
+    model_config = SettingsConfigDict(env_prefix="SAMSERVE_", extra="ignore", use_enum_values=False,
+                                      env_parse_none_str="none")
 
     log_level: LogLevel = Field(LogLevel.INFO, description="DEBUG | INFO | WARNING | ERROR")
 
@@ -62,6 +63,15 @@ class GatewaySettings(BaseSettings):
     health_port: int | None = Field(
         None, description="plaintext gRPC port serving only grpc.health.v1 (Kubernetes' gRPC probes when the API "
         "port has TLS); unset: none")
+    http_port: int | None = Field(
+        8080, description="HTTP/JSON API, web page and /openapi.json (same TLS, auth and limits as gRPC; 0 = pick a "
+        "free one); `none`: no HTTP")
+    http_cors_origins: list[str] = Field(
+        [], description="origins (JSON list, e.g. [\"https://app.example\"]) whose web pages may call the HTTP API "
+        "(CORS); empty: same origin only")
+    client_decoder_dir: Path | None = Field(
+        None, description="exported model folder (metadata.json + decoder.onnx) whose decoder clients may download "
+        "for client-side decoding, while it is the served model; unset: GetModel offers no decoder")
     embedding_transport: TransportName = Field(
         TransportName.SHM, description="shm (Triton on this host) | grpc (embedding inline)"
     )

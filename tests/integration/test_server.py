@@ -63,7 +63,7 @@ def in_process_factory(tiny_triton, event_loop_runner) -> Iterator[Callable[...,
 
     def make(**settings: object) -> InProcess:
         chosen = GatewaySettings(**{"gateway_port": 0, "embedding_transport": "grpc", "health_check_interval_s": 0.05,
-                                    "auth": "off", **settings})
+                                    "auth": "off", "http_port": None, **settings})
 
         async def start() -> tuple[Gateway, grpc.aio.Channel]:
             gateway = await create_server(chosen, TritonSam(tiny_triton.url, chosen.embedding_transport), None)

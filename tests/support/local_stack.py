@@ -48,11 +48,13 @@ class GatewayProcess:
         host, port = triton_url.rsplit(":", 1)
         self.port = free_port()
         self.metrics_port = free_port()
+        self.http_port = free_port()
         self.env = dict(
             os.environ,
             SAMSERVE_WORKDIR=str(workdir),
             SAMSERVE_GATEWAY_PORT=str(self.port),
             SAMSERVE_METRICS_PORT=str(self.metrics_port),
+            SAMSERVE_HTTP_PORT=str(self.http_port),
             SAMSERVE_TRITON_HOST=host,
             SAMSERVE_TRITON_GRPC_PORT=port,
             SAMSERVE_HEALTH_CHECK_INTERVAL_S="0.2",
@@ -70,6 +72,11 @@ class GatewayProcess:
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def http_url(self) -> str:
+        """Base URL of the HTTP/JSON API (plaintext; a TLS gateway serves it over https)."""
+        return f"http://127.0.0.1:{self.http_port}"
 
     @property
     def metrics_url(self) -> str:

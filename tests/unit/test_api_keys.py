@@ -57,7 +57,7 @@ def test_the_file_holds_hashes_never_tokens(tmp_path):
 
 
 def test_the_methods_are_the_services_rpcs():
-    assert api_keys.METHODS == {"Embed", "Segment", "GenerateMasks"}
+    assert api_keys.METHODS == {"Embed", "Segment", "GenerateMasks", "GetEmbedding", "GetModel", "GetDecoder"}
 
 
 def test_a_valid_token_names_its_tenant(ring):
