@@ -18,7 +18,8 @@ const $ = (id) => document.getElementById(id);
 const ui = {
   status: $("status"), file: $("file"), demo: $("demo"), progressBox: $("progress-box"), progress: $("progress"),
   progressText: $("progress-text"), undo: $("undo"), clear: $("clear"), choices: $("choices"),
-  everything: $("everything"), everythingInfo: $("everything-info"), downloadCoco: $("download-coco"),
+  everything: $("everything"), pointsPerSide: $("points-per-side"), predIouThresh: $("pred-iou-thresh"),
+  stabilityThresh: $("stability-thresh"), everythingInfo: $("everything-info"), downloadCoco: $("download-coco"),
   downloadPng: $("download-png"), token: $("token"), stage: $("stage"), placeholder: $("placeholder"),
   imageLayer: $("image-layer"), maskLayer: $("mask-layer"), overlay: $("overlay-layer"),
 };
@@ -29,6 +30,9 @@ const HOVER_COLOR = [255, 196, 0];
 const HOVER_ALPHA = 120;
 const CHOICE_COLORS = [[30, 111, 217], [214, 69, 65], [46, 160, 67]];
 const DRAG_THRESHOLD_PX = 5;
+/** Segment-everything thresholds per model variant (ModelInfo.variant) where the official defaults (0.88 / 0.95)
+ * suit it badly: the shipped scenes model's card (build/checkpoints/MODEL_CARD.md) says about 0.2 / 0.5. */
+const EVERYTHING_THRESHOLDS = { scenes: { predIouThresh: 0.2, stabilityScoreThresh: 0.5 } };
 
 const state = {
   client: new SamClient({ token: sessionStorage.getItem("samserve-token") || null }),
@@ -224,7 +228,8 @@ function drawMasks() {
   if (state.everything) {
     ctx.putImageData(paint(width, height, state.everything.masks.map((m) => [m.mask, m.color, 255])), 0, 0);
   } else if (state.result) {
-    ctx.putImageData(paint(width, height, [[state.result.masks[state.selected], SELECTED_COLOR, 255]]), 0, 0);
+    const color = state.result.masks.length > 1 ? CHOICE_COLORS[state.selected % CHOICE_COLORS.length] : SELECTED_COLOR;
+    ctx.putImageData(paint(width, height, [[state.result.masks[state.selected], color, 255]]), 0, 0);
   } else {
     ctx.clearRect(0, 0, width, height);
   }
@@ -426,6 +431,27 @@ function hslToRgb(h, s, l) {
   return [f(0), f(8), f(4)];
 }
 
+/** GenerateMasks parameters from the form (an empty field: the server's default). */
+function everythingParameters() {
+  const parameters = { maskEncoding: "MASK_ENCODING_RLE" };
+  const fields = [["pointsPerSide", ui.pointsPerSide, parseInt], ["predIouThresh", ui.predIouThresh, parseFloat],
+    ["stabilityScoreThresh", ui.stabilityThresh, parseFloat]];
+  for (const [name, input, parse] of fields) {
+    const value = parse(input.value);
+    if (Number.isFinite(value)) parameters[name] = value;
+  }
+  return parameters;
+}
+
+/** Prefill the thresholds suited to the served model. */
+async function suggestThresholds() {
+  const model = await state.client.model();
+  const suggested = EVERYTHING_THRESHOLDS[model.variant];
+  if (!suggested) return;
+  ui.predIouThresh.value = String(suggested.predIouThresh);
+  ui.stabilityThresh.value = String(suggested.stabilityScoreThresh);
+}
+
 async function segmentEverything() {
   if (!state.embedding) return;
   const generation = state.generation;
@@ -434,7 +460,7 @@ async function segmentEverything() {
   status("Segment everything: the server decodes a grid of points…");
   ui.everything.disabled = true;
   try {
-    const response = await state.client.generateMasks(state.image.imageId, { maskEncoding: "MASK_ENCODING_RLE" });
+    const response = await state.client.generateMasks(state.image.imageId, everythingParameters());
     if (generation !== state.generation) return;
     const records = response.masks ?? [];
     const colors = distinctColors(records.length);
@@ -668,11 +694,13 @@ ui.everything.addEventListener("click", segmentEverything);
 ui.downloadCoco.addEventListener("click", downloadCoco);
 ui.downloadPng.addEventListener("click", downloadPng);
 ui.token.value = state.client.token ?? "";
-ui.token.addEventListener("change", () => {
+function applyToken() {
   state.client.token = ui.token.value.trim() || null;
   if (state.client.token) sessionStorage.setItem("samserve-token", state.client.token);
   else sessionStorage.removeItem("samserve-token");
-});
+}
+ui.token.addEventListener("change", applyToken);
+$("token-form").addEventListener("submit", (event) => { event.preventDefault(); applyToken(); });
 window.addEventListener("resize", fitStage);
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -712,8 +740,11 @@ window.samserveApp = {
   latencies: () => state.latencies.map((l) => l.ms),
   resetLatencies: () => { state.latencies = []; },
   counters: () => ({ ...state.counters }),
+  /** The GenerateMasks parameters "Segment everything" sends (protobuf JSON names). */
+  everythingParameters: () => everythingParameters(),
   load: (blob, name) => loadImage(blob, name),
 };
 
+suggestThresholds().catch(() => undefined); // (an error here, e.g. auth, is reported when an image loads)
 status("Ready: upload or drop an image, or pick the demo scene.");
 setState("idle");

@@ -298,6 +298,7 @@ export class MaskDecoder {
     this.numMaskTokens = model.numMaskTokens;
     this.maskThreshold = model.maskThreshold ?? 0;
     this.imageSize = model.imageSize;
+    this._queue = Promise.resolve();
     this.noMask = new ort.Tensor("float32", new Float32Array(this.lowH * this.lowW), [1, 1, this.lowH, this.lowW]);
   }
 
@@ -342,7 +343,10 @@ export class MaskDecoder {
       mask_input: maskInput,
       has_mask_input: new ort.Tensor("float32", Float32Array.of(prompt.maskInput ? 1 : 0), [1]),
     };
-    const out = await this.session.run(feeds);
+    // One run at a time per session (onnxruntime-web refuses concurrent runs): later calls queue.
+    const run = this._queue.then(() => this.session.run(feeds));
+    this._queue = run.catch(() => undefined);
+    const out = await run;
     const lowRes = out.low_res_masks.data;
     const iou = out.iou_predictions.data;
     const tokens = selectTokens(prompt.multimask ?? true, this.numMaskTokens);
