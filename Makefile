@@ -6,11 +6,12 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.samserve-installed
-# Debian packages: redis-server (the cache's tier 2, and the tests' Redis), prometheus (+ promtool) for the metrics tests.
-DEBIAN_PACKAGES ?= redis-server prometheus
+# Debian packages: redis-server (the cache's tier 2, and the tests' Redis), prometheus (+ promtool) for the metrics tests,
+# chromium for the browser tests (tests/browser) and the browser benchmark.
+DEBIAN_PACKAGES ?= redis-server prometheus chromium
 PYTEST_ARGS ?=
 
-.PHONY: up test test-unit setup system-deps stubs prepare bench bench-status load clean train quality soak fuzz
+.PHONY: up test test-unit setup system-deps stubs web prepare bench bench-status load clean train quality soak fuzz
 
 # A local stack on loopback: auth is off unless a keys file is given, said explicitly (the gateway warns; README
 # "Security"); with SAMSERVE_API_KEYS_FILE (or SAMSERVE_AUTH) set, those apply.
@@ -27,7 +28,16 @@ test: setup lint
 test-unit: setup
 	$(BIN)/python -m pytest tests/unit -q $(PYTEST_ARGS)
 
-setup: system-deps $(STAMP) stubs
+setup: system-deps $(STAMP) stubs web
+
+# The web page the gateway serves at / (web/: samclient.js + the page, bundled with onnxruntime-web by esbuild) into
+# service/samserve/web_static/ (git-ignored): npm ci from the lock file (the npm registry, once), then the bundle.
+WEB_STAMP := web/node_modules/.package-lock.json
+web: $(WEB_STAMP)
+	cd web && npm run --silent build
+
+$(WEB_STAMP): web/package.json web/package-lock.json
+	cd web && npm ci --no-audit --no-fund --ignore-scripts
 
 # The gRPC API stubs: generated from protos/ into service/samserve/v1/ (git-ignored) by setup.py's generate_stubs,
 # the function that also puts them into wheels; with the venv's own grpcio-tools (the dev extra). Never committed.
@@ -71,6 +81,7 @@ bench: setup
 	$(BIN)/python bench/export_cpu.py
 	$(BIN)/python bench/request_memory_cpu.py
 	$(BIN)/python bench/soak.py
+	$(BIN)/python bench/browser_cpu.py
 	$(BIN)/python bench/freshness.py
 
 # Property-based fuzzing (tests/fuzz, hypothesis) of the real gateway for FUZZ_SECONDS; `make test` runs the same

@@ -251,9 +251,9 @@ function bestIndex(scores) {
   return best;
 }
 
-async function decode(prompt) {
+async function decode(prompt, options = {}) {
   const decoder = await state.decoder;
-  const result = await decoder.decode(state.embedding, prompt);
+  const result = await decoder.decode(state.embedding, prompt, options);
   state.counters.decodes++;
   return result;
 }
@@ -382,12 +382,15 @@ async function runHover() {
       const { x, y, eventTime } = state.hover.pending;
       state.hover.pending = null;
       const prompt = currentPrompt({ x, y, label: LABEL.FOREGROUND });
-      const result = await decode(prompt);
+      const decodeStart = performance.now();
+      const result = await decode(prompt, { best: true });
+      const decodeMs = performance.now() - decodeStart;
       if (generation !== state.generation || state.drag || !state.hover.point) continue;
-      drawOverlay(result.masks[bestIndex(result.scores)]);
-      const drawnAt = performance.now();
-      state.latencies.push({ ms: drawnAt - eventTime, x, y });
+      drawOverlay(result.masks[0]);
+      const entry = { ms: performance.now() - eventTime, decodeMs, frameMs: null, x, y };
+      state.latencies.push(entry);
       state.counters.hoverDraws++;
+      requestAnimationFrame(() => { entry.frameMs = performance.now() - eventTime; });
     }
   } catch (error) {
     fail(error);
@@ -598,20 +601,32 @@ ui.overlay.addEventListener("pointerdown", (event) => {
   state.drag = { x0: x, y0: y, x1: x, y1: y, screenX: event.clientX, screenY: event.clientY, moved: false };
 });
 
-ui.overlay.addEventListener("pointermove", (event) => {
-  if (!state.embedding) return;
+// Hover previews listen to pointerrawupdate where the browser has it (Chromium, secure contexts such as localhost):
+// it fires as the input arrives, where pointermove waits for the next animation frame.
+const RAW_POINTER = "onpointerrawupdate" in window;
+
+function hoverEvent(event) {
+  if (!state.embedding || state.drag) return;
   const { x, y } = imagePoint(event);
   state.cursor = null;
-  if (state.drag) {
-    state.drag.x1 = x;
-    state.drag.y1 = y;
-    const distance = Math.hypot(event.clientX - state.drag.screenX, event.clientY - state.drag.screenY);
-    state.drag.moved ||= distance > DRAG_THRESHOLD_PX;
-    if (state.drag.moved) drawOverlay();
-    return;
-  }
   state.hover.point = { x, y };
   hover(x, y, event.timeStamp);
+}
+
+if (RAW_POINTER) ui.overlay.addEventListener("pointerrawupdate", hoverEvent);
+
+ui.overlay.addEventListener("pointermove", (event) => {
+  if (!state.embedding) return;
+  if (!state.drag) {
+    if (!RAW_POINTER) hoverEvent(event);
+    return;
+  }
+  const { x, y } = imagePoint(event);
+  state.drag.x1 = x;
+  state.drag.y1 = y;
+  const distance = Math.hypot(event.clientX - state.drag.screenX, event.clientY - state.drag.screenY);
+  state.drag.moved ||= distance > DRAG_THRESHOLD_PX;
+  if (state.drag.moved) drawOverlay();
 });
 
 ui.overlay.addEventListener("pointerup", (event) => {
@@ -738,6 +753,9 @@ window.samserveApp = {
   },
   /** Hover-to-mask latencies (ms from the pointer event to the preview drawn). */
   latencies: () => state.latencies.map((l) => l.ms),
+  /** Per drawn preview: ms (pointer event to the mask drawn into the canvas), decodeMs (decoder run + upscaling),
+   * frameMs (pointer event to the next animation frame after the draw; null until it ran), x, y. */
+  latencyLog: () => state.latencies.map((l) => ({ ...l })),
   resetLatencies: () => { state.latencies = []; },
   counters: () => ({ ...state.counters }),
   /** The GenerateMasks parameters "Segment everything" sends (protobuf JSON names). */

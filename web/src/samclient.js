@@ -322,8 +322,9 @@ export class MaskDecoder {
    *
    * @param {ImageEmbedding} embedding from {@link SamClient#embedding}.
    * @param {Prompt} prompt
-   * @param {{width?: number, height?: number, masks?: boolean}} [options] output size (default: the image's);
-   *     masks=false returns only scores and low-res logits (no upscaling).
+   * @param {{width?: number, height?: number, masks?: boolean, best?: boolean}} [options] output size (default:
+   *     the image's); masks=false returns only scores and low-res logits (no upscaling); best=true only the
+   *     mask with the highest predicted IoU among the prompt's tokens (what a hover preview shows).
    * @returns {Promise<{masks: Uint8Array[], logits: Float32Array[], scores: number[], tokens: number[],
    *     lowResLogits: Float32Array[], width: number, height: number}>} one entry per returned mask token.
    */
@@ -349,7 +350,8 @@ export class MaskDecoder {
     const out = await run;
     const lowRes = out.low_res_masks.data;
     const iou = out.iou_predictions.data;
-    const tokens = selectTokens(prompt.multimask ?? true, this.numMaskTokens);
+    let tokens = selectTokens(prompt.multimask ?? true, this.numMaskTokens);
+    if (options.best) tokens = [tokens.reduce((best, t) => (iou[t] > iou[best] ? t : best))];
     const width = options.width ?? embedding.width;
     const height = options.height ?? embedding.height;
     const geometry = {
