@@ -16,6 +16,7 @@ Target on this CPU: hover-to-mask p50 <= 30 ms.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 from pathlib import Path
@@ -25,6 +26,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the repository r
 
 import numpy as np  # noqa: E402
 from common import REPO_ROOT, WORK, add_output_argument, environment, print_table, write_results  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from samserve import model_spec  # noqa: E402
 from samserve_build import export, scenes  # noqa: E402
@@ -89,6 +91,11 @@ def measure_hovers(page, positions: list[tuple[float, float]], warmup: int) -> l
     return list(page.evaluate("window.samserveApp.latencyLog()"))
 
 
+def save_screenshot(page, path: Path) -> None:
+    """The page as a 256-colour PNG (a README picture; a fraction of the true-colour file's size)."""
+    Image.open(io.BytesIO(page.screenshot())).convert("RGB").quantize(256).save(path, optimize=True)
+
+
 def screenshots(page) -> list[str]:
     """docs/web-page.png (one click: the mask and its three choices) and docs/web-everything.png."""
     scene = scenes.generate_scene(scenes.EVAL_SEED_OFFSET + DEMO_SCENE_INDEX, size=DEMO_SCENE_SIZE)
@@ -98,11 +105,11 @@ def screenshots(page) -> list[str]:
     page.mouse.move(5, 5)  # off the image: no hover preview in the picture
     DOCS.mkdir(exist_ok=True)
     written = [DOCS / "web-page.png", DOCS / "web-everything.png"]
-    page.screenshot(path=str(written[0]))
+    save_screenshot(page, written[0])
     page.click("#everything")
     wait_state(page, "everything-ready", timeout_ms=600_000)
     page.mouse.move(5, 5)
-    page.screenshot(path=str(written[1]))
+    save_screenshot(page, written[1])
     return [p.relative_to(REPO_ROOT).as_posix() for p in written]
 
 

@@ -666,7 +666,7 @@ document.addEventListener("keydown", (event) => {
   if ((event.ctrlKey || event.metaKey) && key.toLowerCase() === "z") action = undo;
   else if (event.ctrlKey || event.metaKey || event.altKey) return;
   if (!action || !state.embedding) return;
-  if (key.startsWith("Arrow") && document.activeElement !== ui.stage) return;
+  if ((key.startsWith("Arrow") || key === "Enter") && document.activeElement !== ui.stage) return; // (buttons' own keys)
   event.preventDefault();
   action();
 });
