@@ -92,8 +92,8 @@ def measure_hovers(page, positions: list[tuple[float, float]], warmup: int) -> l
 
 
 def save_screenshot(page, path: Path) -> None:
-    """The page as a 256-colour PNG (a README picture; a fraction of the true-colour file's size)."""
-    Image.open(io.BytesIO(page.screenshot())).convert("RGB").quantize(256).save(path, optimize=True)
+    """The page as an RGB PNG (true colour: a palette loses the small colour swatches of the mask choices)."""
+    Image.open(io.BytesIO(page.screenshot())).convert("RGB").save(path, optimize=True)
 
 
 def screenshots(page) -> list[str]:
