@@ -140,9 +140,15 @@ def soak_rows() -> list[str]:
     return rows
 
 
+def browser_rows() -> list[str]:
+    r = results("browser_cpu.json")["results"]
+    return [f"p50 {r['hover_to_drawn']['p50_ms']:.1f} ms, p90 {r['hover_to_drawn']['p90_ms']:.1f} ms from the pointer "
+            f"event to the mask drawn, {r['decode_and_upscale']['p50_ms']:.1f} ms of it the decoder run and upscaling"]
+
+
 @pytest.mark.parametrize(
     "rows", [models_rows, gateway_rows, throughput_rows, amg_rows, backends_rows, quality_rows, export_rows,
-             request_memory_rows, soak_rows],
+             request_memory_rows, soak_rows, browser_rows],
     ids=lambda f: f.__name__)
 def test_readme_quotes_the_results_files(rows):
     missing = [row for row in rows() if row not in README.replace("\n", " ")]
