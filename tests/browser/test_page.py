@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from samserve import api_keys
 from samserve.api import pb, pb_grpc
 from samserve_build import scenes
 from tests.support.browser import (
@@ -101,6 +102,10 @@ def test_the_page_loads_everything_from_the_gateway(browser, web_gateway: Gatewa
     assert page.title().startswith("samserve")
     page.click("#demo")
     wait_state(page, "ready")
+    history = page.evaluate("window.samserveApp.history()")
+    assert history["states"] == ["idle", "embedding", "ready"]
+    assert [stage.split()[0] for stage in history["progress"]] == ["Uploading", "Embedding", "Downloading", "Loading"]
+    assert page.locator("#progress-box").is_hidden()
     assert all(url.startswith(web_gateway.http_url) for url in requests), requests
     wasm = page.request.get(web_gateway.http_url + "/ort-wasm-simd-threaded.wasm")
     assert wasm.ok and wasm.headers["content-type"] == "application/wasm"
@@ -234,8 +239,17 @@ def test_box_choices_and_keyboard(page, stub, object_points) -> None:
 
 
 def test_hover_previews_the_mask(page, object_points) -> None:
-    """Hovering decodes in the browser and draws a preview; its latency is logged."""
-    upload(page)
+    """An image dropped on the page is embedded; hovering decodes in the browser and draws a preview; its latency
+    is logged."""
+    page.evaluate("""async () => {
+        const blob = await (await fetch('demo.png')).blob();
+        const transfer = new DataTransfer();
+        transfer.items.add(new File([blob], 'dropped.png', {type: 'image/png'}));
+        document.getElementById('stage').dispatchEvent(
+            new DragEvent('drop', {dataTransfer: transfer, bubbles: true, cancelable: true}));
+    }""")
+    wait_state(page, "ready")
+    assert "dropped.png" in page.text_content("#status")
     x, y = object_points[0]
     page.mouse.move(*screen_point(page, x, y))
     page.wait_for_function("window.samserveApp.counters().hoverDraws >= 1")
@@ -314,3 +328,26 @@ def test_clicked_mask_downloads(page, stub, object_points, tmp_path: Path) -> No
         page.click("#download-png")
     png = np.asarray(Image.open(Path(download_info.value.path())).convert("L"))
     assert np.array_equal(png > 127, mask)
+
+
+def test_a_bearer_token_from_the_page(browser, browser_triton, tmp_path: Path, object_points) -> None:
+    """With auth on, the page is refused (401, said on the page) until its token is given; then it works."""
+    keys = tmp_path / "keys.json"
+    _, token = api_keys.add_key(keys, "browser")
+    with GatewayProcess(browser_triton.url, None, tmp_path, auth="api-keys", api_keys_file=keys,
+                        client_decoder_dir=browser_triton.model.directory) as gateway:
+        context = browser.new_context()
+        page = context.new_page()
+        page.goto(gateway.http_url + "/")
+        wait_state(page, "idle")
+        page.click("#demo")
+        page.wait_for_function("document.body.dataset.state === 'error'")
+        assert "401" in page.text_content("#status")
+        page.click("details summary")
+        page.fill("#token", token)
+        page.press("#token", "Enter")
+        page.click("#demo")
+        wait_state(page, "ready")
+        click_image(page, *object_points[0])
+        assert drawn_mask(page).any()
+        context.close()

@@ -51,12 +51,17 @@ const state = {
   latencies: [],          // hover-to-mask milliseconds, per drawn preview
   counters: { decodes: 0, hoverDraws: 0, commits: 0 },
   generation: 0,          // bumped per image, so late answers for an earlier image are dropped
+  stateLog: [],           // every page state, in order (tests)
+  progressLog: [],        // every progress stage shown, in order (tests)
 };
 
 // ---------------------------------------------------------------------------------------------------------------
 // Status and progress.
 
-function setState(name) { document.body.dataset.state = name; }
+function setState(name) {
+  document.body.dataset.state = name;
+  state.stateLog.push(name);
+}
 
 function status(text) { ui.status.textContent = text; }
 
@@ -72,6 +77,7 @@ function progress(stage, started) {
   }
   ui.progressBox.hidden = false;
   ui.progress.value = stage;
+  state.progressLog.push(STAGES[stage]);
   const tick = () => {
     ui.progressText.textContent = `${STAGES[stage]}… ${((performance.now() - started) / 1000).toFixed(1)} s`;
   };
@@ -713,6 +719,7 @@ function applyToken() {
   state.client.token = ui.token.value.trim() || null;
   if (state.client.token) sessionStorage.setItem("samserve-token", state.client.token);
   else sessionStorage.removeItem("samserve-token");
+  suggestThresholds().catch(() => undefined);
 }
 ui.token.addEventListener("change", applyToken);
 $("token-form").addEventListener("submit", (event) => { event.preventDefault(); applyToken(); });
@@ -758,6 +765,8 @@ window.samserveApp = {
   latencyLog: () => state.latencies.map((l) => ({ ...l })),
   resetLatencies: () => { state.latencies = []; },
   counters: () => ({ ...state.counters }),
+  /** Every page state (body[data-state]) and every progress stage shown so far, in order. */
+  history: () => ({ states: [...state.stateLog], progress: [...state.progressLog] }),
   /** The GenerateMasks parameters "Segment everything" sends (protobuf JSON names). */
   everythingParameters: () => everythingParameters(),
   load: (blob, name) => loadImage(blob, name),
