@@ -13,11 +13,13 @@ import contextlib
 import json
 import os
 import shutil
+import ssl
 import subprocess
 import sys
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -266,6 +268,17 @@ def test_mutual_tls_and_a_key_end_to_end(gateway_factory, tiny_triton, pki, keys
         embedded = typed.embed(image)
         (answer,) = typed.segment(embedded.image_id, [PromptSpec(points=[(20, 20)], labels=[1])])
     assert answer.masks.shape[0] == 3
+    # HTTP on the same terms: mutual TLS with the same certificates, the same key.
+    url = f"https://localhost:{gateway.http_port}/v1/images/{embedded.image_id}/embedding"
+    bearer = {"authorization": f"Bearer {tokens['full']}"}
+    with_certificate = ssl.create_default_context(cafile=pki["server_ca"].cert)
+    with_certificate.load_cert_chain(pki["client"].cert, pki["client"].key)
+    with httpx.Client(verify=with_certificate) as https:
+        assert https.get(url, headers=bearer).json()["imageId"] == embedded.image_id
+        assert https.get(url).status_code == 401
+    without_certificate = ssl.create_default_context(cafile=pki["server_ca"].cert)
+    with httpx.Client(verify=without_certificate) as https, pytest.raises(httpx.TransportError):
+        https.get(url, headers=bearer)
 
     image_file, token_file = tmp_path / "image.png", tmp_path / "token"
     image_file.write_bytes(image)
@@ -373,6 +386,13 @@ def test_quotas_refuse_with_a_retry_after_per_tenant(gateway_factory, tiny_trito
     assert sample(samples, "samserve_tenant_usage_total", tenant="free", limit="encodes") == 3
     assert sample(samples, "samserve_tenant_requests_total", tenant="metered", method="Segment",
                   code="RESOURCE_EXHAUSTED") == 2
+    # The HTTP twin: the same bucket refuses with 429, Retry-After (whole seconds) and the same QuotaFailure.
+    refused = httpx.get(f"{gateway.http_url}/v1/model", headers={"authorization": f"Bearer {tokens['metered']}"})
+    assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 999  # a request per 1000 s
+    body = refused.json()
+    assert body["code"] == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0] and "requests_per_s" in body["message"]
+    (failure,) = (d for d in body["details"] if d["@type"] == "type.googleapis.com/google.rpc.QuotaFailure")
+    assert failure["violations"][0]["subject"] == "tenant:metered/requests"
 
 
 @pytest.mark.parametrize("scope", ["tenant", "shared"])
