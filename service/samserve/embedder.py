@@ -153,7 +153,7 @@ class ImageEmbedder:
     cache: EmbeddingCache
     limiter: EncodeLimiter
     decode_budget: DecodeBudget
-    images: ImageStore
+    image_store: ImageStore
     """The encoded bytes behind the ids, shared by every model of the gateway."""
 
     @contextlib.asynccontextmanager
@@ -166,7 +166,7 @@ class ImageEmbedder:
         key = image.cache_id(crop)
 
         async def compute() -> Embedding:
-            await image.load(self.images)
+            await image.load(self.image_store)
             quotas.charge(quotas.Limit.ENCODES)
             async with self.decode_budget.held(image.pixel_count()):
                 pixels = await image.pixels()
@@ -188,7 +188,7 @@ class ImageEmbedder:
         try:
             async with self.cache.lease(key, compute) as (embedded, cached):
                 if crop is None and image.has_bytes:
-                    await self.images.remember(image.cache_id(), image.data, fresh=not cached)
+                    await self.image_store.remember(image.cache_id(), image.data, fresh=not cached)
                 yield embedded, cached
         except Missing:
             what = "image_id" if crop is None else f"crop {crop} of image_id"
