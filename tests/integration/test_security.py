@@ -419,8 +419,15 @@ def test_cache_scope_decides_whether_tenants_see_each_others_images(gateway_fact
     assert not embedded.cached
     assert stub(second, "a").Embed(pb.EmbedRequest(image=image), timeout=60).cached  # same tenant, via Redis
     by_id = pb.SegmentRequest(image_id=embedded.image_id, prompts=[click])
+    with_crops = pb.GenerateMasksRequest(image_id=embedded.image_id, points_per_side=2, crop_n_layers=1)
+    assert stub(second, "a").GenerateMasks(with_crops, timeout=60).crops == 5  # crops from the bytes A sent
     if scope == "tenant":
+        with redis_server.client() as store:  # A's bytes are kept in A's scope only
+            assert store.exists(f"samserve:img:tenant=a/{embedded.image_id}")
+            assert not store.exists(f"samserve:img:tenant=b/{embedded.image_id}")
         assert _code(lambda: stub(second, "b").Segment(by_id, timeout=60)).code() == grpc.StatusCode.NOT_FOUND
+        assert _code(lambda: stub(second, "b").GenerateMasks(with_crops, timeout=60)).code() == \
+            grpc.StatusCode.NOT_FOUND
         assert not stub(second, "b").Embed(pb.EmbedRequest(image=image), timeout=60).cached  # its own encode
     else:
         assert stub(second, "b").Segment(by_id, timeout=60).cached
