@@ -186,7 +186,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
 def _parse_json(text: bytes | str, target: message.Message) -> None:
     try:
         json_format.Parse(text, target)
-    except json_format.ParseError as error:
+    except (json_format.ParseError, UnicodeDecodeError) as error:
         raise HttpError(grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid {target.DESCRIPTOR.name} in "
                         f"JSON: {error}") from None
 
@@ -224,7 +224,7 @@ async def build_request(route: HttpRoute, request: Request, body_limit: int) -> 
         except (ValueError, KeyError):
             raise HttpError(grpc.StatusCode.INVALID_ARGUMENT, f"query parameter {name}={value!r} is not a valid "
                             f"{field.name}") from None
-        if field.label == descriptor.FieldDescriptor.LABEL_REPEATED:
+        if field.is_repeated:
             query.setdefault(field.name, []).append(parsed)
         else:
             query[field.name] = parsed

@@ -73,7 +73,7 @@ class _Schemas:
             value = {"type": "string", "enum": [v.name for v in field.enum_type.values]}
         else:
             value = dict(SCALARS[field.type])
-        if field.label == F.LABEL_REPEATED:
+        if field.is_repeated:
             return {"type": "array", "items": value}
         return value
 
