@@ -18,9 +18,11 @@ if TYPE_CHECKING:
     from samserve.http_api import HttpRoute
 
 F = descriptor.FieldDescriptor
+NON_FINITE = {"type": "string", "enum": ["NaN", "Infinity", "-Infinity"]}
+"""How protobuf's JSON mapping writes a float that is not finite (a stability score of an empty mask is NaN)."""
 SCALARS: dict[int, dict[str, Any]] = {
-    F.TYPE_DOUBLE: {"type": "number", "format": "double"},
-    F.TYPE_FLOAT: {"type": "number", "format": "float"},
+    F.TYPE_DOUBLE: {"oneOf": [{"type": "number", "format": "double"}, NON_FINITE]},
+    F.TYPE_FLOAT: {"oneOf": [{"type": "number", "format": "float"}, NON_FINITE]},
     F.TYPE_INT32: {"type": "integer", "format": "int32"},
     F.TYPE_SINT32: {"type": "integer", "format": "int32"},
     F.TYPE_SFIXED32: {"type": "integer", "format": "int32"},

@@ -56,7 +56,7 @@ def test_the_openapi_document_is_complete_and_every_reference_resolves():
         assert declared == set(route.path_fields)
         assert ("requestBody" in operation) == bool(route.body)
     point = schemas["samserve.v1.Point"]["properties"]
-    assert point["label"]["enum"][0] == "POINT_LABEL_UNSPECIFIED" and point["x"]["type"] == "number"
+    assert point["label"]["enum"][0] == "POINT_LABEL_UNSPECIFIED" and point["x"]["oneOf"][0]["type"] == "number"
     assert schemas["samserve.v1.Mask"]["properties"]["area"] == {"type": "string", "format": "uint64"}
     assert "multipart/form-data" in document["paths"]["/v1/images:embed"]["post"]["requestBody"]["content"]
 
