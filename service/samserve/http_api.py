@@ -29,7 +29,6 @@ import json
 import math
 import shutil
 import socket
-import ssl
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -439,12 +438,13 @@ async def start_http(settings: GatewaySettings, certificates: ServerCertificates
     ])
     app = create_app(channel, settings.max_request_bytes, tuple(settings.http_cors_origins))
     tls: dict[str, Any] = {}
-    if certificates is not None:
+    if certificates is not None:  # uvicorn's own context is replaced below by one that follows rotations
         tls = {"ssl_certfile": str(certificates.cert_file), "ssl_keyfile": str(certificates.key_file)}
-        if certificates.client_ca_file is not None:
-            tls |= {"ssl_ca_certs": str(certificates.client_ca_file), "ssl_cert_reqs": ssl.CERT_REQUIRED}
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", server_header=False,
                             timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s), **tls)
+    config.load()
+    if certificates is not None:
+        config.ssl = certificates.ssl_context()
     listener = socket.create_server((settings.gateway_host, settings.http_port), reuse_port=False)
     server = _EmbeddedUvicorn(config)
     task = asyncio.create_task(server.serve(sockets=[listener]), name="http")

@@ -129,6 +129,7 @@ def test_rotated_certificate_reaches_new_connections_without_a_restart(gateway_f
     client = ClientSettings(ca_file=pki["server_ca"].cert)
     gateway = gateway_factory(nowhere, None, wait_serving=False, client=client, **files)
     assert presented_certificate("127.0.0.1", gateway.port) == pki["server"].der()
+    assert presented_certificate("127.0.0.1", gateway.http_port) == pki["server"].der()  # the HTTP port too
     with gateway.channel() as kept:
         assert _health(kept) == "NOT_SERVING"
         # Rotate as a Secret update does: each file replaced whole (in between, key and certificate disagree:
@@ -140,10 +141,13 @@ def test_rotated_certificate_reaches_new_connections_without_a_restart(gateway_f
             os.replace(staged, target)
         wait_until(lambda: presented_certificate("127.0.0.1", gateway.port) == pki["server2"].der(), bool,
                    "the rotated certificate on a new connection", timeout_s=30)
+        wait_until(lambda: presented_certificate("127.0.0.1", gateway.http_port) == pki["server2"].der(), bool,
+                   "the rotated certificate on a new HTTPS connection", timeout_s=30)
         assert _health(kept) == "NOT_SERVING"  # the connection opened before still works
     assert gateway.health() == "NOT_SERVING"  # a new verified channel: the new certificate chains to the CA
     assert gateway.process is not None and gateway.process.poll() is None  # the same process all along
     assert "TLS certificate files re-read" in gateway.log()
+    assert "TLS certificate files re-read for the HTTP port" in gateway.log()
 
 
 @pytest.fixture
