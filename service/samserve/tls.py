@@ -121,20 +121,21 @@ class ServerCertificates:
         handshake (its ClientHello callback) one ``stat`` per file; when they changed and load, new connections
         switch to a context of the new files; when they do not load, the last good one stays (logged once)."""
         initial = self._ssl_context()
-        current = {"signature": self._stat(), "context": initial}
+        signature, current = self._stat(), initial
 
         def on_client_hello(connection: ssl.SSLObject, server_name: str | None, context: ssl.SSLContext) -> None:
+            nonlocal signature, current
             try:
-                signature = self._stat()
-                if signature != current["signature"]:
-                    current["signature"] = signature  # tried once per change, good or bad
-                    current["context"] = self._ssl_context()
+                now = self._stat()
+                if now != signature:
+                    signature = now  # tried once per change, good or bad
+                    current = self._ssl_context()
                     LOG.info("TLS certificate files re-read for the HTTP port")
             except (OSError, ssl.SSLError, TlsConfigError) as error:
                 LOG.error("TLS files changed but cannot be used on the HTTP port (keeping the certificate loaded "
                           "before): %s", error)
-            if connection.context is not current["context"]:
-                connection.context = current["context"]
+            if connection.context is not current:
+                connection.context = current
 
         initial.sni_callback = on_client_hello
         return initial
