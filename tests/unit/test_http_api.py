@@ -59,6 +59,9 @@ def test_the_openapi_document_is_complete_and_every_reference_resolves():
     assert point["label"]["enum"][0] == "POINT_LABEL_UNSPECIFIED" and point["x"]["oneOf"][0]["type"] == "number"
     assert schemas["samserve.v1.Mask"]["properties"]["area"] == {"type": "string", "format": "uint64"}
     assert "multipart/form-data" in document["paths"]["/v1/images:embed"]["post"]["requestBody"]["content"]
+    # Descriptions are the proto's comments (the descriptor set the build writes beside the stubs).
+    assert "decoded as one batch" in document["paths"]["/v1/images:segment"]["post"]["description"]
+    assert "255 = mask" in schemas["samserve.v1.Mask"]["properties"]["png"]["description"]
 
 
 def _route(method: str, verb: str, path_fields: tuple[str, ...] = ()) -> HttpRoute:
