@@ -57,7 +57,8 @@ def test_the_openapi_document_is_complete_and_every_reference_resolves():
         assert ("requestBody" in operation) == bool(route.body)
     point = schemas["samserve.v1.Point"]["properties"]
     assert point["label"]["enum"][0] == "POINT_LABEL_UNSPECIFIED" and point["x"]["oneOf"][0]["type"] == "number"
-    assert schemas["samserve.v1.Mask"]["properties"]["area"] == {"type": "string", "format": "uint64"}
+    assert schemas["samserve.v1.Mask"]["properties"]["area"] == {"type": "string", "format": "uint64",
+                                                            "description": "mask pixels"}
     assert "multipart/form-data" in document["paths"]["/v1/images:embed"]["post"]["requestBody"]["content"]
     # Descriptions are the proto's comments (the descriptor set the build writes beside the stubs).
     assert "decoded as one batch" in document["paths"]["/v1/images:segment"]["post"]["description"]
