@@ -3,7 +3,8 @@
 All metadata lives in pyproject.toml; this file only adds the stub generation (grpcio-tools, a build requirement):
 
 - ``pip wheel .`` / ``pip install .``: ``build_py`` generates ``samserve/v1/`` (``__init__.py``, ``samserve_pb2.py``,
-  ``samserve_pb2.pyi``, ``samserve_pb2_grpc.py``) into the build folder, and the wheel ships them;
+  ``samserve_pb2.pyi``, ``samserve_pb2_grpc.py``, and ``samserve.binpb``: the descriptor set with the proto's
+  comments) into the build folder, and the wheel ships them;
 - ``pip install -e .``: ``build_py`` generates them into ``service/samserve/v1/`` (git-ignored);
 - ``python setup.py stubs`` (what ``make stubs`` runs in an editable checkout): the same, with the checkout's
   own grpcio-tools (the ``dev`` extra), without setuptools.
@@ -21,6 +22,7 @@ ROOT = Path(__file__).resolve().parent
 PROTO_ROOT = ROOT / "protos"
 PROTO = Path("samserve") / "v1" / "samserve.proto"
 STUBS_PACKAGE = "samserve.v1"
+DESCRIPTOR_SET = "samserve.binpb"
 SOURCE_ROOT = ROOT / "service"  # where `samserve` lives in the checkout (pyproject's package-dir)
 BUILD_BASE = ".setuptools-build"  # not setuptools' default `build/`: that is the project's own folder
 
@@ -38,8 +40,10 @@ def generate_stubs(out_root: Path) -> Path:
     # Imports: google/api/*.proto ship with googleapis-common-protos, google/protobuf/*.proto with grpcio-tools.
     googleapis = Path(google.api.annotations_pb2.__file__).parents[2]
     well_known = Path(grpc_tools.__file__).parent / "_proto"
-    args = ["protoc", f"-I{PROTO_ROOT}", f"-I{googleapis}", f"-I{well_known}", f"--python_out={out_root}", f"--grpc_python_out={out_root}",
-            f"--pyi_out={out_root}", str(PROTO_ROOT / PROTO)]
+    # The descriptor set with the proto's comments: the OpenAPI document's descriptions (samserve.openapi).
+    args = ["protoc", f"-I{PROTO_ROOT}", f"-I{googleapis}", f"-I{well_known}", f"--python_out={out_root}",
+            f"--grpc_python_out={out_root}", f"--pyi_out={out_root}",
+            f"--descriptor_set_out={package / DESCRIPTOR_SET}", "--include_source_info", str(PROTO_ROOT / PROTO)]
     if protoc.main(args) != 0:
         raise RuntimeError(f"protoc failed for {PROTO_ROOT / PROTO}")
     init = package / "__init__.py"

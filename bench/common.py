@@ -244,11 +244,13 @@ class ServedEmbeddings:
     def __init__(self, runner: asyncio.Runner, triton) -> None:
         from samserve.cache import EmbeddingCache
         from samserve.embedder import DecodeBudget, EncodeLimiter, ImageEmbedder
+        from samserve.image_store import ImageStore
 
         self.runner = runner
         meta = triton.served.meta
         cache = EmbeddingCache(triton, meta.cache_namespace, l1_bytes=1 << 30)
-        self.embedder = ImageEmbedder(triton, meta.image_size, cache, EncodeLimiter(1, 64), DecodeBudget(10**9))
+        self.embedder = ImageEmbedder(triton, meta.image_size, cache, EncodeLimiter(1, 64), DecodeBudget(10**9),
+                                      ImageStore(l1_bytes=0, max_bytes=1 << 31))
         self.held = contextlib.AsyncExitStack()
 
     def get(self, image: np.ndarray):

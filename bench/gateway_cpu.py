@@ -3,7 +3,8 @@
 * cold: Embed RPC of new bytes (same pixels, a different PNG text chunk each time, so nothing is cached; all PNGs
   encoded before the timed section, so only the RPC is timed) vs ``SamPredictor.set_image``;
 * hot: Segment RPC by image_id (1 point, multimask, COCO RLE) vs ``SamPredictor.predict`` (incl. its mask
-  postprocessing), and the bare Triton decoder call (shared-memory embedding) that the gateway wraps.
+  postprocessing), and the bare Triton decoder call (shared-memory embedding) that the gateway wraps; the same
+  Segment over HTTP/JSON (a kept-alive connection), for what the HTTP transport adds.
 
 The calls compared are timed interleaved (cold: set_image and Embed; hot: predict, Segment and the bare decoder):
 round robin, the order rotated each round, the same warm-up rounds for each, so that a slow phase of the shared
@@ -23,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the repository root: tests.support
 
+import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 from common import (  # noqa: E402
     WORK,
@@ -37,6 +39,7 @@ from common import (  # noqa: E402
     triton_client,
     write_results,
 )
+from google.protobuf import json_format  # noqa: E402
 from PIL import Image, PngImagePlugin  # noqa: E402
 
 from samserve import processing  # noqa: E402
@@ -73,7 +76,7 @@ def main() -> None:
     try:
         with local_stack.serve_locally(model_dir, work) as triton, \
                 local_stack.GatewayProcess(triton.grpc_url, redis.url, work, health_check_interval_s=1.0) as gateway, \
-                SamServeClient(gateway.target) as client:
+                SamServeClient(gateway.target) as client, httpx.Client(base_url=gateway.http_url) as http:
             # Cold: every Embed gets new bytes of the same pixels (a cache miss), encoded here, outside the timing.
             pngs = iter([png_with_tag(image, tag) for tag in range(COLD_WARMUP + args.cold_repeats)])
             cold = interleaved_samples({
@@ -83,6 +86,13 @@ def main() -> None:
             image_id = client.embed(png_with_tag(image, -1)).image_id
             request = pb.SegmentRequest(image_id=image_id, mask_encoding=pb.MASK_ENCODING_RLE,
                                         prompts=[PromptSpec(points=[tuple(point[0])], labels=[1]).to_proto()])
+            http_request = json_format.MessageToJson(request)
+
+            def segment_over_http() -> None:
+                response = http.post("/v1/images:segment", content=http_request,
+                                     headers={"content-type": "application/json"})
+                response.raise_for_status()
+                json_format.Parse(response.text, pb.SegmentResponse())
 
             # Hot: predict (on the features of the last set_image: the same image), the Segment RPC and the bare
             # decoder call that the gateway wraps (same fp16-rounded embedding, staged in shared memory).
@@ -97,6 +107,7 @@ def main() -> None:
                 hot = interleaved_samples({
                     "official_predict": lambda: predictor.predict(point, label, multimask_output=True),
                     "hot_segment_rpc": lambda: client.segment_raw(request),
+                    "hot_segment_http": segment_over_http,
                     "bare_triton_decoder": lambda: runner.run(bare_client.decode(staged, batch)),
                 }, args.hot_repeats, warmup=HOT_WARMUP)
                 runner.run(bare_client.close())
@@ -110,6 +121,7 @@ def main() -> None:
     hot_ratio = results["hot_segment_rpc"]["median_ms"] / results["official_predict"]["median_ms"]
     cold_hot = results["cold_embed_rpc"]["median_ms"] / results["hot_segment_rpc"]["median_ms"]
     overhead = results["hot_segment_rpc"]["median_ms"] - results["bare_triton_decoder"]["median_ms"]
+    http_over_grpc = results["hot_segment_http"]["median_ms"] - results["hot_segment_rpc"]["median_ms"]
     rows = [[name, r["median_ms"], r["p90_ms"], r["p99_ms"], r["n"]] for name, r in results.items()]
     print_table(f"vit_b, seeded random weights, {args.height}x{args.width} image (ms)",
                 ["call", "p50", "p90", "p99", "n"], rows)
@@ -117,6 +129,7 @@ def main() -> None:
         ["hot Segment p50 / official predict p50", hot_ratio, f"<= {HOT_TARGET}"],
         ["cold Embed p50 / hot Segment p50", cold_hot, f">= {COLD_HOT_TARGET}"],
         ["gateway overhead (hot Segment - bare decoder), ms", overhead, f"<= {OVERHEAD_TARGET_MS}"],
+        ["HTTP/JSON over gRPC (hot Segment p50 difference), ms", http_over_grpc, "(no target)"],
     ])
     write_results("gateway_cpu.json", {
         "benchmark": "bench/gateway_cpu.py",
@@ -131,7 +144,7 @@ def main() -> None:
         },
         "results": results,
         "figures": {"hot_over_official_predict": hot_ratio, "cold_over_hot": cold_hot,
-                    "gateway_overhead_ms": overhead},
+                    "gateway_overhead_ms": overhead, "http_over_grpc_ms": http_over_grpc},
         "targets": {"hot_over_official_predict": HOT_TARGET, "cold_over_hot": COLD_HOT_TARGET,
                     "gateway_overhead_ms": OVERHEAD_TARGET_MS},
         "targets_met": {"hot_over_official_predict": hot_ratio <= HOT_TARGET,

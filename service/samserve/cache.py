@@ -26,9 +26,10 @@ import struct
 import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
+from prometheus_client import Counter
 
 from samserve import metrics
 from samserve.embedding import EmbeddedImage, Embedding
@@ -125,6 +126,61 @@ class FailureLog:
             self._last_logged, self._unlogged = now, 0
 
 
+T = TypeVar("T")
+
+
+class RedisTier:
+    """Tier-2 operations on a ``redis.asyncio`` client (or Cluster client, or None: no tier 2), shared by the
+    embedding cache and the image store (:mod:`samserve.image_store`): each call runs under ``timeout_s``, and any
+    failure is counted in ``failures`` and logged, never raised; reads count ``lookups`` (tier "l2": hit, miss,
+    error)."""
+
+    def __init__(self, redis: Any | None, timeout_s: float, failures: FailureLog, lookups: Counter) -> None:
+        self.redis: Any = redis
+        self.timeout_s = timeout_s
+        self.failures = failures
+        self.lookups = lookups
+
+    async def call(self, what: str, call: Callable[[], Awaitable[Any]]) -> tuple[bool, Any]:
+        """(ok, result) of one Redis operation under the timeout; failures are counted, never raised."""
+        if self.redis is None:
+            return False, None
+        try:
+            return True, await asyncio.wait_for(call(), self.timeout_s)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # noqa: BLE001 - any Redis trouble means "no tier 2 for this call"
+            self.failures.record(what, error)
+            return False, None
+
+    async def read(self, key: str, decode: Callable[[bytes], T]) -> T | None:
+        """The record at ``key`` decoded, or None (no Redis, missing, failed); a record that ``decode`` rejects
+        with :class:`CorruptRecord` is counted as an error, logged and deleted."""
+        if self.redis is None:
+            return None
+        ok, record = await self.call("GET", lambda: self.redis.get(key))
+        if not ok:
+            self.lookups.labels("l2", "error").inc()
+            return None
+        if record is None:
+            self.lookups.labels("l2", "miss").inc()
+            return None
+        try:
+            value = decode(record)
+        except CorruptRecord as error:
+            self.lookups.labels("l2", "error").inc()
+            self.failures.record("record decode", error)
+            await self.call("DEL", lambda: self.redis.delete(key))
+            return None
+        self.lookups.labels("l2", "hit").inc()
+        return value
+
+    async def write(self, key: str, record: bytes, ttl_s: int) -> bool:
+        """SET ``key`` with a TTL; False when there is no Redis or the write failed (counted)."""
+        ok, _ = await self.call("SET", lambda: self.redis.set(key, record, ex=ttl_s))
+        return ok
+
+
 class EmbeddingCache:
     """Tier 1 + tier 2 + single flight. ``redis`` is a ``redis.asyncio`` client (or Cluster client) or None."""
 
@@ -149,6 +205,7 @@ class EmbeddingCache:
         self.redis_timeout_s = redis_timeout_s
         self.lock_ttl_ms = int(lock_ttl_s * 1000)
         self.failures = FailureLog(failure_log_interval_s)
+        self.tier2 = RedisTier(redis, redis_timeout_s, self.failures, metrics.CACHE_LOOKUPS)
         self._l1: collections.OrderedDict[str, _Entry] = collections.OrderedDict()
         self._l1_used = 0
         self._inflight: dict[str, asyncio.Future[_Entry]] = {}
@@ -194,39 +251,13 @@ class EmbeddingCache:
     # -- tier 2 -------------------------------------------------------------------------------------------
     async def _redis(self, what: str, call: Callable[[], Awaitable[Any]]) -> tuple[bool, Any]:
         """(ok, result) of one Redis operation under the timeout; failures are counted, never raised."""
-        if self.redis is None:
-            return False, None
-        try:
-            return True, await asyncio.wait_for(call(), self.redis_timeout_s)
-        except asyncio.CancelledError:
-            raise
-        except Exception as error:  # noqa: BLE001 - any Redis trouble means "no tier 2 for this call"
-            self.failures.record(what, error)
-            return False, None
+        return await self.tier2.call(what, call)
 
     async def _l2_get(self, key: str) -> Embedding | None:
-        if self.redis is None:
-            return None
-        ok, record = await self._redis("GET", lambda: self.redis.get(key))
-        if not ok:
-            metrics.CACHE_LOOKUPS.labels("l2", "error").inc()
-            return None
-        if record is None:
-            metrics.CACHE_LOOKUPS.labels("l2", "miss").inc()
-            return None
-        try:
-            embedding = EmbeddingCodec.decode(record)
-        except CorruptRecord as error:
-            metrics.CACHE_LOOKUPS.labels("l2", "error").inc()
-            self.failures.record("record decode", error)
-            await self._redis("DEL", lambda: self.redis.delete(key))
-            return None
-        metrics.CACHE_LOOKUPS.labels("l2", "hit").inc()
-        return embedding
+        return await self.tier2.read(key, EmbeddingCodec.decode)
 
     async def _l2_put(self, key: str, embedding: Embedding) -> None:
-        record = EmbeddingCodec.encode(embedding)
-        await self._redis("SET", lambda: self.redis.set(key, record, ex=self.ttl_s))
+        await self.tier2.write(key, EmbeddingCodec.encode(embedding), self.ttl_s)
 
     # -- lookups ------------------------------------------------------------------------------------------
     @contextlib.asynccontextmanager
@@ -310,7 +341,6 @@ class EmbeddingCache:
             if not ok:
                 break
         try:
-            metrics.ENCODES.inc()
             embedding = (await compute()).round_trip_fp16()
             await self._l2_put(key, embedding)
         finally:

@@ -3,7 +3,8 @@
 Every RPC, the benchmarks and the parity tests take this path: decode the bytes (at most once per request, only
 when needed), crop, resize and pad, run the encoder under the encode limiter, round-trip through the cache's fp16
 form, stage for the decoder. The cache (:mod:`samserve.cache`) makes it run once per image across requests and
-replicas.
+replicas. The image store (:mod:`samserve.image_store`) keeps the bytes a request sent next to the embedding, so a
+later request with the ``image_id`` alone gets any embedding it needs (a crop, an expired one) computed from them.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from samserve import images, metrics, processing, quotas
 from samserve.cache import EmbeddingCache, Missing
 from samserve.embedding import CropBox, EmbeddedImage, Embedding
 from samserve.errors import InvalidArgument, NotFound, ResourceExhausted
+from samserve.image_store import ImageStore
 
 if TYPE_CHECKING:  # the embedder takes any encoder with this method; unit tests give it fakes
     from samserve.triton_models import TritonSam
@@ -73,8 +75,8 @@ class DecodeBudget:
 
 
 class ImageRef:
-    """A request's image: its id, its cache scope, and its encoded bytes when the request sent them (decoded at
-    most once, only on a cache miss).
+    """A request's image: its id, its cache scope, and its encoded bytes when the request sent them or a cache miss
+    took them from the image store (decoded at most once, only on a cache miss).
 
     ``scope`` partitions the cache (README "Security", cache scope): "" is the shared cache, where an image sent
     by anyone is a hit for everyone; a tenant's scope holds only what that tenant sent."""
@@ -108,6 +110,21 @@ class ImageRef:
     def has_bytes(self) -> bool:
         return self._data is not None
 
+    @property
+    def data(self) -> bytes:
+        """The encoded bytes (only once :attr:`has_bytes`)."""
+        assert self._data is not None
+        return self._data
+
+    async def load(self, store: ImageStore) -> None:
+        """Make sure the encoded bytes are here: sent with the request, else taken from ``store`` (once per
+        request, however many crops need them). :class:`Missing` when the store does not have them either."""
+        async with self._lock:
+            if self._data is None:
+                self._data = await store.get(self.cache_id(), self.image_id)
+                if self._data is None:
+                    raise Missing(self.image_id)
+
     def pixel_count(self) -> int:
         """width x height from the image's header (0 when it has none: decoding will say why)."""
         assert self._data is not None
@@ -136,16 +153,20 @@ class ImageEmbedder:
     cache: EmbeddingCache
     limiter: EncodeLimiter
     decode_budget: DecodeBudget
+    image_store: ImageStore
+    """The encoded bytes behind the ids, shared by every model of the gateway."""
 
     @contextlib.asynccontextmanager
     async def embedded(
         self, image: ImageRef, crop: CropBox | None = None, timeout_s: float | None = None
     ) -> AsyncIterator[tuple[EmbeddedImage, bool]]:
-        """(embedded image, cached) held for the block. An id the cache lacks is NOT_FOUND unless the bytes came
-        with the request. For a crop, ``original_size`` is the crop's size."""
+        """(embedded image, cached) held for the block. A missing embedding is computed from the bytes the request
+        sent, else from those the image store kept; NOT_FOUND when neither exists. For a crop, ``original_size``
+        is the crop's size. The bytes of the whole image are kept in the image store (:meth:`ImageStore.remember`)."""
         key = image.cache_id(crop)
 
         async def compute() -> Embedding:
+            await image.load(self.image_store)
             quotas.charge(quotas.Limit.ENCODES)
             async with self.decode_budget.held(image.pixel_count()):
                 pixels = await image.pixels()
@@ -161,11 +182,14 @@ class ImageEmbedder:
                 if not image.keep_pixels:
                     image.drop_pixels()
             async with self.limiter.slot():
+                metrics.ENCODES.inc()
                 return await self.triton.encode(prepared, timeout_s)
 
         try:
-            async with self.cache.lease(key, compute if image.has_bytes else None) as leased:
-                yield leased
+            async with self.cache.lease(key, compute) as (embedded, cached):
+                if crop is None and image.has_bytes:
+                    await self.image_store.remember(image.cache_id(), image.data, fresh=not cached)
+                yield embedded, cached
         except Missing:
             what = "image_id" if crop is None else f"crop {crop} of image_id"
             raise NotFound(f"{what} {image.image_id} is unknown or expired; send the image bytes again") from None

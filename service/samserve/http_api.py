@@ -29,7 +29,6 @@ import json
 import math
 import shutil
 import socket
-import ssl
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -186,7 +185,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
 def _parse_json(text: bytes | str, target: message.Message) -> None:
     try:
         json_format.Parse(text, target)
-    except json_format.ParseError as error:
+    except (json_format.ParseError, UnicodeDecodeError) as error:
         raise HttpError(grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid {target.DESCRIPTOR.name} in "
                         f"JSON: {error}") from None
 
@@ -224,7 +223,7 @@ async def build_request(route: HttpRoute, request: Request, body_limit: int) -> 
         except (ValueError, KeyError):
             raise HttpError(grpc.StatusCode.INVALID_ARGUMENT, f"query parameter {name}={value!r} is not a valid "
                             f"{field.name}") from None
-        if field.label == descriptor.FieldDescriptor.LABEL_REPEATED:
+        if field.is_repeated:
             query.setdefault(field.name, []).append(parsed)
         else:
             query[field.name] = parsed
@@ -439,12 +438,13 @@ async def start_http(settings: GatewaySettings, certificates: ServerCertificates
     ])
     app = create_app(channel, settings.max_request_bytes, tuple(settings.http_cors_origins))
     tls: dict[str, Any] = {}
-    if certificates is not None:
+    if certificates is not None:  # uvicorn's own context is replaced below by one that follows rotations
         tls = {"ssl_certfile": str(certificates.cert_file), "ssl_keyfile": str(certificates.key_file)}
-        if certificates.client_ca_file is not None:
-            tls |= {"ssl_ca_certs": str(certificates.client_ca_file), "ssl_cert_reqs": ssl.CERT_REQUIRED}
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", server_header=False,
                             timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s), **tls)
+    config.load()
+    if certificates is not None:
+        config.ssl = certificates.ssl_context()
     listener = socket.create_server((settings.gateway_host, settings.http_port), reuse_port=False)
     server = _EmbeddedUvicorn(config)
     task = asyncio.create_task(server.serve(sockets=[listener]), name="http")

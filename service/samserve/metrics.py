@@ -30,6 +30,9 @@ INFLIGHT = Gauge("samserve_inflight_requests", "RPCs being served now", ["method
 CACHE_LOOKUPS = Counter("samserve_cache_lookups_total", "Embedding cache lookups by tier and result",
                         ["tier", "result"])
 CACHE_L1_BYTES = Gauge("samserve_cache_l1_bytes", "Bytes of embeddings held in tier 1 (in process)")
+IMAGE_STORE_LOOKUPS = Counter("samserve_image_store_lookups_total", "Image bytes store lookups (an image_id whose "
+                              "embedding must be computed) by tier and result", ["tier", "result"])
+IMAGE_STORE_L1_BYTES = Gauge("samserve_image_store_l1_bytes", "Bytes of encoded images held in tier 1 (in process)")
 SINGLE_FLIGHT_WAITS = Counter("samserve_single_flight_waits_total",
                               "Requests that waited for another request's (or replica's) encode of the same image")
 ENCODES = Counter("samserve_encodes_total", "Encoder runs started by this gateway")
@@ -72,6 +75,7 @@ def _initialize_series() -> None:
     """Export the common series at 0 from the start, so that rate() sees their first increase."""
     for tier, result in (("l1", "hit"), ("l1", "miss"), ("l2", "hit"), ("l2", "miss"), ("l2", "error")):
         CACHE_LOOKUPS.labels(tier, result)
+        IMAGE_STORE_LOOKUPS.labels(tier, result)
     for method in METHOD_NAMES:
         RPC_REQUESTS.labels(method, "OK")
         INFLIGHT.labels(method)

@@ -1,5 +1,6 @@
 """Keeps the gateway in step with Triton: health (SERVING only while both SAM models are ready) and the served
-model (metadata, its embedding cache and embedder), renewed whenever the model changes or Triton comes back."""
+model (metadata, its embedding cache and embedder), renewed whenever the model changes or Triton comes back; the
+image store (the bytes behind the ids) lives as long as the gateway and serves every model."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from samserve.api import SERVICE_NAME
 from samserve.cache import EmbeddingCache
 from samserve.embedder import DecodeBudget, EncodeLimiter, ImageEmbedder
 from samserve.errors import Unavailable
+from samserve.image_store import ImageStore
 from samserve.settings import GatewaySettings
 from samserve.triton_models import TritonSam
 
@@ -40,6 +42,10 @@ class ModelWatcher:
         self.health = health.aio.HealthServicer()
         self.limiter = EncodeLimiter(settings.max_concurrent_encodes, settings.max_queued_encodes)
         self.decode_budget = DecodeBudget(settings.max_decoding_pixels)
+        self.images = ImageStore(
+            settings.l1_image_bytes, settings.max_request_bytes, redis, ttl_s=settings.redis_ttl_s,
+            redis_timeout_s=settings.redis_timeout_s, failure_log_interval_s=settings.failure_log_interval_s,
+        )
         self._model: ServedModel | None = None
         self._ready = False
         self._task: asyncio.Task[None] | None = None
@@ -90,16 +96,17 @@ class ModelWatcher:
             lock_ttl_s=settings.redis_lock_ttl_s, failure_log_interval_s=settings.failure_log_interval_s,
         )
         self._model = ServedModel(meta, ImageEmbedder(self.triton, meta.image_size, cache, self.limiter,
-                                                                 self.decode_budget))
+                                                      self.decode_budget, self.images))
         metrics.set_build_info(__version__, meta.model_id, meta.weights_sha256)
         LOG.info("serving %s (weights %s..., %d px, embedding %s)", meta.model_id, meta.weights_sha256[:12],
                  meta.image_size, "x".join(map(str, meta.embedding_shape)))
 
     async def close(self) -> None:
-        """Stop watching and drop tier 1."""
+        """Stop watching and drop tier 1 (embeddings and image bytes)."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         if self._model is not None:
             await self._model.embedder.cache.close()
+        self.images.close()

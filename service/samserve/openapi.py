@@ -2,15 +2,17 @@
 
 Paths and verbs come from the ``google.api.http`` options (:func:`samserve.http_api.http_routes`); schemas from
 the messages, in protobuf's JSON mapping (lowerCamelCase names, 64-bit integers as strings, bytes as base64,
-enums by name); errors are ``google.rpc.Status``. Served at ``/openapi.json``.
+enums by name); descriptions from the proto's comments (the descriptor set the build writes beside the stubs);
+errors are ``google.rpc.Status``. Served at ``/openapi.json``.
 """
 
 from __future__ import annotations
 
+import importlib.resources
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from google.protobuf import descriptor
+from google.protobuf import descriptor, descriptor_pb2
 
 from samserve import __version__
 
@@ -18,9 +20,11 @@ if TYPE_CHECKING:
     from samserve.http_api import HttpRoute
 
 F = descriptor.FieldDescriptor
+NON_FINITE = {"type": "string", "enum": ["NaN", "Infinity", "-Infinity"]}
+"""How protobuf's JSON mapping writes a float that is not finite (a stability score of an empty mask is NaN)."""
 SCALARS: dict[int, dict[str, Any]] = {
-    F.TYPE_DOUBLE: {"type": "number", "format": "double"},
-    F.TYPE_FLOAT: {"type": "number", "format": "float"},
+    F.TYPE_DOUBLE: {"oneOf": [{"type": "number", "format": "double"}, NON_FINITE]},
+    F.TYPE_FLOAT: {"oneOf": [{"type": "number", "format": "float"}, NON_FINITE]},
     F.TYPE_INT32: {"type": "integer", "format": "int32"},
     F.TYPE_SINT32: {"type": "integer", "format": "int32"},
     F.TYPE_SFIXED32: {"type": "integer", "format": "int32"},
@@ -42,6 +46,52 @@ HTTP_BODY = "google.api.HttpBody"
 BINARY = {"type": "string", "format": "binary"}
 
 
+DESCRIPTOR_SET = "samserve.binpb"
+"""Written by the build next to the stubs (``setup.py``: ``protoc --include_source_info``)."""
+MESSAGE, ENUM, SERVICE, FIELD, VALUE, METHOD, NESTED_MESSAGE, NESTED_ENUM = 4, 5, 6, 2, 2, 2, 3, 4
+"""Field numbers of FileDescriptorProto / DescriptorProto / ... that make up a ``SourceCodeInfo`` path."""
+
+
+def proto_comments() -> dict[str, str]:
+    """Full name of every message, field, enum, enum value, service and method -> its comment in the proto (the
+    leading one, else the trailing one); empty when the descriptor set is not there."""
+    resource = importlib.resources.files("samserve.v1") / DESCRIPTOR_SET
+    if not resource.is_file():
+        return {}
+    names: dict[tuple[int, ...], str] = {}
+
+    def messages(path: tuple[int, ...], prefix: str, types: Any) -> None:
+        for i, message_type in enumerate(types):
+            name, here = f"{prefix}.{message_type.name}", (*path, i)
+            names[here] = name
+            for j, field in enumerate(message_type.field):
+                names[(*here, FIELD, j)] = f"{name}.{field.name}"
+            messages((*here, NESTED_MESSAGE), name, message_type.nested_type)
+            enums((*here, NESTED_ENUM), name, message_type.enum_type)
+
+    def enums(path: tuple[int, ...], prefix: str, types: Any) -> None:
+        for i, enum_type in enumerate(types):
+            names[(*path, i)] = f"{prefix}.{enum_type.name}"
+            for j, value in enumerate(enum_type.value):
+                names[(*path, i, VALUE, j)] = f"{prefix}.{value.name}"
+
+    comments = {}
+    for file in descriptor_pb2.FileDescriptorSet.FromString(resource.read_bytes()).file:
+        names.clear()
+        messages((MESSAGE,), file.package, file.message_type)
+        enums((ENUM,), file.package, file.enum_type)
+        for i, service in enumerate(file.service):
+            names[(SERVICE, i)] = f"{file.package}.{service.name}"
+            for j, method in enumerate(service.method):
+                names[(SERVICE, i, METHOD, j)] = f"{file.package}.{service.name}.{method.name}"
+        for location in file.source_code_info.location:
+            text = (location.leading_comments or location.trailing_comments).strip()
+            name = names.get(tuple(location.path))
+            if name and text:
+                comments[name] = " ".join(line.strip() for line in text.splitlines())
+    return comments
+
+
 def _ref(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{name}"}
 
@@ -49,7 +99,8 @@ def _ref(name: str) -> dict[str, str]:
 class _Schemas:
     """The ``components.schemas`` of every message reachable from the routes."""
 
-    def __init__(self) -> None:
+    def __init__(self, comments: dict[str, str]) -> None:
+        self.comments = comments
         self.schemas: dict[str, Any] = {STATUS_SCHEMA: {
             "type": "object", "description": "The error: gRPC status code, message and google.rpc details.",
             "properties": {"code": {"type": "integer", "format": "int32"}, "message": {"type": "string"},
@@ -62,9 +113,15 @@ class _Schemas:
         name = message_type.full_name
         if name not in self.schemas:
             self.schemas[name] = {}  # placed first: recursive messages refer to it
-            properties = {field.json_name: self.field(field) for field in message_type.fields}
-            self.schemas[name] = {"type": "object", "properties": properties, "additionalProperties": False}
+            properties = {field.json_name: self.field(field) | self.described(field.full_name)
+                          for field in message_type.fields}
+            self.schemas[name] = {"type": "object", "properties": properties, "additionalProperties": False,
+                                  **self.described(name)}
         return _ref(name)
+
+    def described(self, full_name: str) -> dict[str, str]:
+        text = self.comments.get(full_name)
+        return {"description": text} if text else {}
 
     def field(self, field: descriptor.FieldDescriptor) -> dict[str, Any]:
         if field.type == F.TYPE_MESSAGE:
@@ -73,7 +130,7 @@ class _Schemas:
             value = {"type": "string", "enum": [v.name for v in field.enum_type.values]}
         else:
             value = dict(SCALARS[field.type])
-        if field.label == F.LABEL_REPEATED:
+        if field.is_repeated:
             return {"type": "array", "items": value}
         return value
 
@@ -108,7 +165,7 @@ def _parameters(route: HttpRoute, schemas: _Schemas) -> list[dict[str, Any]]:
 
 def document(routes: Sequence[HttpRoute]) -> dict[str, Any]:
     """The OpenAPI document of ``routes``."""
-    schemas = _Schemas()
+    schemas = _Schemas(proto_comments())
     paths: dict[str, dict[str, Any]] = {}
     seen: dict[str, int] = {}
     for route in routes:
@@ -122,6 +179,7 @@ def document(routes: Sequence[HttpRoute]) -> dict[str, Any]:
         operation: dict[str, Any] = {
             "operationId": name if seen[name] == 1 else f"{name}{seen[name]}",
             "summary": f"{route.method.containing_service.full_name}.{name}",
+            **schemas.described(route.method.full_name),
             "parameters": _parameters(route, schemas),
             "responses": {"200": ok, "default": {
                 "description": "an error: HTTP status from the gRPC code (Google's mapping)",

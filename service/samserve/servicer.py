@@ -52,7 +52,7 @@ class SegmentAnythingServicer(pb_grpc.SegmentAnythingServicer):
             return ImageRef.from_bytes(request.image_bytes, self.settings.max_image_pixels, field="image_bytes",
                                        scope=self._scope())
         if which == "image_id":
-            return ImageRef(request.image_id, scope=self._scope())
+            return ImageRef(request.image_id, max_pixels=self.settings.max_image_pixels, scope=self._scope())
         raise InvalidArgument("set image_bytes or image_id", field="image")
 
     def _check_mask_pixels(self, prompts: Any, original_hw: tuple[int, int], num_mask_tokens: int) -> None:
@@ -118,7 +118,7 @@ class SegmentAnythingServicer(pb_grpc.SegmentAnythingServicer):
                 "points_per_side or crop_n_layers", quota="max_generate_decoder_prompts")
         quotas.charge(quotas.Limit.DECODER_PROMPTS, planned)
         image = self._image(request)
-        image.keep_pixels = params.crop_n_layers > 0  # the crops are encoded from them after the whole image
+        image.keep_pixels = params.crop_n_layers > 0  # crops are encoded from them (sent, or kept for the id)
         timeout = self._timeout(context)
         encoded_any = False
 

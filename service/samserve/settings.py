@@ -131,6 +131,10 @@ class GatewaySettings(BaseSettings):
     l1_cache_bytes: int = Field(
         512 << 20, description="tier 1 capacity: embeddings, counted twice with the shm transport"
     )
+    l1_image_bytes: int = Field(
+        256 << 20, ge=0, description="tier 1 capacity for encoded image bytes (kept next to the embeddings so that an "
+        "image_id alone can be embedded again, crops included); 0 = none in process (tier 2 still keeps them)",
+    )
     redis_url: str | None = Field(None, description="tier 2, e.g. redis://127.0.0.1:6379/0; unset = tier 1 only")
     redis_cluster: bool = Field(False, description="redis_url points at a Redis Cluster node")
     redis_password_file: Path | None = Field(

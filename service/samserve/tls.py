@@ -1,5 +1,5 @@
-"""TLS for the gateway's gRPC port (server side, certificate files re-read when they change) and the client side
-(channels with TLS, mutual TLS and a bearer token).
+"""TLS for the gateway's gRPC and HTTP ports (server side, certificate files re-read when they change) and the
+client side (channels with TLS, mutual TLS and a bearer token).
 
 Server: :class:`ServerCertificates` holds the PEM files (certificate chain, private key, and for mutual TLS the CA
 that signs client certificates). gRPC asks it for the configuration before every TLS handshake
@@ -105,6 +105,40 @@ class ServerCertificates:
         self._signature, self._failed = signature, None
         LOG.info("TLS certificate files re-read (%s)", ", ".join(str(path) for path in self.files))
         return configuration
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        """A server-side SSLContext of the files as they are now (client certificates required with a client CA)."""
+        _check_pair(self.cert_file, self.key_file, self.client_ca_file)
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(self.cert_file, self.key_file)
+        if self.client_ca_file is not None:
+            context.load_verify_locations(self.client_ca_file)
+            context.verify_mode = ssl.CERT_REQUIRED
+        return context
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """The same certificates for an ``ssl``-based server (the HTTP port), rotated the same way: at every
+        handshake (its ClientHello callback) one ``stat`` per file; when they changed and load, new connections
+        switch to a context of the new files; when they do not load, the last good one stays (logged once)."""
+        initial = self._ssl_context()
+        signature, current = self._stat(), initial
+
+        def on_client_hello(connection: ssl.SSLObject, server_name: str | None, context: ssl.SSLContext) -> None:
+            nonlocal signature, current
+            try:
+                now = self._stat()
+                if now != signature:
+                    signature = now  # tried once per change, good or bad
+                    current = self._ssl_context()
+                    LOG.info("TLS certificate files re-read for the HTTP port")
+            except (OSError, ssl.SSLError, TlsConfigError) as error:
+                LOG.error("TLS files changed but cannot be used on the HTTP port (keeping the certificate loaded "
+                          "before): %s", error)
+            if connection.context is not current:
+                connection.context = current
+
+        initial.sni_callback = on_client_hello
+        return initial
 
     def credentials(self) -> grpc.ServerCredentials:
         """Server credentials that re-read the files when they change; with a client CA, client certificates are

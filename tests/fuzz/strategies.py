@@ -295,7 +295,7 @@ def segment_requests(draw: st.DrawFn, image_id: str) -> pb.SegmentRequest:
 
 
 # GenerateMasks: each parameter unset, valid and cheap, or extreme. Cheap matters: the default grid is 32 x 32
-# points, and crops of an image sent by id are not cached (NOT_FOUND), so valid calls stay well under a second.
+# points, and crops of an image sent by id are encoded (from its kept bytes) the first time each crop box is seen.
 INT_PARAMETERS = {
     "points_per_side": st.integers(1, 4),
     "points_per_batch": st.integers(1, 256),

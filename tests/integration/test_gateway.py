@@ -61,6 +61,35 @@ def test_second_segment_runs_no_encoder_and_restart_finds_redis(gateway_factory,
     assert encoder_count(tiny_triton.url) == before + 1
 
 
+def test_segment_by_id_re_embeds_from_the_kept_bytes_when_the_embedding_is_gone(gateway_factory, tiny_triton,
+                                                                                redis_server):
+    """An image_id is a full handle: with its embedding gone from Redis and a cold tier 1 (another gateway), Segment
+    by id encodes the image again from the bytes kept next to the embedding, and answers as before."""
+    data = new_image()
+    prompt = [PromptSpec(points=[(50, 50)], labels=[1])]
+    first = gateway_factory(tiny_triton.url, redis_server.url)
+    with SamServeClient(first.target) as client:
+        image_id = client.embed(data).image_id
+        (expected,) = client.segment(image_id, prompt)
+    namespace = tiny_triton.model.metadata.cache_namespace
+    with redis_server.client() as store:
+        assert store.get(f"samserve:img:{image_id}") == data
+        assert store.delete(f"samserve:emb:{namespace}:{image_id}") == 1
+    fresh = gateway_factory(tiny_triton.url, redis_server.url)
+    before = encoder_count(tiny_triton.url)
+    with SamServeClient(fresh.target) as client:
+        (answer,) = client.segment(image_id, prompt)
+        code, details = _code(lambda: client.segment("f" * 64, prompt))  # never seen: neither embedding nor bytes
+    assert encoder_count(tiny_triton.url) == before + 1
+    np.testing.assert_array_equal(answer.masks, expected.masks)
+    np.testing.assert_array_equal(answer.predicted_iou, expected.predicted_iou)
+    assert code == grpc.StatusCode.NOT_FOUND and "send the image bytes again" in details
+    samples = scrape(fresh.metrics_url)
+    assert sample(samples, "samserve_image_store_lookups_total", tier="l2", result="hit") == 1
+    assert sample(samples, "samserve_image_store_lookups_total", tier="l2", result="miss") == 1
+    assert sample(samples, "samserve_image_store_lookups_total", tier="l2", result="error") == 0
+
+
 def _concurrent_segments(targets: list[str], data: bytes, calls: int) -> list:
     barrier = threading.Barrier(calls)
 

@@ -112,6 +112,24 @@ def test_second_call_runs_no_encoder_even_with_crops(gateway, tiny_triton):
     assert [a["segmentation"] for a in second.annotations] == [a["segmentation"] for a in first.annotations]
 
 
+def test_crops_by_image_id_are_computed_from_the_kept_bytes(gateway, gateway_factory, tiny_triton):
+    """Embed, then GenerateMasks with crops by id alone: the crops' embeddings are computed from the bytes the gateway
+    kept, and the masks equal those of a call with the bytes on another gateway (no Redis: nothing shared)."""
+    data = new_image(200, 260)
+    params = dict(LOWERED, points_per_side=8, crop_n_layers=1)
+    with SamServeClient(gateway.target) as client:
+        image_id = client.embed(data).image_id
+        before = encoder_count(tiny_triton.url)
+        by_id = client.generate_masks(image_id, **params)
+    assert not by_id.cached and encoder_count(tiny_triton.url) == before + 4  # the 4 crops; the whole image was cached
+    with SamServeClient(gateway_factory(tiny_triton.url, None).target) as client:
+        with_bytes = client.generate_masks(data, **params)
+    assert len(by_id.annotations) == len(with_bytes.annotations) > 0
+    for ours, theirs in zip(by_id.annotations, with_bytes.annotations, strict=True):
+        assert ours["segmentation"] == theirs["segmentation"] and ours["crop_box"] == theirs["crop_box"]
+        assert ours["predicted_iou"] == pytest.approx(theirs["predicted_iou"], abs=1e-6)
+
+
 @pytest.mark.parametrize("request_fields", [
     dict(points_per_side=0),
     dict(pred_iou_thresh=1.5),

@@ -13,11 +13,13 @@ import contextlib
 import json
 import os
 import shutil
+import ssl
 import subprocess
 import sys
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -127,6 +129,7 @@ def test_rotated_certificate_reaches_new_connections_without_a_restart(gateway_f
     client = ClientSettings(ca_file=pki["server_ca"].cert)
     gateway = gateway_factory(nowhere, None, wait_serving=False, client=client, **files)
     assert presented_certificate("127.0.0.1", gateway.port) == pki["server"].der()
+    assert presented_certificate("127.0.0.1", gateway.http_port) == pki["server"].der()  # the HTTP port too
     with gateway.channel() as kept:
         assert _health(kept) == "NOT_SERVING"
         # Rotate as a Secret update does: each file replaced whole (in between, key and certificate disagree:
@@ -138,10 +141,13 @@ def test_rotated_certificate_reaches_new_connections_without_a_restart(gateway_f
             os.replace(staged, target)
         wait_until(lambda: presented_certificate("127.0.0.1", gateway.port) == pki["server2"].der(), bool,
                    "the rotated certificate on a new connection", timeout_s=30)
+        wait_until(lambda: presented_certificate("127.0.0.1", gateway.http_port) == pki["server2"].der(), bool,
+                   "the rotated certificate on a new HTTPS connection", timeout_s=30)
         assert _health(kept) == "NOT_SERVING"  # the connection opened before still works
     assert gateway.health() == "NOT_SERVING"  # a new verified channel: the new certificate chains to the CA
     assert gateway.process is not None and gateway.process.poll() is None  # the same process all along
     assert "TLS certificate files re-read" in gateway.log()
+    assert "TLS certificate files re-read for the HTTP port" in gateway.log()
 
 
 @pytest.fixture
@@ -266,6 +272,17 @@ def test_mutual_tls_and_a_key_end_to_end(gateway_factory, tiny_triton, pki, keys
         embedded = typed.embed(image)
         (answer,) = typed.segment(embedded.image_id, [PromptSpec(points=[(20, 20)], labels=[1])])
     assert answer.masks.shape[0] == 3
+    # HTTP on the same terms: mutual TLS with the same certificates, the same key.
+    url = f"https://localhost:{gateway.http_port}/v1/images/{embedded.image_id}/embedding"
+    bearer = {"authorization": f"Bearer {tokens['full']}"}
+    with_certificate = ssl.create_default_context(cafile=pki["server_ca"].cert)
+    with_certificate.load_cert_chain(pki["client"].cert, pki["client"].key)
+    with httpx.Client(verify=with_certificate) as https:
+        assert https.get(url, headers=bearer).json()["imageId"] == embedded.image_id
+        assert https.get(url).status_code == 401
+    without_certificate = ssl.create_default_context(cafile=pki["server_ca"].cert)
+    with httpx.Client(verify=without_certificate) as https, pytest.raises(httpx.TransportError):
+        https.get(url, headers=bearer)
 
     image_file, token_file = tmp_path / "image.png", tmp_path / "token"
     image_file.write_bytes(image)
@@ -373,6 +390,13 @@ def test_quotas_refuse_with_a_retry_after_per_tenant(gateway_factory, tiny_trito
     assert sample(samples, "samserve_tenant_usage_total", tenant="free", limit="encodes") == 3
     assert sample(samples, "samserve_tenant_requests_total", tenant="metered", method="Segment",
                   code="RESOURCE_EXHAUSTED") == 2
+    # The HTTP twin: the same bucket refuses with 429, Retry-After (whole seconds) and the same QuotaFailure.
+    refused = httpx.get(f"{gateway.http_url}/v1/model", headers={"authorization": f"Bearer {tokens['metered']}"})
+    assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 999  # a request per 1000 s
+    body = refused.json()
+    assert body["code"] == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0] and "requests_per_s" in body["message"]
+    (failure,) = (d for d in body["details"] if d["@type"] == "type.googleapis.com/google.rpc.QuotaFailure")
+    assert failure["violations"][0]["subject"] == "tenant:metered/requests"
 
 
 @pytest.mark.parametrize("scope", ["tenant", "shared"])
@@ -399,8 +423,15 @@ def test_cache_scope_decides_whether_tenants_see_each_others_images(gateway_fact
     assert not embedded.cached
     assert stub(second, "a").Embed(pb.EmbedRequest(image=image), timeout=60).cached  # same tenant, via Redis
     by_id = pb.SegmentRequest(image_id=embedded.image_id, prompts=[click])
+    with_crops = pb.GenerateMasksRequest(image_id=embedded.image_id, points_per_side=2, crop_n_layers=1)
+    assert stub(second, "a").GenerateMasks(with_crops, timeout=60).crops == 5  # crops from the bytes A sent
     if scope == "tenant":
+        with redis_server.client() as store:  # A's bytes are kept in A's scope only
+            assert store.exists(f"samserve:img:tenant=a/{embedded.image_id}")
+            assert not store.exists(f"samserve:img:tenant=b/{embedded.image_id}")
         assert _code(lambda: stub(second, "b").Segment(by_id, timeout=60)).code() == grpc.StatusCode.NOT_FOUND
+        assert _code(lambda: stub(second, "b").GenerateMasks(with_crops, timeout=60)).code() == \
+            grpc.StatusCode.NOT_FOUND
         assert not stub(second, "b").Embed(pb.EmbedRequest(image=image), timeout=60).cached  # its own encode
     else:
         assert stub(second, "b").Segment(by_id, timeout=60).cached

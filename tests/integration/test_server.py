@@ -245,3 +245,28 @@ def test_a_full_encode_queue_is_resource_exhausted_at_once(in_process_factory):
     error, first = runner.run(scenario())
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "already queued" in error.details()
     assert not first.cached
+
+
+def test_an_http_client_that_disconnects_while_queued_drops_its_encode(in_process_factory, tiny_triton):
+    """The HTTP transport's twin of the deadline test: an Embed sent over HTTP waits behind the held slot, its
+    client closes the connection; the gateway cancels the call (it leaves the queue) and never encodes the image."""
+    runner, gateway, _ = in_process_factory(max_concurrent_encodes=1, http_port=0)
+    assert gateway.http is not None
+    limiter = gateway.watcher.limiter
+    encodes = encoder_count(tiny_triton.url)
+    image = new_image()
+
+    async def scenario() -> None:
+        async with limiter.slot():
+            reader, writer = await asyncio.open_connection("127.0.0.1", gateway.http.port)
+            writer.write(b"POST /v1/images:embed HTTP/1.1\r\nhost: gateway\r\ncontent-type: image/png\r\n"
+                         + f"content-length: {len(image)}\r\n\r\n".encode() + image)
+            await writer.drain()
+            await wait_until_async(lambda: limiter.waiting, lambda n: n == 1, "HTTP Embed queued for the encoder")
+            writer.close()
+            await writer.wait_closed()
+            await wait_until_async(lambda: limiter.waiting, lambda n: n == 0, "Embed queued after its client left")
+            await wait_until_async(lambda: inflight("Embed"), lambda n: n == 0, "Embed in flight after disconnect")
+
+    runner.run(scenario())
+    assert wait_until_stable(lambda: encoder_count(tiny_triton.url), "encoder calls") == encodes

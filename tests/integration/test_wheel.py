@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 import tomllib
+import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from samserve.client import PromptSpec, SamServeClient
 REPO = Path(__file__).resolve().parents[2]
 SERVICE_NAME = "samserve.v1.SegmentAnything"
 STUBS = ["samserve/v1/__init__.py", "samserve/v1/samserve_pb2.py", "samserve/v1/samserve_pb2.pyi",
-         "samserve/v1/samserve_pb2_grpc.py"]
+         "samserve/v1/samserve_pb2_grpc.py", "samserve/v1/samserve.binpb"]
 INSTALL_TIMEOUT_S = 600
 GATEWAY_START_TIMEOUT_S = 120
 
@@ -142,10 +143,11 @@ def test_wheel_installs_and_serves_outside_the_checkout(tiny_triton, tmp_path):
     # 3. That venv's `samserve gateway` against the real Triton server.
     started = time.monotonic()
     host, triton_port = tiny_triton.url.rsplit(":", 1)
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port, http_port = free_port(), free_port(), free_port()
     target = f"127.0.0.1:{port}"
     env = clean_env(
-        SAMSERVE_GATEWAY_PORT=str(port), SAMSERVE_METRICS_PORT=str(metrics_port), SAMSERVE_TRITON_HOST=host,
+        SAMSERVE_GATEWAY_PORT=str(port), SAMSERVE_METRICS_PORT=str(metrics_port), SAMSERVE_HTTP_PORT=str(http_port),
+        SAMSERVE_TRITON_HOST=host,
         SAMSERVE_TRITON_GRPC_PORT=triton_port, SAMSERVE_HEALTH_CHECK_INTERVAL_S="0.2", SAMSERVE_AUTH="off",
     )
     log_path = tmp_path / "gateway.log"
@@ -160,6 +162,9 @@ def test_wheel_installs_and_serves_outside_the_checkout(tiny_triton, tmp_path):
             time.sleep(0.2)
         assert health(target, SERVICE_NAME) == "SERVING"
         timings["gateway start"] = time.monotonic() - started
+        # The HTTP transport from the wheel, with the OpenAPI descriptions from the shipped descriptor set.
+        document = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{http_port}/openapi.json", timeout=10).read())
+        assert "decoded as one batch" in document["paths"]["/v1/images:segment"]["post"]["description"]
 
         started = time.monotonic()
         height, width = 150, 200
