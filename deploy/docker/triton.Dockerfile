@@ -32,7 +32,7 @@ COPY --from=wheel /dist /dist
 RUN python3 -m venv /opt/samserve
 RUN /opt/samserve/bin/python -m pip install --disable-pip-version-check -q "/dist/samserve-${SAMSERVE_VERSION}-py3-none-any.whl" "onnxruntime>=1.17"
 ENV PYTHONPATH=/opt/samserve/lib/python${PYTHON_VERSION}/site-packages PYTHONUNBUFFERED=1
-# The image's own non-root user (uid 1000); the chart runs it with a read-only root file system.
-USER 1000:1000
+# A non-root user without a home (the chart runs every pod as 65532, with a read-only root file system).
+USER 65532:65532
 EXPOSE 8000 8001 8002
 ENTRYPOINT ["/opt/tritonserver/bin/tritonserver"]
