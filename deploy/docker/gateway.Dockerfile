@@ -1,0 +1,59 @@
+# syntax=docker/dockerfile:1
+# The samserve gateway image (and, as further targets, the model-preparation and load-test images), built from the
+# repository root:
+#   docker build -f deploy/docker/gateway.Dockerfile -t REGISTRY/samserve-gateway:0.1.0 .
+#   docker build -f deploy/docker/gateway.Dockerfile --target prepare -t REGISTRY/samserve-prepare:0.1.0 .
+#   docker build -f deploy/docker/gateway.Dockerfile --target loadtest -t REGISTRY/samserve-loadtest:0.1.0 .
+# Stage `wheel` builds the wheel (the build hook generates the gRPC stubs) and installs it into a venv; the final
+# stages copy only that venv: no compiler, no build tools, no repository. Every RUN step is a command that
+# tests/integration/test_wheel.py runs (tests/deploy/test_images.py checks the two agree).
+ARG PYTHON_VERSION=3.12
+# pyproject's [project] version (a test checks): names the wheel.
+ARG SAMSERVE_VERSION=0.1.0
+
+FROM python:${PYTHON_VERSION}-slim-bookworm AS wheel
+ARG SAMSERVE_VERSION
+ENV PIP_NO_CACHE_DIR=1 PIP_NO_INPUT=1 PYTHONDONTWRITEBYTECODE=1
+WORKDIR /src
+COPY pyproject.toml setup.py README.md ./
+COPY protos protos
+COPY service service
+COPY build build
+COPY model_repository model_repository
+# pyproject's [build-system] requires (the wheel is built without build isolation, as the test builds it).
+RUN python -m pip install --disable-pip-version-check -q "setuptools>=69" "wheel" "grpcio-tools>=1.75,<1.81" "googleapis-common-protos>=1.63"
+RUN python -m pip wheel --no-deps --no-build-isolation --disable-pip-version-check -q -w /dist /src
+RUN python -m venv /opt/samserve
+RUN /opt/samserve/bin/python -m pip install --disable-pip-version-check -q /dist/samserve-${SAMSERVE_VERSION}-py3-none-any.whl
+
+# `samserve-build prepare` (ONNX export + Triton repository): the export extra (PyTorch, the official
+# segment-anything) on top of the wheel. Large; used by the chart's prepare Job or init container only.
+FROM wheel AS prepare-venv
+RUN /opt/samserve/bin/python -m pip install --disable-pip-version-check -q "/dist/samserve-${SAMSERVE_VERSION}-py3-none-any.whl[export]"
+
+FROM python:${PYTHON_VERSION}-slim-bookworm AS prepare
+ENV PATH=/opt/samserve/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 SAMSERVE_WORKDIR=/models
+COPY --from=prepare-venv /opt/samserve /opt/samserve
+USER 65532:65532
+ENTRYPOINT ["/opt/samserve/bin/samserve-build", "prepare"]
+
+# Locust workers and master (bench/locustfile.py comes from a ConfigMap): the bench extra's locust.
+FROM wheel AS loadtest-venv
+RUN /opt/samserve/bin/python -m pip install --disable-pip-version-check -q "locust>=2.30"
+
+FROM python:${PYTHON_VERSION}-slim-bookworm AS loadtest
+ENV PATH=/opt/samserve/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+COPY --from=loadtest-venv /opt/samserve /opt/samserve
+USER 65532:65532
+ENTRYPOINT ["/opt/samserve/bin/locust"]
+
+
+# The gateway: the venv on the same slim base, a non-root user, exec-form entry point (no shell needed).
+FROM python:${PYTHON_VERSION}-slim-bookworm AS gateway
+ENV PATH=/opt/samserve/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
+    SAMSERVE_GATEWAY_HOST=0.0.0.0 SAMSERVE_EMBEDDING_TRANSPORT=grpc
+COPY --from=wheel /opt/samserve /opt/samserve
+USER 65532:65532
+# gRPC API (grpc.health.v1 too), HTTP/JSON, Prometheus metrics.
+EXPOSE 50051 8080 9464
+ENTRYPOINT ["/opt/samserve/bin/samserve", "gateway"]
