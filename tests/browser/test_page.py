@@ -103,7 +103,7 @@ def test_the_page_loads_everything_from_the_gateway(browser, web_gateway: Gatewa
     page.click("#demo")
     wait_state(page, "ready")
     history = page.evaluate("window.samserveApp.history()")
-    assert history["states"] == ["idle", "embedding", "ready"]
+    assert history["states"] == ["idle", "loading", "embedding", "ready"]
     assert [stage.split()[0] for stage in history["progress"]] == ["Uploading", "Embedding", "Downloading", "Loading"]
     assert page.locator("#progress-box").is_hidden()
     assert all(url.startswith(web_gateway.http_url) for url in requests), requests

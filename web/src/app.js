@@ -684,6 +684,7 @@ ui.file.addEventListener("change", () => {
 });
 
 ui.demo.addEventListener("click", async () => {
+  setState("loading"); // at once: an earlier error state must not outlive the click (tests wait on the state)
   try {
     const response = await fetch("demo.png");
     if (!response.ok) throw new Error(`demo.png: HTTP ${response.status}`);
