@@ -8,8 +8,18 @@
 # stages copy only that venv: no compiler, no build tools, no repository. Every RUN step is a command that
 # tests/integration/test_wheel.py runs (tests/deploy/test_images.py checks the two agree).
 ARG PYTHON_VERSION=3.12
+ARG NODE_VERSION=20
 # pyproject's [project] version (a test checks): names the wheel.
 ARG SAMSERVE_VERSION=0.1.0
+
+# The web page (web/: samclient.js and the page, bundled with onnxruntime-web by esbuild into
+# service/samserve/web_static/): the two commands of `make web`, from the lock file.
+FROM node:${NODE_VERSION}-bookworm-slim AS web
+WORKDIR /src/web
+COPY web/package.json web/package-lock.json ./
+RUN npm ci --no-audit --no-fund --ignore-scripts
+COPY web ./
+RUN npm run --silent build
 
 FROM python:${PYTHON_VERSION}-slim-bookworm AS wheel
 ARG SAMSERVE_VERSION
@@ -18,6 +28,7 @@ WORKDIR /src
 COPY pyproject.toml setup.py README.md ./
 COPY protos protos
 COPY service service
+COPY --from=web /src/service/samserve/web_static service/samserve/web_static
 COPY build build
 COPY model_repository model_repository
 # pyproject's [build-system] requires (the wheel is built without build isolation, as the test builds it).

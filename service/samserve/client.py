@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from samserve import mask_encoding
+from samserve import images, mask_encoding
 from samserve.api import pb, pb_grpc
 from samserve.settings import ClientSettings
 from samserve.tls import client_channel
@@ -142,10 +142,21 @@ class GeneratedMasks:
                          for a in self.annotations])
 
 
+IMAGE_ID_HEADER = "x-samserve-image-id"
+"""Metadata naming the call's image: the gateway ignores it; a proxy may hash on it so that one image's calls reach
+the same replica (its tier-1 cache): the chart's Ingress option ``hashByImageId`` (README "Deploy")."""
+
+
+def routing_metadata(image: bytes | str) -> tuple[tuple[str, str], ...]:
+    """The :data:`IMAGE_ID_HEADER` of a call on ``image`` (encoded bytes, or an ``image_id``)."""
+    return ((IMAGE_ID_HEADER, image if isinstance(image, str) else images.image_id(image)),)
+
+
 class SamServeClient:
     """Blocking client; thread-safe (one channel). Errors raise ``grpc.RpcError`` with the API's status codes
     (after the retries of UNAVAILABLE). ``target``: ``host:port``, a comma-separated list of ``ip:port`` (round
-    robin) or a gRPC URI (``dns:///gateways:50051``). ``security`` None: plaintext, no API key, default retries."""
+    robin) or a gRPC URI (``dns:///gateways:50051``). ``security`` None: plaintext, no API key, default retries.
+    Every call names its image in :data:`IMAGE_ID_HEADER` (for consistent hashing by a proxy)."""
 
     def __init__(self, target: str, timeout_s: float | None = 600.0, security: ClientSettings | None = None) -> None:
         self.channel = client_channel(target, **(security.model_dump() if security else {}),
@@ -154,11 +165,13 @@ class SamServeClient:
         self.timeout_s = timeout_s
 
     def embed(self, image: bytes) -> EmbedResult:
-        response = self.stub.Embed(pb.EmbedRequest(image=image), timeout=self.timeout_s)
+        response = self.stub.Embed(pb.EmbedRequest(image=image), timeout=self.timeout_s,
+                                   metadata=routing_metadata(image))
         return EmbedResult(response.image_id, response.width, response.height, response.cached, response.model_id)
 
     def segment_raw(self, request: pb.SegmentRequest) -> pb.SegmentResponse:
-        return self.stub.Segment(request, timeout=self.timeout_s)
+        image = request.image_id if request.WhichOneof("image") == "image_id" else request.image_bytes
+        return self.stub.Segment(request, timeout=self.timeout_s, metadata=routing_metadata(image))
 
     def segment(
         self,
@@ -196,7 +209,8 @@ class SamServeClient:
             request.image_id = image
         else:
             request.image_bytes = image
-        response = self.stub.GenerateMasks(request, timeout=timeout_s or self.timeout_s)
+        response = self.stub.GenerateMasks(request, timeout=timeout_s or self.timeout_s,
+                                           metadata=routing_metadata(image))
         return GeneratedMasks(response.image_id, response.width, response.height, response.cached,
                               response.model_id, [annotation_from_proto(m) for m in response.masks])
 

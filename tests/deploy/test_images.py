@@ -41,8 +41,20 @@ def arg_default(path: Path, name: str) -> str:
     return value
 
 
+def make_web_steps() -> list[list[str]]:
+    """The commands of the Makefile's ``web`` recipes (run in web/ by `make setup`, so by every `make test`)."""
+    steps = []
+    for line in (REPO / "Makefile").read_text().splitlines():
+        if line.startswith("\tcd web && "):
+            steps.append(shlex.split(line.removeprefix("\tcd web && ")))
+    assert len(steps) == 2, steps  # npm ci, then the build
+    return steps
+
+
 def step_kind(argv: list[str]) -> str | None:
     """Which tested command a RUN step is (None: none)."""
+    if argv in make_web_steps():
+        return "the web page (make web: the same npm commands)"
     python, args = argv[0], argv[1:]
     build_requires = PYPROJECT["build-system"]["requires"]
     if args[:len(BUILD_WHEEL)] == BUILD_WHEEL and args[len(BUILD_WHEEL)] == "-w" and len(args) == len(BUILD_WHEEL) + 3:
@@ -75,7 +87,7 @@ def test_every_run_step_is_a_command_the_tests_run():
             kind = step_kind(argv)
             assert kind is not None, f"{path.name}: RUN {rest}\nis no command the tests run (see wheel_steps.py)"
             seen.add(kind.split(" (")[0])
-    assert {"build the wheel", "fresh venv", "install the wheel into the venv"} <= seen, seen
+    assert {"build the wheel", "fresh venv", "install the wheel into the venv", "the web page"} <= seen, seen
 
 
 def test_a_changed_step_is_caught():

@@ -69,3 +69,11 @@ def test_grpc_accepts_the_config_on_a_real_channel():
             call(pb.EmbedRequest(image=b"x"), timeout=5)
     assert failure.value.code() is grpc.StatusCode.UNAVAILABLE
     assert "failed to connect" in (failure.value.details() or "").lower()
+
+
+def test_every_client_call_names_its_image_for_consistent_hashing():
+    from samserve import images
+    from samserve.client import IMAGE_ID_HEADER, routing_metadata
+
+    assert routing_metadata("abc123") == ((IMAGE_ID_HEADER, "abc123"),)
+    assert routing_metadata(b"\x89PNG...") == ((IMAGE_ID_HEADER, images.image_id(b"\x89PNG...")),)
