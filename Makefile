@@ -7,8 +7,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.samserve-installed
 # Debian packages: redis-server (the cache's tier 2, and the tests' Redis), prometheus (+ promtool) for the metrics tests,
-# chromium for the browser tests (tests/browser) and the browser benchmark.
-DEBIAN_PACKAGES ?= redis-server prometheus chromium
+# chromium for the browser tests (tests/browser) and the browser benchmark, iproute2 (`ip netns`, `ip link`) for the
+# multi-host test.
+DEBIAN_PACKAGES ?= redis-server prometheus chromium iproute2
 PYTEST_ARGS ?=
 
 .PHONY: up test test-unit setup system-deps stubs web prepare bench bench-status load clean train quality soak fuzz deploy-tools
@@ -96,6 +97,7 @@ bench: setup
 	$(BIN)/python bench/request_memory_cpu.py
 	$(BIN)/python bench/soak.py
 	$(BIN)/python bench/browser_cpu.py
+	$(BIN)/python bench/multihost_cpu.py
 	$(BIN)/python bench/freshness.py
 
 # Property-based fuzzing (tests/fuzz, hypothesis) of the real gateway for FUZZ_SECONDS; `make test` runs the same

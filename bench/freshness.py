@@ -42,6 +42,7 @@ MEASURES: dict[str, tuple[str, ...]] = {
     "soak_cpu.json": ("bench/soak.py", *PLUMBING, *SERVING_PATH, "build/checkpoints/samserve_scenes_v1.pth"),
     "browser_cpu.json": ("bench/browser_cpu.py", *PLUMBING, *SERVING_PATH, "web/src", "web/package-lock.json",
                          "web/demo.png", "build/checkpoints/samserve_scenes_v1.pth"),
+    "multihost_cpu.json": ("bench/multihost_cpu.py", *PLUMBING, *SERVING_PATH),
     "tiny_quality.json": ("bench/quality_cpu.py", "bench/common.py", "build/samserve_build/evaluation.py",
                           "build/samserve_build/scenes.py", "build/samserve_build/clicks.py",
                           "build/checkpoints/samserve_scenes_v1.pth"),

@@ -17,7 +17,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from samserve import http_api, memory, metrics
+from samserve import http_api, memory, metrics, service_config
 from samserve.api import SERVICE_NAME, pb_grpc
 from samserve.interceptors import interceptors
 from samserve.model_watcher import ModelWatcher
@@ -88,6 +88,7 @@ async def create_server(
         options=[
             ("grpc.max_receive_message_length", settings.max_request_bytes),
             ("grpc.max_send_message_length", settings.max_response_bytes + (16 << 20)),  # + the messages' framing
+            *service_config.server_keepalive_options(),
         ],
     )
     pb_grpc.add_SegmentAnythingServicer_to_server(SegmentAnythingServicer(settings, triton, watcher), server)

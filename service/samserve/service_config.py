@@ -1,4 +1,4 @@
-"""The gRPC service config of every client channel to the gateway: retries and load balancing.
+"""The gRPC service config of every client channel to the gateway: retries, load balancing and keepalive.
 
 * Retries: Embed, Segment and GenerateMasks are idempotent (the same request gives the same answer, the cache
   makes a repeated Embed cheap), so a call that ends UNAVAILABLE (a gateway draining or gone, Triton not ready) is
@@ -12,6 +12,13 @@
   ``host:port`` addresses with IP literals (``127.0.0.1:50051,127.0.0.1:50052``) becomes one ``ipv4:``/``ipv6:``
   target, so a client spreads its calls over the gateways and keeps going while one is restarted (its draining
   gateway sends GOAWAY; new calls go to the others). In Kubernetes, give a ``dns:///`` name of a headless Service.
+* Keepalive: a gateway whose process dies resets its connections, so its calls end UNAVAILABLE at once and are
+  retried. A gateway whose host vanishes (a node lost, a network partition) sends nothing: without pings, its
+  connection would look alive and round robin would keep sending calls into it until their deadlines. So while
+  calls are in flight the client pings every ``keepalive_s`` and drops a connection whose ping is not answered in
+  :data:`KEEPALIVE_TIMEOUT_S`: its calls end UNAVAILABLE and are retried on the other gateways. The gateway
+  accepts pings as often as every :data:`MIN_KEEPALIVE_S` (:func:`server_keepalive_options`) and pings its own
+  clients every :data:`SERVER_KEEPALIVE_S`, so work for a vanished client is cancelled.
 """
 
 from __future__ import annotations
@@ -31,6 +38,36 @@ unavailability (~2.2 s on average), about a gateway restart or a short Triton re
 RETRYABLE_CODES = ("UNAVAILABLE",)
 IDEMPOTENT_METHODS = METHOD_NAMES
 """Every RPC of samserve.v1.SegmentAnything: none changes state a retry could apply twice."""
+
+
+KEEPALIVE_S = 10.0
+"""Default seconds between a client's pings while it has calls in flight."""
+MIN_KEEPALIVE_S = 5.0
+"""The gateway closes a connection that pings more often than this (gRPC's "too many pings")."""
+KEEPALIVE_TIMEOUT_S = 5.0
+"""A ping unanswered for this long drops the connection (client and gateway alike)."""
+SERVER_KEEPALIVE_S = 30.0
+"""Seconds between the gateway's pings to its clients."""
+
+
+def client_keepalive_options(keepalive_s: float = KEEPALIVE_S) -> list[tuple[str, int]]:
+    """Channel arguments of a client that pings every ``keepalive_s`` (>= :data:`MIN_KEEPALIVE_S`) while calls
+    are in flight, however long a call stays silent."""
+    if keepalive_s < MIN_KEEPALIVE_S:
+        raise ValueError(f"keepalive_s must be at least {MIN_KEEPALIVE_S} (the gateway refuses faster pings), "
+                         f"not {keepalive_s}")
+    return [("grpc.keepalive_time_ms", int(keepalive_s * 1000)),
+            ("grpc.keepalive_timeout_ms", int(KEEPALIVE_TIMEOUT_S * 1000)),
+            ("grpc.keepalive_permit_without_calls", 0),
+            ("grpc.http2.max_pings_without_data", 0)]
+
+
+def server_keepalive_options() -> list[tuple[str, int]]:
+    """Server arguments of the gateway: accept the clients' pings, ping the clients."""
+    return [("grpc.http2.min_recv_ping_interval_without_data_ms", int(MIN_KEEPALIVE_S * 1000)),
+            ("grpc.keepalive_time_ms", int(SERVER_KEEPALIVE_S * 1000)),
+            ("grpc.keepalive_timeout_ms", int(KEEPALIVE_TIMEOUT_S * 1000)),
+            ("grpc.http2.max_pings_without_data", 0)]
 
 
 def service_config(attempts: int = DEFAULT_ATTEMPTS) -> str:

@@ -195,3 +195,7 @@ class ClientSettings(BaseSettings):
         5, ge=1, le=5,
         description="attempts per call (the first included) when the gateway answers UNAVAILABLE; 1 = no retries",
     )
+    keepalive_s: float = Field(
+        10.0, ge=5.0, description="seconds between pings while calls are in flight: a gateway that does not answer "
+        "one within 5 s is dropped and its calls retried on the others (at least 5: the gateway refuses faster pings)",
+    )

@@ -176,6 +176,7 @@ def client_channel(
     key_file: Path | None = None,
     server_name: str | None = None,
     retry_attempts: int = service_config.DEFAULT_ATTEMPTS,
+    keepalive_s: float = service_config.KEEPALIVE_S,
     options: list[tuple[str, Any]] | None = None,
 ) -> grpc.Channel:
     """A blocking channel to the gateway. TLS when ``tls`` or any file is given: ``ca_file`` the CA that signed the
@@ -183,8 +184,10 @@ def client_channel(
     mutual TLS, ``server_name`` the name to check the certificate against instead of the target's host. ``token``
     is sent as ``authorization: Bearer <token>`` on every call. ``target``: one address, or several separated by
     commas (round robin); calls ending UNAVAILABLE are retried up to ``retry_attempts`` attempts in all (see
-    :mod:`samserve.service_config`)."""
-    options = [("grpc.service_config", service_config.service_config(retry_attempts)), *(options or [])]
+    :mod:`samserve.service_config`); while calls are in flight it pings every ``keepalive_s`` to notice a gateway
+    that vanished."""
+    options = [("grpc.service_config", service_config.service_config(retry_attempts)),
+               *service_config.client_keepalive_options(keepalive_s), *(options or [])]
     target = service_config.channel_target(target)
     if (cert_file is None) != (key_file is None):
         raise TlsConfigError("a client certificate needs its key and the other way round (cert_file and key_file)")

@@ -27,6 +27,17 @@ def test_every_rpc_of_the_service_retries_unavailable_with_bounded_exponential_b
     assert config["loadBalancingConfig"] == [{"round_robin": {}}]
 
 
+def test_clients_ping_no_faster_than_the_gateway_accepts():
+    client = dict(service_config.client_keepalive_options())
+    server = dict(service_config.server_keepalive_options())
+    assert ClientSettings().keepalive_s == service_config.KEEPALIVE_S
+    assert ClientSettings.model_fields["keepalive_s"].metadata[0].ge == service_config.MIN_KEEPALIVE_S
+    assert client["grpc.keepalive_time_ms"] >= server["grpc.http2.min_recv_ping_interval_without_data_ms"]
+    assert client["grpc.http2.max_pings_without_data"] == 0  # a long silent call keeps being checked
+    with pytest.raises(ValueError):
+        service_config.client_keepalive_options(service_config.MIN_KEEPALIVE_S / 2)
+
+
 def test_one_attempt_means_no_retry_policy():
     (method,) = json.loads(service_config.service_config(1))["methodConfig"]
     assert "retryPolicy" not in method
