@@ -17,6 +17,8 @@ Numpy, Pillow and OpenCV only: the gateway does not import torch.
 from __future__ import annotations
 
 import dataclasses
+import math
+import threading
 from collections.abc import Sequence
 
 import cv2
@@ -26,6 +28,25 @@ from PIL import Image
 from samserve import model_spec
 
 cv2.setNumThreads(0)  # OpenCV's own pool would compete with ONNX Runtime/Triton for the same cores.
+
+SCRATCH_MAX_BYTES = 16 << 20
+"""Largest float32 work plane a thread keeps between masks (4 MP): touching fresh memory costs a page fault per
+4 KiB, about as much as the work itself on a 1 MP mask (the gateway maps every block >= 1 MiB anew, see
+:mod:`samserve.memory`); larger planes are allocated per use and given back."""
+_scratch = threading.local()
+
+
+def scratch_plane(name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """A float32 array of ``shape`` with undefined contents that this thread reuses for ``name``: valid until the
+    thread's next call for the same name. Fresh memory when larger than :data:`SCRATCH_MAX_BYTES`."""
+    size = math.prod(shape)
+    if size * 4 > SCRATCH_MAX_BYTES:
+        return np.empty(shape, dtype=np.float32)
+    held = getattr(_scratch, name, None)
+    if held is None or held.size < size:
+        held = np.empty(size, dtype=np.float32)
+        setattr(_scratch, name, held)
+    return held[:size].reshape(shape)
 
 
 def resized_size(original_hw: tuple[int, int], image_size: int) -> tuple[int, int]:
@@ -176,7 +197,8 @@ def masks_returned(multimask_output: bool, num_mask_tokens: int) -> int:
 
 
 def upscale_logits(
-    low_res: np.ndarray, input_hw: tuple[int, int], original_hw: tuple[int, int], image_size: int
+    low_res: np.ndarray, input_hw: tuple[int, int], original_hw: tuple[int, int], image_size: int,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Mask logits at the original image size, as the official ``Sam.postprocess_masks``.
 
@@ -185,17 +207,32 @@ def upscale_logits(
 
     The result is a transposed view of a contiguous ... x W x H buffer, i.e. every mask is stored column-major,
     which is the layout COCO RLE encodes from, so encoding needs no copy. Bilinear resizing is separable, so
-    resizing the transposed logits equals transposing the resized ones.
+    resizing the transposed logits equals transposing the resized ones. ``out``: that float32 ... x W x H buffer,
+    written in place (e.g. a :func:`scratch_plane`); None allocates it.
     """
     lead = low_res.shape[:-2]
     planes = low_res.reshape(-1, *low_res.shape[-2:])
     h, w = input_hw
     out_h, out_w = original_hw
-    out = np.empty((planes.shape[0], out_w, out_h), dtype=np.float32)
-    padded = np.empty((image_size, image_size), dtype=np.float32)
+    low_h, low_w = planes.shape[-2:]
+    if image_size % low_h or image_size % low_w:
+        raise ValueError(f"{low_h} x {low_w} logits do not scale to {image_size} by an integer factor")
+    scale_h, scale_w = image_size // low_h, image_size // low_w
+    # Only the logits that the kept h x w corner reads: with an integer factor s, output index i reads inputs
+    # floor((i + 0.5) / s - 0.5) and the next one, so ceil(n / s) + 1 inputs suffice; resizing that block by the
+    # same factor gives the same values (each weight depends on the output index and the factor only).
+    keep_h, keep_w = min(low_h, -(-h // scale_h) + 1), min(low_w, -(-w // scale_w) + 1)
+    if out is None:
+        out = np.empty((*lead, out_w, out_h), dtype=np.float32)
+    out = out.reshape(planes.shape[0], out_w, out_h)
+    padded = scratch_plane("upscale_padded", (keep_w * scale_w, keep_h * scale_h))
     for k, plane in enumerate(planes):
-        cv2.resize(np.ascontiguousarray(plane.T), (image_size, image_size), dst=padded, interpolation=cv2.INTER_LINEAR)
-        cv2.resize(padded[:w, :h], (out_h, out_w), dst=out[k], interpolation=cv2.INTER_LINEAR)
+        cv2.resize(np.ascontiguousarray(plane[:keep_h, :keep_w].T), padded.shape[::-1], dst=padded,
+                   interpolation=cv2.INTER_LINEAR)
+        if (out_h, out_w) == (h, w):  # a resize to the same size is a copy (here and in the official code)
+            out[k] = padded[:w, :h]
+        else:
+            cv2.resize(padded[:w, :h], (out_h, out_w), dst=out[k], interpolation=cv2.INTER_LINEAR)
     return out.reshape(*lead, out_w, out_h).swapaxes(-1, -2)
 
 

@@ -209,7 +209,10 @@ def postprocess_plane(
     empty_stability: float = 1.0,
 ) -> tuple[np.ndarray, float]:
     """One 4h x 4w logit plane -> (H x W bool mask, stored column-major; stability score at ``offset``,
-    ``empty_stability`` when no pixel passes the lower threshold)."""
-    full = processing.upscale_logits(logits, image.input_size, image.original_size, meta.image_size)
+    ``empty_stability`` when no pixel passes the lower threshold). The full-size logits live in this thread's
+    scratch plane; only the mask leaves."""
+    height, width = image.original_size
+    full = processing.upscale_logits(logits, image.input_size, image.original_size, meta.image_size,
+                                     out=processing.scratch_plane("full_logits", (width, height)))
     score = processing.stability_score(full, meta.mask_threshold, offset, empty_stability)
     return processing.binarize(full, meta.mask_threshold), float(score)

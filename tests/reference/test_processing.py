@@ -49,7 +49,8 @@ def official_postprocess(low_res: np.ndarray, input_hw, original_hw, image_size:
     return F.interpolate(masks, original_hw, mode="bilinear", align_corners=False).numpy()
 
 
-@pytest.mark.parametrize("original", [(37, 53), (480, 640), (600, 338), (1500, 2000)])
+@pytest.mark.parametrize("original", [(37, 53), (480, 640), (600, 338), (1500, 2000), (768, 1024), (1024, 1024),
+                                      (3, 1024)])
 def test_upscale_logits_matches_official_postprocess(original):
     rng = np.random.default_rng(0)
     low_res = rng.normal(size=(2, 3, 256, 256)).astype(np.float32) * 4
@@ -57,6 +58,8 @@ def test_upscale_logits_matches_official_postprocess(original):
     expected = official_postprocess(low_res, input_hw, original, 1024)
     got = processing.upscale_logits(low_res, input_hw, original, 1024)
     assert got.shape == expected.shape == (2, 3, *original)
+    into = np.empty((2, 3, original[1], original[0]), dtype=np.float32)  # a given buffer gets the same values
+    np.testing.assert_array_equal(processing.upscale_logits(low_res, input_hw, original, 1024, out=into), got)
     np.testing.assert_allclose(got, expected, atol=1e-3)
     agreement = (processing.binarize(got, 0.0) == (expected > 0.0)).mean()
     assert agreement > 0.9999

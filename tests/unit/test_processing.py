@@ -69,3 +69,19 @@ def test_binarize_uses_the_model_threshold_not_one_half():
 def test_select_masks():
     assert processing.select_masks(True, 4) == slice(1, 4)
     assert processing.select_masks(False, 4) == slice(0, 1)
+
+
+def test_a_scratch_plane_is_reused_by_its_thread_only_and_never_kept_when_large():
+    import threading
+
+    first = processing.scratch_plane("test", (4, 5))
+    again = processing.scratch_plane("test", (3, 2))
+    assert again.shape == (3, 2) and np.shares_memory(first, again)  # the same memory, reshaped
+    other: list[np.ndarray] = []
+    worker = threading.Thread(target=lambda: other.append(processing.scratch_plane("test", (4, 5))))
+    worker.start()
+    worker.join()
+    assert not np.shares_memory(first, other[0])
+    side = int((processing.SCRATCH_MAX_BYTES // 4) ** 0.5) + 1
+    large = processing.scratch_plane("test", (side, side))
+    assert not np.shares_memory(large, processing.scratch_plane("test", (side, side)))
