@@ -298,7 +298,9 @@ class EmbeddingCache:
             metrics.SINGLE_FLIGHT_WAITS.inc()
             try:
                 entry = await asyncio.shield(pending)
-            except _HolderCancelled:  # the request that was encoding went away: try again ourselves
+            except (_HolderCancelled, Missing):
+                # The request that was encoding went away, or had no image bytes to encode from (it named the
+                # image by id): this caller may have them, so it tries itself.
                 return await self._get_or_compute(image_id, compute)
             entry.users += 1
             return entry, True

@@ -48,14 +48,22 @@ def _shared_memory_regions() -> set[str]:
 
 
 def check_namespaces() -> None:
-    """Raise :class:`NamespacesUnavailable`, with the reason, where namespaces cannot be made here."""
+    """Raise :class:`NamespacesUnavailable`, with the reason, where this machine refuses what :class:`Network`
+    does: a namespace, a bridge, and a veth pair into the namespace (a container may allow one and not another)."""
     if os.geteuid() != 0:
         raise NamespacesUnavailable("network namespaces need root")
-    probe = f"samserve-probe-{os.getpid()}"
-    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
-    if made.returncode != 0:
-        raise NamespacesUnavailable(f"`ip netns add` refused: {made.stderr.strip()}")
-    _ip("netns", "del", probe)
+    probe = f"ssprobe{os.getpid() % 100000}"
+    steps = [["netns", "add", probe], ["link", "add", probe, "type", "bridge"],
+             ["link", "add", f"{probe}v", "type", "veth", "peer", "name", "eth0", "netns", probe],
+             ["link", "set", f"{probe}v", "master", probe, "up"]]
+    try:
+        for step in steps:
+            done = subprocess.run(["ip", *step], capture_output=True, text=True)
+            if done.returncode != 0:
+                raise NamespacesUnavailable(f"`ip {' '.join(step)}` refused: {done.stderr.strip()}")
+    finally:
+        for undo in (["link", "del", f"{probe}v"], ["link", "del", probe], ["netns", "del", probe]):
+            subprocess.run(["ip", *undo], capture_output=True)
 
 
 @dataclasses.dataclass

@@ -135,6 +135,37 @@ def test_single_flight_within_a_process():
     asyncio.run(scenario())
 
 
+def test_a_waiter_with_the_bytes_encodes_when_the_holder_had_only_the_id():
+    """Single flight across a request by image_id (no bytes: its compute finds none) and one that sent the bytes:
+    the second must not inherit the first one's NOT_FOUND (found by the chaos soak after a rolling restart)."""
+    async def scenario():
+        cache = EmbeddingCache(FakeStager(), "ns", l1_bytes=1 << 20)
+        waits_before = metrics.SINGLE_FLIGHT_WAITS._value.get()
+        release = asyncio.Event()
+
+        async def no_bytes():
+            await release.wait()
+            raise Missing("k")
+
+        async def lease(compute):
+            async with cache.lease("k", compute) as (_, cached):
+                return cached
+
+        by_id = asyncio.create_task(lease(no_bytes))
+        with_bytes = asyncio.create_task(lease(lambda: asyncio.sleep(0, embedding())))
+        for _ in range(1000):  # bounded: the second waits on the first one's compute
+            if metrics.SINGLE_FLIGHT_WAITS._value.get() > waits_before:
+                break
+            await asyncio.sleep(0)
+        assert metrics.SINGLE_FLIGHT_WAITS._value.get() == waits_before + 1
+        release.set()
+        with pytest.raises(Missing):
+            await by_id
+        assert await with_bytes is False  # it encoded, from its own bytes
+
+    asyncio.run(scenario())
+
+
 def test_failure_log_counts_everything_but_logs_once_per_interval(caplog):
     log = FailureLog(interval_s=3600)
     with caplog.at_level(logging.WARNING, logger="samserve.cache"):
