@@ -36,7 +36,7 @@ from common import (  # noqa: E402
 
 DELAYS_MS = (0.0, 1.0)
 PINGS = 50
-IMAGES = 12
+IMAGES = 24
 
 
 def measure(model_dir: Path, delay_ms: float, args: argparse.Namespace) -> dict[str, object]:
