@@ -146,9 +146,18 @@ def browser_rows() -> list[str]:
             f"event to the mask drawn, {r['decode_and_upscale']['p50_ms']:.1f} ms of it the decoder run and upscaling"]
 
 
+def multihost_rows() -> list[str]:
+    links = {link["delay_ms_each_way"]: link for link in results("multihost_cpu.json")["links"]}
+    plain, delayed = links[0.0], links[1.0]
+    return [f"the Redis round trip from the client host is {plain['redis_ping']['median_ms']:.2f} ms on plain links "
+            f"and {delayed['redis_ping']['median_ms']:.2f} ms over the delayed ones",
+            f"+{plain['tier2_fetch_ms']:.1f} ms on plain links and +{delayed['tier2_fetch_ms']:.1f} ms over the "
+            f"delayed ones"]
+
+
 @pytest.mark.parametrize(
     "rows", [models_rows, gateway_rows, throughput_rows, amg_rows, backends_rows, quality_rows, export_rows,
-             request_memory_rows, soak_rows, browser_rows],
+             request_memory_rows, soak_rows, browser_rows, multihost_rows],
     ids=lambda f: f.__name__)
 def test_readme_quotes_the_results_files(rows):
     missing = [row for row in rows() if row not in README.replace("\n", " ")]
