@@ -12,7 +12,7 @@ STAMP := $(VENV)/.samserve-installed
 DEBIAN_PACKAGES ?= redis-server prometheus chromium iproute2
 PYTEST_ARGS ?=
 
-.PHONY: up test test-unit setup system-deps stubs web prepare bench bench-status load clean train quality soak fuzz deploy-tools
+.PHONY: up test test-unit setup system-deps stubs web prepare bench bench-gpu bench-status load clean train quality soak fuzz deploy-tools
 
 # A local stack on loopback: auth is off unless a keys file is given, said explicitly (the gateway warns; README
 # "Security"); with SAMSERVE_API_KEYS_FILE (or SAMSERVE_AUTH) set, those apply.
@@ -93,12 +93,19 @@ bench: setup
 	$(BIN)/python bench/throughput_cpu.py
 	$(BIN)/python bench/amg_cpu.py
 	$(BIN)/python bench/quality_cpu.py
+	$(BIN)/python bench/precision_cpu.py
 	$(BIN)/python bench/export_cpu.py
 	$(BIN)/python bench/request_memory_cpu.py
 	$(BIN)/python bench/soak.py
 	$(BIN)/python bench/multihost_cpu.py
 	$(BIN)/python bench/browser_cpu.py  # last: it rewrites docs/web-*.png, tracked files a later run would see as changed
 	$(BIN)/python bench/freshness.py
+
+# The GPU benchmark (bench/gpu.py: ViT-H, the gpu-torch runtime vs the official fp32 code) on this machine's GPU;
+# on a lent GPU machine run bench/gpu_device.sh instead (it carries what that machine lacks). `make test` runs the
+# same script on the CPU with the tiny model (tests/reference/test_torch_runtime.py).
+bench-gpu: setup
+	$(BIN)/python bench/gpu.py --device cuda
 
 # Property-based fuzzing (tests/fuzz, hypothesis) of the real gateway for FUZZ_SECONDS; `make test` runs the same
 # tier for 60 s. Failing requests are written to .samserve/fuzz-failures (see tests/fuzz/README.md).

@@ -23,8 +23,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path("bench/results")
 
 SERVING_PATH = ("service/samserve", "build/samserve_build/export.py", "build/samserve_build/repository.py",
-                "build/samserve_build/targets.py", "build/samserve_build/architectures.py", "model_repository")
-"""What every benchmark of the served models measures: the service, the exported graphs and their Triton configs."""
+                "build/samserve_build/targets.py", "build/samserve_build/architectures.py",
+                "model_repository/cpu-onnxruntime")
+"""What every benchmark of the served models measures: the service, the exported graphs and their Triton configs
+(the cpu-onnxruntime target's: the CPU benchmarks serve no other)."""
 PLUMBING = ("bench/common.py", "tests/support")
 
 MEASURES: dict[str, tuple[str, ...]] = {
@@ -43,6 +45,12 @@ MEASURES: dict[str, tuple[str, ...]] = {
     "browser_cpu.json": ("bench/browser_cpu.py", *PLUMBING, *SERVING_PATH, "web/src", "web/package-lock.json",
                          "web/demo.png", "build/checkpoints/samserve_scenes_v1.pth"),
     "multihost_cpu.json": ("bench/multihost_cpu.py", *PLUMBING, *SERVING_PATH),
+    "precision_cpu.json": ("bench/precision_cpu.py", "bench/amg_cpu.py", *PLUMBING, "build/samserve_build/precision.py",
+                           "build/samserve_build/graph_quality.py", "build/samserve_build/export.py",
+                           "build/samserve_build/architectures.py", "build/samserve_build/evaluation.py",
+                           "build/samserve_build/scenes.py", "service/samserve/onnx_backend.py",
+                           "service/samserve/processing.py", "service/samserve/model_spec.py",
+                           "build/checkpoints/samserve_scenes_v1.pth"),
     "tiny_quality.json": ("bench/quality_cpu.py", "bench/common.py", "build/samserve_build/evaluation.py",
                           "build/samserve_build/scenes.py", "build/samserve_build/clicks.py",
                           "build/checkpoints/samserve_scenes_v1.pth"),

@@ -3,6 +3,9 @@
     samserve-build export --variant vit_b --checkpoint sam_vit_b_01ec64.pth --out models/vit_b
     samserve-build export --variant tiny --random-weights --seed 0 --out models/tiny
     samserve-build repository --model models/vit_b --out repository
+    samserve-build repository --model models/vit_h --out repository --target gpu-torch --checkpoint sam_vit_h_4b8939.pth
+    samserve-build repository --model models/vit_h --out repository --target gpu-tensorrt
+    samserve-build tensorrt --repository repository   # on the serving GPU, where trtexec is installed
     samserve-build prepare          # what `make up` runs: the configured model, exported once, + repository
     samserve-build train --out runs/scenes          # train the small scenes model (resumable)
     samserve-build evaluate --checkpoint runs/scenes/model.pth --scenes 500 --out quality.json
@@ -68,7 +71,43 @@ def prepare(settings: BuildSettings) -> Path:
         LOG.info("model %s already exported in %s", settings.model_id, model_dir)
     else:
         export_from_args(settings.model_variant, checkpoint, settings.random_seed, model_dir, settings.model_id)
-    return repository.write_repository(model_dir, settings.repository, settings.serving_target)
+    if checkpoint is None:  # where export_random_weights wrote the random weights
+        checkpoint = model_dir.with_name(model_dir.name + "-checkpoint") / (
+            f"{settings.model_variant}-seed{settings.random_seed}.pth")
+    runs_checkpoint = SERVING_TARGETS[settings.target].needs_checkpoint
+    kind, parameters = device_options(settings.target, settings.device)
+    return repository.write_repository(model_dir, settings.repository, settings.target,
+                                       checkpoint=checkpoint if runs_checkpoint else None, instance_kind=kind,
+                                       parameters=parameters, tensorrt_major=settings.tensorrt_major)
+
+
+DEVICES: dict[str, tuple[str, dict[str, str]]] = {
+    "gpu": ("KIND_GPU", {}),
+    "cpu": ("KIND_CPU", {"device": "cpu"}),
+}
+"""``repository --device``: instance kind and config parameters (``device`` where a template has it)."""
+
+
+def device_options(target: ServingTargetName | str, device: str | None) -> tuple[str | None, dict[str, str]]:
+    """(instance kind, config parameters) that run ``target`` on ``device`` (None: as its templates say)."""
+    if device is None:
+        return None, {}
+    kind, parameters = DEVICES[device]
+    present = repository.template_parameters(target)
+    return kind, {key: value for key, value in parameters.items() if key in present}
+
+
+def _parameter(text: str) -> tuple[str, str]:
+    key, separator, value = text.partition("=")
+    if not separator or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def tensorrt_releases() -> list[int]:
+    from samserve_build import tensorrt
+
+    return list(tensorrt.TENSORRT_RELEASES)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,6 +136,18 @@ def main(argv: list[str] | None = None) -> int:
     p_repo.add_argument("--out", type=Path, required=True)
     p_repo.add_argument("--target", type=ServingTargetName, default=ServingTargetName.CPU_ONNXRUNTIME,
                         choices=list(SERVING_TARGETS), help="serving target (default cpu-onnxruntime)")
+    p_repo.add_argument("--checkpoint", type=Path, help="the exported checkpoint (targets that run it: gpu-torch)")
+    p_repo.add_argument("--device", choices=list(DEVICES),
+                        help="instance kind of every model (default: the template's); cpu also sets device=cpu "
+                             "where a config has it (gpu-torch on a machine without a GPU)")
+    p_repo.add_argument("--parameter", type=_parameter, action="append", default=[], metavar="KEY=VALUE",
+                        help="set a config parameter the templates have (repeatable), e.g. precision=fp32")
+    p_repo.add_argument("--tensorrt-major", type=int, default=repository.DEFAULT_TENSORRT_MAJOR,
+                        choices=sorted(tensorrt_releases()), help="TensorRT that builds the plans (gpu-tensorrt)")
+
+    p_trt = commands.add_parser("tensorrt", help="build a gpu-tensorrt repository's plans here (needs trtexec + GPU)")
+    p_trt.add_argument("--repository", type=Path, required=True, help="rendered with --target gpu-tensorrt")
+    p_trt.add_argument("--trtexec", default="trtexec", help="path of trtexec (default: from PATH)")
 
     p_train = commands.add_parser("train", help="train (or resume) the small SAM on generated scenes")
     p_train.add_argument("--out", type=Path, required=True, help="run folder: state.pt, train_log.jsonl, model.pth")
@@ -127,7 +178,13 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "random-checkpoint":
         print(architectures.write_random_checkpoint(args.variant, args.seed, args.out))
     elif args.command == "repository":
-        print(repository.write_repository(args.model, args.out, args.target))
+        kind, device_parameters = device_options(args.target, args.device)
+        print(repository.write_repository(
+            args.model, args.out, args.target, checkpoint=args.checkpoint, instance_kind=kind,
+            parameters={**device_parameters, **dict(args.parameter)}, tensorrt_major=args.tensorrt_major))
+    elif args.command == "tensorrt":
+        from samserve_build import tensorrt
+        tensorrt.build_engines(args.repository, trtexec=args.trtexec)
     elif args.command == "train":
         from samserve_build import training
         overrides = {"seed": args.seed}

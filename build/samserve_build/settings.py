@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import importlib.resources
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 
 from samserve.settings import StackSettings
 from samserve_build.targets import ServingTargetName
@@ -23,8 +24,18 @@ class BuildSettings(StackSettings):
         description="Meta-format checkpoint; unset = the shipped checkpoint for `scenes`, else seeded random weights",
     )
     random_seed: int = Field(0, description="seed of the random weights used when no checkpoint is set")
-    serving_target: ServingTargetName = Field(
-        ServingTargetName.CPU_ONNXRUNTIME, description="how Triton runs the models (samserve_build.targets)"
+    target: ServingTargetName = Field(
+        ServingTargetName.CPU_ONNXRUNTIME,
+        validation_alias=AliasChoices("target", "SAMSERVE_TARGET", "SAMSERVE_SERVING_TARGET"),
+        description="how Triton runs the models (samserve_build.targets): cpu-onnxruntime | gpu-torch | gpu-tensorrt; "
+                    "SAMSERVE_TARGET (SAMSERVE_SERVING_TARGET, its older name, still works)",
+    )
+
+    device: Literal["gpu", "cpu"] | None = Field(
+        None, description="where Triton runs the models: unset = the target's own (GPU targets: gpu); cpu runs "
+                          "gpu-torch's PyTorch modules on the CPU (trying it on a machine without a GPU)")
+    tensorrt_major: int = Field(
+        10, description="gpu-tensorrt: the TensorRT major that builds the plans (10 for Triton 24.12; or 11)"
     )
 
     @field_validator("model_variant")

@@ -1,21 +1,63 @@
 """Serving targets: how the two SAM models run inside Triton. A registry, as ``ARCHITECTURES`` is for variants.
 
-A target names its model-config templates (``model_repository/<name>/``) and, per Triton model, the exported file
-that goes into version 1 (the config's ``model_file`` parameter names the same file: a test checks they agree).
-The gateway needs nothing of this: request layout, dtypes and sizes come from the served configs and metadata.
+A target names its model-config templates (``model_repository/<name>/``) and, per Triton model, the file that goes
+into version 1 (the config's ``model_file`` parameter names the same file: a test checks they agree). That file is
+an exported graph, a graph derived from one (:data:`DERIVED_FILES`), or the checkpoint itself
+(:data:`samserve.model_spec.CHECKPOINT_FILE`). The gateway needs nothing of this: request layout, dtypes and sizes
+come from the served configs and metadata, and every target serves the same tensor names.
+
+| target | encoder | decoder |
+| --- | --- | --- |
+| cpu-onnxruntime | ONNX Runtime (fp32) in the python backend | same |
+| gpu-torch | official PyTorch modules on CUDA, bf16 autocast, SDPA, batched | same modules, bf16 |
+| gpu-tensorrt | TensorRT plan of the mixed-precision (fp16) graph | TensorRT plan of the fp32 graph |
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from pathlib import Path
 
 from samserve import model_spec
 
 
 class ServingTargetName(enum.StrEnum):
     CPU_ONNXRUNTIME = "cpu-onnxruntime"
+    GPU_TORCH = "gpu-torch"
+    GPU_TENSORRT = "gpu-tensorrt"
+
+
+def _write_fp16_encoder(model_dir: Path, destination: Path, meta: model_spec.ModelMetadata) -> None:
+    from samserve_build import precision
+
+    precision.write_mixed_precision(model_dir / model_spec.ENCODER_FILE, destination, precision.Precision.FP16)
+
+
+def _write_batched_decoder(model_dir: Path, destination: Path, meta: model_spec.ModelMetadata) -> None:
+    from samserve_build import tensorrt
+
+    tensorrt.write_batched_decoder(model_dir / model_spec.DECODER_FILE, destination, meta)
+
+
+FP16_ENCODER_FILE = "encoder.fp16.onnx"
+"""``samserve_build.precision.mixed_precision_file(ENCODER_FILE, FP16)``: the TensorRT encoder's source."""
+BATCHED_DECODER_FILE = "decoder.batched.onnx"
+"""``samserve_build.tensorrt.BATCHED_DECODER_FILE``: the TensorRT decoder's source."""
+
+DERIVED_FILES: dict[str, Callable[[Path, Path, model_spec.ModelMetadata], None]] = {
+    FP16_ENCODER_FILE: _write_fp16_encoder,
+    BATCHED_DECODER_FILE: _write_batched_decoder,
+}
+"""Files a target serves that the exporter does not write: name -> writer(export folder, destination, metadata).
+Written once into the export folder (beside the graphs they come from) when a repository first needs them."""
+
+
+def _write_engine_script(repository: Path, meta: model_spec.ModelMetadata, tensorrt_major: int) -> None:
+    from samserve_build import tensorrt
+
+    tensorrt.write_script(repository, meta, FP16_ENCODER_FILE, tensorrt_major)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,12 +65,20 @@ class ServingTarget:
     name: ServingTargetName
     description: str
     model_files: Mapping[str, str]
-    """Triton model name -> the exported file placed in version 1 (external data beside it comes along)."""
+    """Triton model name -> the file placed in version 1 (external data beside it comes along)."""
+    exact_dims: bool = False
+    """Render every tensor's dims from the metadata (TensorRT plans have fixed sizes that the config must repeat)."""
+    finish: Callable[[Path, model_spec.ModelMetadata, int], None] | None = None
+    """Writes what the rendered repository needs besides its models (repository, metadata, TensorRT major)."""
 
     @property
     def templates(self) -> str:
         """Folder of this target's templates inside ``model_repository/``."""
         return self.name.value
+
+    @property
+    def needs_checkpoint(self) -> bool:
+        return model_spec.CHECKPOINT_FILE in self.model_files.values()
 
 
 SERVING_TARGETS: dict[ServingTargetName, ServingTarget] = {
@@ -37,5 +87,20 @@ SERVING_TARGETS: dict[ServingTargetName, ServingTarget] = {
         description="ONNX Runtime (CPU execution provider, fp32) inside Triton's python backend",
         model_files={model_spec.ENCODER_MODEL: model_spec.ENCODER_FILE,
                      model_spec.DECODER_MODEL: model_spec.DECODER_FILE},
+    ),
+    ServingTargetName.GPU_TORCH: ServingTarget(
+        name=ServingTargetName.GPU_TORCH,
+        description="the official PyTorch modules on CUDA (bf16 autocast, SDPA, batched) in Triton's python backend",
+        model_files={model_spec.ENCODER_MODEL: model_spec.CHECKPOINT_FILE,
+                     model_spec.DECODER_MODEL: model_spec.CHECKPOINT_FILE},
+    ),
+    ServingTargetName.GPU_TENSORRT: ServingTarget(
+        name=ServingTargetName.GPU_TENSORRT,
+        description="TensorRT plans (fp16 encoder with fp32 LayerNorm/Softmax/neck, fp32 decoder) built on the "
+                    "serving GPU by the repository's build_engines.sh",
+        model_files={model_spec.ENCODER_MODEL: FP16_ENCODER_FILE,
+                     model_spec.DECODER_MODEL: BATCHED_DECODER_FILE},
+        exact_dims=True,
+        finish=_write_engine_script,
     ),
 }

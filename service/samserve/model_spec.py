@@ -75,6 +75,43 @@ ENCODER_FILE = "encoder.onnx"
 DECODER_FILE = "decoder.onnx"
 """File names of the exported ONNX graphs (the exporter's output; which file a serving target loads is the
 target's business, see ``samserve_build.targets``)."""
+CHECKPOINT_FILE = "sam.pth"
+"""Name of the Meta-format checkpoint in the version folder of targets that run the PyTorch modules (gpu-torch)."""
+
+PRECISION_PARAMETER = "precision"
+"""Model-config parameter: the precision the model computes in (one of :data:`PRECISIONS`)."""
+PRECISIONS = ("fp32", "bf16", "fp16")
+"""Precisions a gateway of this version serves. Embeddings of different precisions never share a cache entry."""
+ENGINE_PARAMETER_PREFIX = "samserve_engine_cc"
+"""Model-config parameters ``samserve_engine_cc<major><minor>``: one :class:`EngineRecord` (JSON) per TensorRT plan,
+appended by the engine build (``samserve-build tensorrt``) beside the plan it built."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineRecord:
+    """Where and with what a TensorRT plan was built (plans run only on that GPU architecture and TensorRT)."""
+
+    plan: str
+    """File name of the plan in the version folder (the config's ``cc_model_filenames`` entry)."""
+    compute_capability: str
+    """``major.minor`` of the GPU it was built on, e.g. ``9.0`` (H100, H200)."""
+    gpu_name: str
+    """As ``nvidia-smi`` names it, e.g. ``NVIDIA H100 80GB HBM3``."""
+    tensorrt_version: str
+    """TensorRT's version as ``trtexec`` reports it, e.g. ``10.7.0``."""
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> EngineRecord:
+        raw = json.loads(text)
+        return cls(**{field.name: str(raw[field.name]) for field in dataclasses.fields(cls)})
+
+    @property
+    def parameter(self) -> str:
+        """The config parameter that holds this record."""
+        return ENGINE_PARAMETER_PREFIX + self.compute_capability.replace(".", "")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +142,9 @@ class ModelMetadata:
     """The architecture hyper-parameters, for the record."""
     schema_version: int = METADATA_SCHEMA_VERSION
     """:data:`METADATA_SCHEMA_VERSION` of the exporter that wrote it (absent in older exports: 1)."""
+    precision: str = "fp32"
+    """What the served encoder computes in (:data:`PRECISIONS`): the exporter writes fp32, ``samserve-build
+    repository`` the serving target's (its configs' ``precision`` parameter)."""
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -135,5 +175,13 @@ class ModelMetadata:
 
     @property
     def cache_namespace(self) -> str:
-        """Everything an embedding depends on except the image: model, weights, preprocessing."""
-        return f"{self.model_id}:{self.weights_sha256}:pp{self.preprocessing_version}"
+        """Everything an embedding depends on except the image: model, weights, preprocessing, and the precision
+        when it is not fp32 (replicas serving fp32 and bf16 share a Redis without mixing their embeddings)."""
+        suffix = "" if self.precision == "fp32" else f":{self.precision}"
+        return f"{self.model_id}:{self.weights_sha256}:pp{self.preprocessing_version}{suffix}"
+
+    def unservable_reason(self) -> str | None:
+        """Why a gateway of this version cannot serve this metadata, or None."""
+        if self.precision not in PRECISIONS:
+            return f"model precision {self.precision!r} is none of {PRECISIONS}: upgrade the gateway"
+        return None

@@ -66,18 +66,28 @@ class ModelWatcher:
 
     async def _watch(self) -> None:
         was_ready: bool | None = None
+        told = ""  # what the log last said of why not: said once per change, not at every poll
         while True:
             ready = await self.triton.models_ready()
-            if ready:
+            why = ""
+            if not ready:  # Triton's own reason: a plan for another GPU or TensorRT, a failed load, ...
+                reasons = await self.triton.unready_reasons()
+                if reasons:
+                    why = "Triton cannot serve the SAM models: " + "; ".join(
+                        f"{model} {reason}" for model, reason in sorted(reasons.items()))
+            else:
                 try:
                     meta = await self.triton.metadata()
                     # A new model, or Triton back after an outage: it forgot the shared-memory regions that
                     # tier 1 staged, so tier 1 starts afresh (tier 2 still has the embeddings).
                     if self._model is None or self._model.meta != meta or was_ready is False:
                         await self._use(meta)
-                except Exception as error:  # noqa: BLE001 - metadata unreadable means not ready
-                    LOG.warning("cannot read the served model's metadata: %s", error)
+                except Exception as error:  # noqa: BLE001 - metadata unreadable or unservable means not ready
+                    why = f"cannot serve the model Triton serves: {error}"
                     ready = False
+            if why and why != told:
+                LOG.warning("%s", why)
+            told = why
             if ready != was_ready:
                 LOG.info("Triton models %s", "ready: SERVING" if ready else "not ready: NOT_SERVING")
                 await self._set_health(ready)
@@ -98,8 +108,11 @@ class ModelWatcher:
         self._model = ServedModel(meta, ImageEmbedder(self.triton, meta.image_size, cache, self.limiter,
                                                       self.decode_budget, self.images))
         metrics.set_build_info(__version__, meta.model_id, meta.weights_sha256)
-        LOG.info("serving %s (weights %s..., %d px, embedding %s)", meta.model_id, meta.weights_sha256[:12],
-                 meta.image_size, "x".join(map(str, meta.embedding_shape)))
+        engines = ", ".join(f"{e.plan} ({e.gpu_name}, compute capability {e.compute_capability}, TensorRT "
+                            f"{e.tensorrt_version})" for e in self.triton.served.engines)
+        LOG.info("serving %s (weights %s..., %d px, embedding %s, %s%s)", meta.model_id, meta.weights_sha256[:12],
+                 meta.image_size, "x".join(map(str, meta.embedding_shape)), meta.precision,
+                 f", TensorRT plans {engines}" if engines else "")
 
     async def close(self) -> None:
         """Stop watching and drop tier 1 (embeddings and image bytes)."""

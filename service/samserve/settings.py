@@ -20,6 +20,7 @@ class TransportName(enum.StrEnum):
 
     GRPC = "grpc"
     SHM = "shm"
+    CUDA = "cuda"
 
 
 class AuthMode(enum.StrEnum):
@@ -73,7 +74,8 @@ class GatewaySettings(BaseSettings):
         None, description="exported model folder (metadata.json + decoder.onnx) whose decoder clients may download "
         "for client-side decoding, while it is the served model; unset: GetModel offers no decoder")
     embedding_transport: TransportName = Field(
-        TransportName.SHM, description="shm (Triton on this host) | grpc (embedding inline)"
+        TransportName.SHM,
+        description="shm (Triton on this host) | grpc (embedding inline) | cuda (GPU Triton on this host, GPU 0)"
     )
     triton_timeout_s: float = Field(600.0, description="upper bound of one Triton call (client deadlines cut it)")
     max_request_bytes: int = Field(32 << 20, description="largest request message; larger -> RESOURCE_EXHAUSTED")

@@ -10,7 +10,10 @@ Every decoder call needs the image embedding (4 MiB in fp32 for the released mod
   and Triton must share a host. Measured on the 2-core CPU with vit_b (bench/results/models_cpu.json): it saves
   several ms per decoder call, so it is the default.
 
-A CUDA shared-memory transport (gateway and a GPU Triton in one pod) would be a third entry.
+* ``cuda`` (:class:`CudaSharedMemory`): as ``shm``, but the embedding is staged once in GPU memory (a Triton CUDA
+  shared-memory region, tritonclient's ``cuda_shared_memory``), so a GPU decoder reads it without a host-to-device
+  copy per call; the outputs come back through system shared memory (the gateway needs them on the host). Gateway
+  and a GPU Triton on one host (one pod); needs the ``cuda-python`` package and that GPU visible to the gateway.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from __future__ import annotations
 import uuid
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import tritonclient.grpc.aio as grpcclient
@@ -210,9 +213,55 @@ class SystemSharedMemory:
         await self._outputs.close()
 
 
+def _cuda_shm() -> Any:
+    """tritonclient's CUDA shared-memory module (it needs ``cuda-python`` and a CUDA driver)."""
+    try:
+        import tritonclient.utils.cuda_shared_memory as cuda_shm
+    except Exception as error:  # noqa: BLE001 - ImportError, or the driver library missing
+        raise RuntimeError(
+            "SAMSERVE_EMBEDDING_TRANSPORT=cuda needs the cuda-python package and a GPU visible to the gateway "
+            f"({error}); use shm or grpc on this host") from error
+    return cuda_shm
+
+
+class CudaSharedMemory(SystemSharedMemory):
+    """Embeddings staged once in GPU memory (CUDA shared memory, device ``device_id``); outputs as
+    :class:`SystemSharedMemory`."""
+
+    def __init__(self, client: grpcclient.InferenceServerClient, device_id: int = 0) -> None:
+        super().__init__(client)
+        self.cuda_shm = _cuda_shm()
+        self.device_id = device_id
+
+    async def stage(self, array: np.ndarray) -> Staged:
+        name = f"samserve-cuda-{uuid.uuid4().hex}"
+        handle = self.cuda_shm.create_shared_memory_region(name, array.nbytes, self.device_id)
+        staged = Staged(region=name, handle=handle, shared_bytes=array.nbytes)
+        try:
+            self.cuda_shm.set_shared_memory_region(handle, [array])
+            await self.client.register_cuda_shared_memory(
+                name, self.cuda_shm.get_raw_handle(handle), self.device_id, array.nbytes)
+        except BaseException:
+            self.cuda_shm.destroy_shared_memory_region(handle)
+            raise
+        self._staged[name] = staged
+        return staged
+
+    async def release(self, staged: Staged) -> None:
+        if staged.region is None or self._staged.pop(staged.region, None) is None:
+            return
+        try:
+            await self.client.unregister_cuda_shared_memory(staged.region)
+        except InferenceServerException:
+            pass  # Triton restarted or is unreachable: freeing the GPU memory is what matters
+        finally:
+            self.cuda_shm.destroy_shared_memory_region(staged.handle)
+
+
 TRANSPORTS: dict[TransportName, Callable[[grpcclient.InferenceServerClient], Transport]] = {
     TransportName.GRPC: InlineGrpc,
     TransportName.SHM: SystemSharedMemory,
+    TransportName.CUDA: CudaSharedMemory,
 }
 """Transport by name (``SAMSERVE_EMBEDDING_TRANSPORT``)."""
 

@@ -1,8 +1,10 @@
-"""The SAM encoder and decoder as Triton python-backend models running ONNX Runtime (target ``cpu-onnxruntime``).
+"""The SAM encoder and decoder as Triton python-backend models (targets ``cpu-onnxruntime`` and ``gpu-torch``).
 
-``model_repository/cpu-onnxruntime/sam_*/1/model.py`` import these classes. Each request is validated on its own: a
+``model_repository/<target>/sam_*/1/model.py`` import these classes. Which runtime computes the outputs is the
+config's ``runtime`` parameter (:data:`RUNTIMES`): ONNX Runtime on the exported graph, or the official PyTorch
+modules (``samserve_build.torch_runtime``, imported only by that target). Each request is validated on its own: a
 bad request gets its own ``InferenceResponse(error=...)`` and never fails the rest of the batch. Valid encoder
-requests of one ``execute`` call are stacked into one ONNX Runtime run (Triton's dynamic batching); decoder
+requests of one ``execute`` call are stacked into one run (Triton's dynamic batching); decoder
 requests run per image, that image's prompts in runs of at most ``max_prompts_per_run``.
 
 ``triton_python_backend_utils`` exists only inside Triton's python-backend stub, so it is imported lazily.
@@ -10,9 +12,11 @@ requests run per image, that image's prompts in runs of at most ``max_prompts_pe
 
 from __future__ import annotations
 
+import importlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -48,8 +52,56 @@ def _expect_shape(name: str, array: np.ndarray, expected: tuple[int | None, ...]
         raise InvalidRequest(f"{name} must be {layout}, got {' x '.join(map(str, array.shape))}")
 
 
-class _OnnxModel:
-    """Shared set-up: config parameters, metadata, the ONNX Runtime session of the graph the config names."""
+class Runner(Protocol):
+    """Computes one model's outputs from its inputs (the names and layouts of :mod:`samserve.model_spec`)."""
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    def close(self) -> None: ...
+
+
+class OnnxRunner:
+    """ONNX Runtime on the exported graph at ``path`` (parameters ``execution_providers``, ``intra_op_threads``,
+    ``arena_shrinkage``)."""
+
+    def __init__(self, path: Path, parameters: Mapping[str, str]) -> None:
+        providers = [p.strip() for p in parameters.get("execution_providers", "").split(",") if p.strip()]
+        self.session = onnx_backend.create_session(path, intra_op_threads=int(parameters.get("intra_op_threads", "0")),
+                                                   providers=providers or onnx_backend.DEFAULT_PROVIDERS)
+        self.shrink_arena = parameters.get("arena_shrinkage", "0") == "1"
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return onnx_backend.run(self.session, feeds, shrink_arena=self.shrink_arena)
+
+    def close(self) -> None:
+        self.session = None
+
+
+def create_onnx_runner(path: Path, model: str, parameters: Mapping[str, str], meta: model_spec.ModelMetadata,
+                       device_id: int) -> Runner:
+    return OnnxRunner(path, parameters)
+
+
+RUNTIMES: dict[str, str] = {
+    "onnxruntime": "samserve.triton_backend:create_onnx_runner",
+    "torch": "samserve_build.torch_runtime:create_runner",
+}
+"""Config parameter ``runtime`` -> ``module:function(path, model, parameters, metadata, device_id) -> Runner``,
+imported when a model loads (PyTorch only where a config asks for it)."""
+
+
+def create_runner(runtime: str, path: Path, model: str, parameters: Mapping[str, str],
+                  meta: model_spec.ModelMetadata, device_id: int) -> Runner:
+    if runtime not in RUNTIMES:
+        raise RuntimeError(f"{model}: unknown runtime {runtime!r}; one of {sorted(RUNTIMES)}")
+    module, function = RUNTIMES[runtime].split(":")
+    factory = getattr(importlib.import_module(module), function)
+    runner: Runner = factory(path, model, parameters, meta, device_id)
+    return runner
+
+
+class _TritonModel:
+    """Shared set-up: config parameters, metadata, the runner of the file the config's ``model_file`` names."""
 
     def initialize(self, args: dict[str, str]) -> None:
         config = json.loads(args["model_config"])
@@ -57,18 +109,15 @@ class _OnnxModel:
         if model_spec.METADATA_PARAMETER not in parameters:
             raise RuntimeError(f"{config['name']}: config lacks the {model_spec.METADATA_PARAMETER} parameter")
         self.metadata = model_spec.ModelMetadata.from_json(parameters[model_spec.METADATA_PARAMETER])
-        threads = int(parameters.get("intra_op_threads", "0"))
-        self.shrink_arena = parameters.get("arena_shrinkage", "0") == "1"
         self.max_prompts_per_run = int(parameters.get("max_prompts_per_run", "0"))
         if "model_file" not in parameters:
-            raise RuntimeError(f"{config['name']}: config lacks the model_file parameter (the ONNX graph to load)")
+            raise RuntimeError(f"{config['name']}: config lacks the model_file parameter (the file to load)")
         path = Path(args["model_repository"]) / args["model_version"] / parameters["model_file"]
-        providers = [p.strip() for p in parameters.get("execution_providers", "").split(",") if p.strip()]
-        self.session = onnx_backend.create_session(path, intra_op_threads=threads,
-                                                   providers=providers or onnx_backend.DEFAULT_PROVIDERS)
+        self.runner = create_runner(parameters.get("runtime", "onnxruntime"), path, config["name"], parameters,
+                                    self.metadata, int(args.get("model_instance_device_id", "0") or 0))
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return onnx_backend.run(self.session, feeds, shrink_arena=self.shrink_arena)
+        return self.runner.run(feeds)
 
     def _error(self, message: str, invalid_argument: bool = True) -> Any:
         """An error response for one request: INVALID_ARG for a bad request, INTERNAL for a runtime failure."""
@@ -77,10 +126,10 @@ class _OnnxModel:
         return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
 
     def finalize(self) -> None:
-        self.session = None
+        self.runner.close()
 
 
-class EncoderModel(_OnnxModel):
+class EncoderModel(_TritonModel):
     """image (uint8 B x S x S x 3) + input_size (int64 B x 2) -> image_embeddings (float32 B x C x h x w)."""
 
     def _inputs(self, request: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -122,7 +171,7 @@ class EncoderModel(_OnnxModel):
         return responses
 
 
-class DecoderModel(_OnnxModel):
+class DecoderModel(_TritonModel):
     """B x (one embedding + N prompts) -> low_res_masks (B x N x M x 4h x 4w), iou_predictions (B x N x M).
 
     An image's prompts run in chunks of ``max_prompts_per_run`` (config parameter; 0 = all at once): ONNX Runtime's

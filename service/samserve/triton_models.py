@@ -26,7 +26,41 @@ from samserve.transports import OutputSpec, create_transport, infer_inline
 
 
 class ModelMismatchError(RuntimeError):
-    """Encoder and decoder in Triton were exported from different models."""
+    """What Triton serves is not something this gateway can serve: encoder and decoder exported from different
+    models, metadata of an unknown precision, or TensorRT engines that disagree."""
+
+
+TENSORRT_PLATFORM = "tensorrt_plan"
+
+
+def engine_records(config: Mapping[str, Any]) -> tuple[model_spec.EngineRecord, ...]:
+    """The TensorRT engines recorded in one model config (``samserve_engine_cc*`` parameters), by parameter name."""
+    parameters = config.get("parameters", {})
+    return tuple(
+        model_spec.EngineRecord.from_json(parameters[name]["string_value"])
+        for name in sorted(parameters) if name.startswith(model_spec.ENGINE_PARAMETER_PREFIX)
+    )
+
+
+def check_engines(configs: Mapping[str, Mapping[str, Any]]) -> tuple[model_spec.EngineRecord, ...]:
+    """The engines of the served models (model name -> config JSON); ModelMismatchError when a TensorRT model has
+    none recorded, or when encoder and decoder plans for one GPU architecture come from different TensorRT
+    versions (the engine build ran twice, half-way)."""
+    engines: dict[str, tuple[model_spec.EngineRecord, ...]] = {}
+    for model, config in configs.items():
+        engines[model] = engine_records(config)
+        if config.get("platform") == TENSORRT_PLATFORM and not engines[model]:
+            raise ModelMismatchError(
+                f"{model} is a TensorRT plan but its config records no engine: build the engines "
+                "(`samserve-build tensorrt`, or the chart's tensorrtEngines Job) before starting Triton")
+    versions: dict[str, set[str]] = {}
+    for record in (record for records in engines.values() for record in records):
+        versions.setdefault(record.compute_capability, set()).add(record.tensorrt_version)
+    for capability, found in versions.items():
+        if len(found) > 1:
+            raise ModelMismatchError(f"the plans for compute capability {capability} were built with different "
+                                     f"TensorRT versions {sorted(found)}: rebuild both engines")
+    return tuple(record for records in engines.values() for record in records)
 
 
 TRITON_STATUS: dict[str, type[SamServeError]] = {
@@ -102,6 +136,8 @@ class ServedModels:
     meta: model_spec.ModelMetadata
     encoder: ModelLayout
     decoder: ModelLayout
+    engines: tuple[model_spec.EngineRecord, ...] = ()
+    """TensorRT plans behind the two models (gpu-tensorrt target); empty for the other targets."""
 
 
 RECONNECT_BACKOFF_MS = (250, 1000)
@@ -142,17 +178,22 @@ class TritonSam:
         return self._served
 
     async def metadata(self) -> model_spec.ModelMetadata:
-        """Read both model configs (metadata and layout); their metadata must agree. Call after every (re)load."""
-        metas, layouts = [], []
+        """Read both model configs (metadata, layout, engines); their metadata must agree and be servable
+        (ModelMismatchError says why not). Call after every (re)load."""
+        configs = {}
         with triton_errors():
             for model in (model_spec.ENCODER_MODEL, model_spec.DECODER_MODEL):
-                config = (await self.client.get_model_config(model, as_json=True))["config"]
-                raw = config["parameters"][model_spec.METADATA_PARAMETER]["string_value"]
-                metas.append(model_spec.ModelMetadata.from_json(raw))
-                layouts.append(ModelLayout.from_config(config))
+                configs[model] = (await self.client.get_model_config(model, as_json=True))["config"]
+        metas = [model_spec.ModelMetadata.from_json(config["parameters"][model_spec.METADATA_PARAMETER]["string_value"])
+                 for config in configs.values()]
         if metas[0] != metas[1]:
             raise ModelMismatchError(f"encoder {metas[0].model_id} and decoder {metas[1].model_id} differ")
-        self._served = ServedModels(metas[0], layouts[0], layouts[1])
+        reason = metas[0].unservable_reason()
+        if reason is not None:
+            raise ModelMismatchError(reason)
+        engines = check_engines(configs)
+        self._served = ServedModels(metas[0], ModelLayout.from_config(configs[model_spec.ENCODER_MODEL]),
+                                    ModelLayout.from_config(configs[model_spec.DECODER_MODEL]), engines)
         return metas[0]
 
     async def encode(self, image: PreparedImage, timeout_s: float | None = None) -> Embedding:
@@ -220,6 +261,20 @@ class TritonSam:
             )
         except Exception:  # noqa: BLE001 - unreachable means not ready
             return False
+
+    async def unready_reasons(self) -> dict[str, str]:
+        """Why the SAM models are not ready, as Triton's repository index says (model -> state and reason, e.g. a
+        plan built for another GPU or TensorRT); empty when Triton is unreachable or says nothing."""
+        try:
+            index = await self.client.get_model_repository_index(as_json=True)
+        except Exception:  # noqa: BLE001 - unreachable: nothing to say beyond "not ready"
+            return {}
+        return {
+            entry["name"]: f"{entry.get('state', 'UNKNOWN')}: {entry.get('reason') or 'no reason given'}"
+            for entry in index.get("models", [])
+            if entry.get("name") in (model_spec.ENCODER_MODEL, model_spec.DECODER_MODEL)
+            and entry.get("state") != "READY"
+        }
 
     async def inference_count(self, model: str) -> int:
         """How many inferences Triton has run for ``model`` (its own statistics)."""

@@ -374,7 +374,7 @@ def test_model_delivery(rendered):
             env = env_of(prepare)
             assert env["SAMSERVE_WORKDIR"] == "/models"
             assert env["SAMSERVE_MODEL_VARIANT"] == chart["prepare"]["modelVariant"]
-            assert env["SAMSERVE_SERVING_TARGET"] == chart["servingTarget"]
+            assert env["SAMSERVE_TARGET"] == chart["servingTarget"]
             if chart["prepare"]["checkpoint"]:
                 assert env["SAMSERVE_CHECKPOINT"] == f"/checkpoints/{chart['prepare']['checkpoint']}"
 
@@ -386,7 +386,15 @@ def test_tensorrt_job_matches_the_triton_release(rendered):
     release = values("gpu-tensorrt")["tritonRelease"]
     assert container["image"] == f"nvcr.io/nvidia/tensorrt:{release}-py3"
     assert container["resources"]["limits"]["nvidia.com/gpu"] >= 1
-    assert "trtexec --onnx=" in container["args"][0] and "_cc${cc}.plan" in container["args"][0]
+    assert "bash /models/repository/build_engines.sh /models/repository" in container["args"][0]
+    env = {item["name"]: item["value"] for item in container["env"]}
+    assert env["TRTEXEC"] == values("gpu-tensorrt")["tensorrtEngines"]["trtexec"]
+    prepare = next(c for c in result.named("Job", "prepare")["spec"]["template"]["spec"]["containers"])
+    prepare_env = {item["name"]: item["value"] for item in prepare["env"]}
+    assert prepare_env["SAMSERVE_TENSORRT_MAJOR"] == str(values("gpu-tensorrt")["tensorrtEngines"]["tensorrtMajor"])
+    triton = result.named("Deployment", "triton")["spec"]["template"]["spec"]
+    wait = next(c for c in triton["initContainers"] if c["name"] == "wait-for-repository")
+    assert "engines = True" in wait["args"][0]  # Triton starts once the plans are recorded
     assert not [r for r in rendered.values() if r.profile != "gpu-tensorrt" and r.of_kind("Job") and any(
         j["metadata"]["name"].endswith("tensorrt-engines") for j in r.of_kind("Job"))]
 

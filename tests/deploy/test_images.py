@@ -62,7 +62,7 @@ def step_kind(argv: list[str]) -> str | None:
     if args[:len(MAKE_VENV)] == MAKE_VENV and len(args) == len(MAKE_VENV) + 1:
         return "fresh venv (test_wheel: MAKE_VENV)"
     if args[:len(INSTALL_WHEEL)] == INSTALL_WHEEL and python.endswith("/bin/python"):
-        wheels = [a for a in args[len(INSTALL_WHEEL):] if a.endswith(".whl") or ".whl[" in a]
+        wheels = [a for a in args[len(INSTALL_WHEEL):] if a.endswith(".whl") or ".whl[" in a or ".whl${" in a]
         extras = [a for a in args[len(INSTALL_WHEEL):] if a not in wheels]
         optional = PYPROJECT["project"]["optional-dependencies"]
         declared = {r for group in optional.values() for r in group}

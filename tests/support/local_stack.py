@@ -9,8 +9,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -29,11 +30,23 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve_locally(model_dir: Path, root: Path, timeout_s: float = 300.0) -> Iterator[triton_server.TritonServer]:
-    """Render a repository for ``model_dir`` under ``root`` and run Triton on free loopback ports until exit."""
-    repo = write_repository(model_dir, Path(root) / "repository")
-    server = triton_server.TritonServer(repo, Path(root) / "work", free_port(), free_port(), free_port())
-    with triton_server.running_triton(server, timeout_s, (model_spec.ENCODER_MODEL, model_spec.DECODER_MODEL)):
+def serve_locally(model_dir: Path, root: Path, timeout_s: float = 300.0,
+                  **repository_options: Any) -> Iterator[triton_server.TritonServer]:
+    """Render a repository for ``model_dir`` under ``root`` (``repository_options``: those of
+    :func:`write_repository`, e.g. another target) and run Triton on free loopback ports until exit."""
+    repo = write_repository(model_dir, Path(root) / "repository", **repository_options)
+    with serve_repository(repo, root, timeout_s) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def serve_repository(repo: Path, root: Path, timeout_s: float = 300.0,
+                     models: Sequence[str] = (model_spec.ENCODER_MODEL, model_spec.DECODER_MODEL),
+                     extra_args: Sequence[str] = ()) -> Iterator[triton_server.TritonServer]:
+    """Run Triton on the repository ``repo`` on free loopback ports until exit, once ``models`` are ready."""
+    server = triton_server.TritonServer(repo, Path(root) / "work", free_port(), free_port(), free_port(),
+                                        extra_args=extra_args)
+    with triton_server.running_triton(server, timeout_s, models):
         yield server
 
 

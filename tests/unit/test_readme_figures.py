@@ -155,9 +155,21 @@ def multihost_rows() -> list[str]:
             f"delayed ones"]
 
 
+def precision_rows() -> list[str]:
+    data = results("precision_cpu.json")
+    agreement, scenes = data["vit_b_random"], data["scenes"]
+    images = len(agreement["images"])
+    return [f"{agreement['prompts']} prompts on {images} image{'s' if images > 1 else ''}, every prompt's masks "
+            f"against the fp32 graph's: IoU min "
+            f"{agreement['min_iou']:.4f}, median {agreement['median_iou']:.4f}",
+            f"mIoU point {scenes['fp32']['miou_point_top']:.4f} → {scenes['fp16']['miou_point_top']:.4f}, box "
+            f"{scenes['fp32']['miou_box']:.4f} → {scenes['fp16']['miou_box']:.4f}",
+            f"vit_b's encoder file is {data['graphs']['vit_b']['encoder.fp16']['size_ratio']:.2f} of the fp32 one"]
+
+
 @pytest.mark.parametrize(
-    "rows", [models_rows, gateway_rows, throughput_rows, amg_rows, backends_rows, quality_rows, export_rows,
-             request_memory_rows, soak_rows, browser_rows, multihost_rows],
+    "rows", [models_rows, precision_rows, gateway_rows, throughput_rows, amg_rows, backends_rows, quality_rows,
+             export_rows, request_memory_rows, soak_rows, browser_rows, multihost_rows],
     ids=lambda f: f.__name__)
 def test_readme_quotes_the_results_files(rows):
     missing = [row for row in rows() if row not in README.replace("\n", " ")]

@@ -33,13 +33,13 @@ def test_every_setting_is_documented_in_the_readme():
 
 def test_the_gateway_reads_only_what_it_needs():
     gateway = set(GatewaySettings.model_fields)
-    assert not gateway & {"workdir", "model_variant", "checkpoint", "serving_target", "redis_server_port"}
+    assert not gateway & {"workdir", "model_variant", "checkpoint", "target", "redis_server_port"}
     assert gateway < set(StackSettings.model_fields) < set(BuildSettings.model_fields)
 
 
 def test_choices_are_validated_at_start_up(monkeypatch):
     monkeypatch.setenv("SAMSERVE_EMBEDDING_TRANSPORT", "carrier-pigeon")
-    with pytest.raises(ValidationError, match="'grpc' or 'shm'"):
+    with pytest.raises(ValidationError, match="'grpc', 'shm' or 'cuda'"):
         GatewaySettings()
     monkeypatch.setenv("SAMSERVE_EMBEDDING_TRANSPORT", "grpc")
     assert GatewaySettings().embedding_transport is TransportName.GRPC

@@ -217,7 +217,8 @@ capabilities:
     - {name: SAMSERVE_CHECKPOINT, value: {{ printf "/checkpoints/%s" $p.checkpoint | quote }}}
     {{- end }}
     - {name: SAMSERVE_RANDOM_SEED, value: {{ $p.randomSeed | quote }}}
-    - {name: SAMSERVE_SERVING_TARGET, value: {{ .Values.servingTarget | quote }}}
+    - {name: SAMSERVE_TARGET, value: {{ .Values.servingTarget | quote }}}
+    - {name: SAMSERVE_TENSORRT_MAJOR, value: {{ .Values.tensorrtEngines.tensorrtMajor | quote }}}
     - {name: HOME, value: /tmp}
   resources: {{- toYaml $p.resources | nindent 4 }}
   securityContext: {{- include "samserve.containerSecurityContext" . | nindent 4 }}
