@@ -161,7 +161,8 @@ def scenes_model() -> Model:
     directory = WORK / "scenes"
     sha = architectures.sha256_file(SCENES_CHECKPOINT)
     metadata = directory / model_spec.METADATA_FILE
-    if not metadata.exists() or model_spec.ModelMetadata.read(directory).weights_sha256 != sha:
+    if (not metadata.exists() or model_spec.ModelMetadata.read(directory).weights_sha256 != sha
+            or not export.written_by_this_exporter(model_spec.ModelMetadata.read(directory))):
         export.export_model("scenes", SCENES_CHECKPOINT, directory)
     return Model("scenes", SCENES_CHECKPOINT, directory, model_spec.ModelMetadata.read(directory).model_id,
                  f"shipped checkpoint samserve_scenes_v1 (sha256 {sha})")

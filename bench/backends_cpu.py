@@ -1,9 +1,13 @@
-"""Which runtime serves the CPU target: ONNX Runtime vs OpenVINO on the exported vit_b graphs (one run).
+"""The CPU serving targets side by side on the exported vit_b graphs, in-process, and what ``auto`` picks here.
 
-Times the encoder (one 768x1024 image) and the decoder (1 point, all mask tokens) in-process, every runtime's calls
-interleaved with the others' (``common.interleaved_samples``), and reports each
-runtime's relative error against PyTorch (the official modules, same weights). Writes
-bench/results/backends_cpu.json. The choice (ONNX Runtime, fp32) is documented in README.
+Times the encoder (one 768x1024 image) and the decoder (1 point, all mask tokens; and 16 such prompts in one run)
+of each CPU target (``samserve_build.targets.CPU_TARGETS``, with the runners and parameters Triton's python backend
+uses) against the official PyTorch modules, all calls interleaved (``common.interleaved_samples``), with each one's
+relative error against PyTorch (same weights). Two decoders that no target serves are measured beside them, to
+show why: OpenVINO computing the decoder in bf16 (it moved masks past the gate, tests/integration/
+test_cpu_runtimes.py) and ONNX Runtime's dynamic int8 quantization of the decoder (``quantize_dynamic``, int8
+weights of the MatMuls). ``auto``'s choice is :func:`samserve_build.cpu_choice.choose` applied to these medians
+over the candidates of this CPU. Writes bench/results/backends_cpu.json.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import numpy as np  # noqa: E402
 import openvino as ov  # noqa: E402
 import torch  # noqa: E402
 from common import (  # noqa: E402
+    WORK,
     environment,
     interleaved_samples,
     print_table,
@@ -27,31 +32,27 @@ from common import (  # noqa: E402
     write_results,
 )  # noqa: E402
 
-from samserve import model_spec, onnx_backend, processing  # noqa: E402
-from samserve_build import architectures, export  # noqa: E402
+from samserve import model_spec, processing  # noqa: E402
+from samserve.openvino_backend import OpenVinoRunner  # noqa: E402
+from samserve.triton_backend import OnnxRunner  # noqa: E402
+from samserve_build import architectures, cpu_choice, export, graph_quality  # noqa: E402
+from samserve_build.targets import CPU_TARGETS, SERVING_TARGETS  # noqa: E402
 from tests.support.images import synthetic_image  # noqa: E402
 
-ENCODER_REPEATS, DECODER_REPEATS = 5, 30
-CHOICE = "onnxruntime-fp32"
-FP32_RUNTIMES = ("onnxruntime-fp32", "openvino-f32")
-"""The runtimes that keep parity with PyTorch (the 1e-4 export check); a reduced-precision runtime is judged on
-masks, not here."""
+ENCODER_REPEATS, DECODER_REPEATS, BATCH_REPEATS = 5, 30, 8
+BATCH_PROMPTS = 16
+REFERENCE = "pytorch-official-modules"
+UNSERVED_DECODERS = ("openvino-bf16-decoder", "onnxruntime-int8-decoder")
 
 
-def why(runtimes: dict[str, dict]) -> str:
-    """The choice's reasons, stated from this run's medians (no claim the figures do not carry)."""
-    def ratio(graph: str, other: str) -> float:
-        return runtimes[CHOICE][graph]["median_ms"] / runtimes[other][graph]["median_ms"]
+def int8_decoder(model_dir: Path) -> Path:
+    """The vit_b decoder with ONNX Runtime's dynamic int8 quantization (written once into the work folder)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    parts = [f"{CHOICE} vs {other}: encoder x{ratio('encoder', other):.2f}, decoder x{ratio('decoder', other):.2f} "
-             f"(time relative to it)" for other in runtimes if other != CHOICE]
-    fastest = min(FP32_RUNTIMES, key=lambda name: runtimes[name]["decoder"]["median_ms"])
-    verdict = ("it is the choice" if fastest == CHOICE else
-               f"NOT the choice ({CHOICE}): this CPU argues for revisiting it")
-    return ("Fp32 keeps parity with PyTorch (relative error ~1e-6, far below the 1e-4 export check). Among the fp32 "
-            f"runtimes the fastest decoder (the per-prompt hot path) in this run is {fastest}: {verdict}. bf16 is "
-            "outside the parity tolerance; it is judged on masks in the CPU-precision work. Measured: "
-            + "; ".join(parts) + ".")
+    path = WORK / "backends_cpu" / "decoder.int8.onnx"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    quantize_dynamic(str(model_dir / model_spec.DECODER_FILE), str(path), weight_type=QuantType.QInt8)
+    return path
 
 
 def main() -> None:
@@ -65,74 +66,81 @@ def main() -> None:
         model_spec.ENC_INPUT_SIZE: np.asarray([prepared.input_size], dtype=np.int64),
     }
     encoder_graph, decoder_graph = export.EncoderGraph(sam).eval(), export.DecoderGraph(sam).eval()
-    encoder_tensors = [torch.from_numpy(encoder_feeds[n]) for n in model_spec.ENCODER_INPUTS]
-    reference_embedding = encoder_graph(*encoder_tensors).numpy()
+    reference_embedding = encoder_graph(*(torch.from_numpy(encoder_feeds[n]) for n in model_spec.ENCODER_INPUTS))
+    reference_embedding = reference_embedding.numpy()
     prompt = processing.Prompt(points=np.array([[512.0, 300.0]]), labels=np.array([1]))
-    batch = processing.decoder_batches([prompt], prepared.original_size, prepared.input_size, meta.low_res_mask_size)[0]
-    decoder_feeds = {
-        model_spec.DEC_EMBEDDING: reference_embedding,
-        model_spec.DEC_POINT_COORDS: batch.point_coords,
-        model_spec.DEC_POINT_LABELS: batch.point_labels,
-        model_spec.DEC_MASK_INPUT: batch.mask_input,
-        model_spec.DEC_HAS_MASK_INPUT: batch.has_mask_input,
-    }
-    reference_masks = decoder_graph(*(torch.from_numpy(decoder_feeds[n]) for n in model_spec.DECODER_INPUTS))[0].numpy()
+    decoder_feeds = {}
+    for name, count in (("decoder", 1), ("decoder_16", BATCH_PROMPTS)):
+        batch = processing.decoder_batches([prompt] * count, prepared.original_size, prepared.input_size,
+                                           meta.low_res_mask_size)[0]
+        decoder_feeds[name] = {
+            model_spec.DEC_EMBEDDING: reference_embedding, model_spec.DEC_POINT_COORDS: batch.point_coords,
+            model_spec.DEC_POINT_LABELS: batch.point_labels, model_spec.DEC_MASK_INPUT: batch.mask_input,
+            model_spec.DEC_HAS_MASK_INPUT: batch.has_mask_input}
+    feeds = {"encoder": encoder_feeds, **decoder_feeds}
 
-    sessions = {
-        "onnxruntime-fp32": (
-            onnx_backend.create_session(model_dir / model_spec.ENCODER_FILE),
-            onnx_backend.create_session(model_dir / model_spec.DECODER_FILE),
-        )
-    }
-    core = ov.Core()
-    for precision in ("f32", "bf16"):
-        config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
-        sessions[f"openvino-{precision}"] = (
-            core.compile_model(str(model_dir / model_spec.ENCODER_FILE), "CPU", config),
-            core.compile_model(str(model_dir / model_spec.DECODER_FILE), "CPU", config),
-        )
+    def official(graph: torch.nn.Module, inputs: tuple[str, ...], stage: str):
+        tensors = [torch.from_numpy(feeds[stage][n]) for n in inputs]
+        return lambda: graph(*tensors)
 
-    def runner(compiled, feeds):
-        if isinstance(compiled, ov.CompiledModel):
-            return lambda: compiled(feeds)
-        return lambda: onnx_backend.run(compiled, feeds)
+    reference_masks = official(decoder_graph, model_spec.DECODER_INPUTS, "decoder")()[0].numpy()
+    runners = {name: {"encoder": sam_.encoder, "decoder": sam_.decoder} for name, sam_ in
+               ((str(target), graph_quality.OnnxSam.of_target(model_dir, target)) for target in CPU_TARGETS)}
+    runners["openvino-bf16-decoder"] = {"decoder": OpenVinoRunner(model_dir / model_spec.DECODER_FILE,
+                                                                  {model_spec.PRECISION_PARAMETER: "bf16"})}
+    runners["onnxruntime-int8-decoder"] = {"decoder": OnnxRunner(int8_decoder(model_dir), {})}
+    for graphs in runners.values():
+        graphs["decoder_16"] = graphs["decoder"]
 
-    def first_output(compiled, feeds) -> np.ndarray:
-        out = runner(compiled, feeds)()
-        return out[0] if isinstance(compiled, ov.CompiledModel) else next(iter(out.values()))
+    calls = {stage: {REFERENCE: official(encoder_graph if stage == "encoder" else decoder_graph,
+                                         model_spec.ENCODER_INPUTS if stage == "encoder" else model_spec.DECODER_INPUTS,
+                                         stage)} for stage in feeds}
+    for name, graphs in runners.items():
+        for stage, runner in graphs.items():
+            calls[stage][name] = (lambda run, stage_feeds: lambda: run(stage_feeds))(runner.run, feeds[stage])
+    repeats = {"encoder": ENCODER_REPEATS, "decoder": DECODER_REPEATS, "decoder_16": BATCH_REPEATS}
+    warmups = {"encoder": 1, "decoder": 3, "decoder_16": 1}
+    samples = {stage: interleaved_samples(calls[stage], repeats[stage], warmup=warmups[stage]) for stage in feeds}
 
-    decoder_tensors = [torch.from_numpy(decoder_feeds[n]) for n in model_spec.DECODER_INPUTS]
-    reference = "pytorch-official-modules"
-    encoders = {reference: lambda: encoder_graph(*encoder_tensors)}
-    decoders = {reference: lambda: decoder_graph(*decoder_tensors)}
-    for name, (encoder, decoder) in sessions.items():
-        encoders[name], decoders[name] = runner(encoder, encoder_feeds), runner(decoder, decoder_feeds)
-    encoder_samples = interleaved_samples(encoders, ENCODER_REPEATS, warmup=1)
-    decoder_samples = interleaved_samples(decoders, DECODER_REPEATS, warmup=3)
-    runtimes = {reference: {"encoder_relative_error": 0.0, "decoder_relative_error": 0.0}}
-    for name, (encoder, decoder) in sessions.items():
-        runtimes[name] = {
-            "encoder_relative_error": export.relative_error(first_output(encoder, encoder_feeds), reference_embedding),
-            "decoder_relative_error": export.relative_error(first_output(decoder, decoder_feeds), reference_masks),
-        }
+    references = {"encoder": (reference_embedding, model_spec.ENC_EMBEDDING),
+                  "decoder": (reference_masks, model_spec.DEC_LOW_RES_MASKS)}
+    runtimes: dict[str, dict] = {REFERENCE: {"encoder_relative_error": 0.0, "decoder_relative_error": 0.0}}
+    for name, graphs in runners.items():
+        runtimes[name] = {f"{stage}_relative_error": export.relative_error(
+            graphs[stage].run(feeds[stage])[output], expected) for stage, (expected, output) in references.items()
+            if stage in graphs}
     for name, record in runtimes.items():
-        record.update(encoder=summary(encoder_samples[name]), decoder=summary(decoder_samples[name]))
-    rows = [
-        [name, r["encoder"]["median_ms"], r["decoder"]["median_ms"], f"{r['encoder_relative_error']:.1e}",
-         f"{r['decoder_relative_error']:.1e}"]
-        for name, r in runtimes.items()
-    ]
+        record.update({stage: summary(samples[stage][name]) for stage in feeds if name in samples[stage]})
+    for name in CPU_TARGETS:
+        runtimes[name]["description"] = SERVING_TARGETS[name].description
+
+    cpu = cpu_choice.Cpu.detect()
+    candidates = cpu_choice.candidates(cpu)
+    timings = {name: cpu_choice.Timing(runtimes[name]["encoder"]["median_ms"], runtimes[name]["decoder"]["median_ms"])
+               for name in candidates}
+    chosen = cpu_choice.choose(timings)
+    auto = {"candidates": [str(name) for name in candidates], "chosen": str(chosen),
+            "prompts_per_image": cpu_choice.PROMPTS_PER_IMAGE,
+            "cost_ms": {str(name): round(timing.cost_ms, 1) for name, timing in timings.items()},
+            "why": f"{chosen} has the lowest cost of one embedding + {cpu_choice.PROMPTS_PER_IMAGE} decoder runs "
+                   f"among this CPU's candidates (flags: {' '.join(cpu.flags) or 'none of interest'}); "
+                   "cpu-openvino-bf16 is a candidate only with native bf16 (AVX-512-bf16 or AMX)"}
+
+    rows = [[name, r.get("encoder", {}).get("median_ms", "—"), r["decoder"]["median_ms"],
+             r["decoder_16"]["median_ms"], f"{r.get('encoder_relative_error', float('nan')):.1e}",
+             f"{r['decoder_relative_error']:.1e}"] for name, r in runtimes.items()]
     print_table("vit_b graphs in-process, 2-core CPU (ms, median)",
-                ["runtime", "encoder", "decoder", "enc rel err", "dec rel err"], rows)
+                ["runtime", "encoder", "decoder", f"decoder x{BATCH_PROMPTS}", "enc rel err", "dec rel err"], rows)
+    print(f"auto picks {chosen}: {auto['cost_ms']}")
     write_results("backends_cpu.json", {
         "benchmark": "bench/backends_cpu.py",
         "environment": {**environment(), "openvino": ov.__version__},
         "model": {"variant": "vit_b", "weights": "seeded random (seed 0)"},
         "runtimes": runtimes,
-        "sampling": {"encoder": sampling_record(list(encoders), ENCODER_REPEATS, 1),
-                     "decoder": sampling_record(list(decoders), DECODER_REPEATS, 3)},
-        "choice": CHOICE,
-        "why": why(runtimes),
+        "unserved_decoders": list(UNSERVED_DECODERS),
+        "batch_prompts": BATCH_PROMPTS,
+        "sampling": {stage: sampling_record(list(calls[stage]), repeats[stage], warmups[stage]) for stage in feeds},
+        "auto": auto,
     })
 
 

@@ -37,7 +37,8 @@ def vit_b_model(seed: int = 0):
 
     model_dir = WORK / f"vit_b-seed{seed}"
     checkpoint = WORK / f"vit_b-seed{seed}-checkpoint" / f"vit_b-seed{seed}.pth"
-    if not (model_dir / model_spec.METADATA_FILE).exists() or not checkpoint.exists():
+    if (not (model_dir / model_spec.METADATA_FILE).exists() or not checkpoint.exists()
+            or not export.written_by_this_exporter(model_spec.ModelMetadata.read(model_dir))):
         export.export_random_weights("vit_b", seed, model_dir)
     return checkpoint, model_dir, model_spec.ModelMetadata.read(model_dir)
 

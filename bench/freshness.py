@@ -28,12 +28,18 @@ SERVING_PATH = ("service/samserve", "build/samserve_build/export.py", "build/sam
 """What every benchmark of the served models measures: the service, the exported graphs and their Triton configs
 (the cpu-onnxruntime target's: the CPU benchmarks serve no other)."""
 PLUMBING = ("bench/common.py", "tests/support")
+CPU_RUNTIMES = ("service/samserve/onnx_backend.py", "service/samserve/openvino_backend.py",
+                "service/samserve/triton_backend.py", "build/samserve_build/targets.py",
+                "build/samserve_build/cpu_choice.py", "build/samserve_build/graph_quality.py",
+                "build/samserve_build/repository.py", "model_repository/cpu-onnxruntime",
+                "model_repository/cpu-openvino")
+"""The CPU targets' runners as :meth:`samserve_build.graph_quality.OnnxSam.of_target` loads them, and auto's choice."""
 
 MEASURES: dict[str, tuple[str, ...]] = {
-    "backends_cpu.json": ("bench/backends_cpu.py", *PLUMBING, "service/samserve/onnx_backend.py",
-                          "service/samserve/processing.py", "service/samserve/model_spec.py",
+    "backends_cpu.json": ("bench/backends_cpu.py", *PLUMBING, *CPU_RUNTIMES, "service/samserve/processing.py",
+                          "service/samserve/model_spec.py",
                           "build/samserve_build/export.py", "build/samserve_build/architectures.py"),
-    "models_cpu.json": ("bench/models_cpu.py", *PLUMBING, *SERVING_PATH),
+    "models_cpu.json": ("bench/models_cpu.py", *PLUMBING, *SERVING_PATH, *CPU_RUNTIMES),
     "gateway_cpu.json": ("bench/gateway_cpu.py", *PLUMBING, *SERVING_PATH),
     "throughput_cpu.json": ("bench/throughput_cpu.py", *PLUMBING, *SERVING_PATH),
     "amg_cpu.json": ("bench/amg_cpu.py", *PLUMBING, *SERVING_PATH, "build/checkpoints/samserve_scenes_v1.pth"),
@@ -48,7 +54,7 @@ MEASURES: dict[str, tuple[str, ...]] = {
     "precision_cpu.json": ("bench/precision_cpu.py", "bench/amg_cpu.py", *PLUMBING, "build/samserve_build/precision.py",
                            "build/samserve_build/graph_quality.py", "build/samserve_build/export.py",
                            "build/samserve_build/architectures.py", "build/samserve_build/evaluation.py",
-                           "build/samserve_build/scenes.py", "service/samserve/onnx_backend.py",
+                           "build/samserve_build/scenes.py", *CPU_RUNTIMES,
                            "service/samserve/processing.py", "service/samserve/model_spec.py",
                            "build/checkpoints/samserve_scenes_v1.pth"),
     "tiny_quality.json": ("bench/quality_cpu.py", "bench/common.py", "build/samserve_build/evaluation.py",

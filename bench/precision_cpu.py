@@ -9,6 +9,8 @@ The figures of tests/integration/test_mixed_precision.py, with the same images, 
 * the shipped scenes model on the 500 held-out scenes of ``samserve_build.evaluation`` (one point, top-ranked of
   3; tight box): mIoU of the fp32 and the fp16 graphs, both through ONNX Runtime with the same processing, and
   the drops;
+* the same two gates for the cpu-openvino-bf16 serving target (OpenVINO computing in bf16) against the fp32 graphs
+  in ONNX Runtime (tests/integration/test_cpu_runtimes.py), under ``cpu_targets``;
 * per graph: nodes converted, op types kept fp32 and why, casts inserted, file sizes (fp16 and bf16; ONNX
   Runtime's CPU provider cannot run bf16, so bf16 is written and counted, not measured).
 
@@ -34,9 +36,13 @@ from amg_cpu import scenes_model  # noqa: E402
 from common import WORK, add_output_argument, environment, print_table, vit_b_model, write_results  # noqa: E402
 
 from samserve import model_spec  # noqa: E402
-from samserve_build import graph_quality, precision  # noqa: E402
+from samserve_build import cpu_choice, graph_quality, precision  # noqa: E402
 from samserve_build.precision import Precision  # noqa: E402
+from samserve_build.targets import SERVING_TARGETS, ServingTargetName  # noqa: E402
 from tests.support import mixed_precision  # noqa: E402
+
+CPU_ONNXRUNTIME, REDUCED = ServingTargetName.CPU_ONNXRUNTIME, ServingTargetName.CPU_OPENVINO_BF16
+METRICS = ("miou_point_top", "miou_box")
 
 
 def converted(model_dir: Path, name: str) -> tuple[Path, dict[str, object]]:
@@ -73,31 +79,46 @@ def main() -> None:
     agreement = graph_quality.mask_agreement(graph_quality.OnnxSam.of_model(vit_b_folder),
                                          graph_quality.OnnxSam.of_model(vit_b_folder, Precision.FP16), images, prompts)
     vit_b = {**agreement.summary(), "seconds": round(time.perf_counter() - started, 1)}
-    vit_b["met"] = bool(vit_b["prompts"] >= graph_quality.MIN_PROMPTS and vit_b["min_iou"] >= graph_quality.MIN_IOU
-                        and vit_b["median_iou"] >= graph_quality.MEDIAN_IOU)
+    vit_b["met"] = agreement_met(vit_b)
     shutil.rmtree(vit_b_folder)   # 0.9 GB of graphs
+    started = time.perf_counter()
+    agreement = graph_quality.mask_agreement(graph_quality.OnnxSam.of_target(vit_b_dir, CPU_ONNXRUNTIME),
+                                             graph_quality.OnnxSam.of_target(vit_b_dir, REDUCED), images, prompts)
+    reduced_vit_b = {**agreement.summary(), "seconds": round(time.perf_counter() - started, 1)}
+    reduced_vit_b["met"] = agreement_met(reduced_vit_b)
 
     scenes = scenes_model()
     scenes_folder, scenes_graphs = converted(scenes.directory, "scenes")
     started = time.perf_counter()
     results = graph_quality.scenes_quality(
         {"fp32": graph_quality.OnnxSam.of_model(scenes_folder, intra_op_threads=1),
-         "fp16": graph_quality.OnnxSam.of_model(scenes_folder, Precision.FP16, intra_op_threads=1)},
+         "fp16": graph_quality.OnnxSam.of_model(scenes_folder, Precision.FP16, intra_op_threads=1),
+         REDUCED: graph_quality.OnnxSam.of_target(scenes.directory, REDUCED, threads=1)},
         range(args.scenes), workers=workers)
     fp32, fp16 = results["fp32"].summary(), results["fp16"].summary()
-    drops = {metric: round(fp32[metric] - fp16[metric], 5) for metric in ("miou_point_top", "miou_box")}
+    drops = {metric: round(fp32[metric] - fp16[metric], 5) for metric in METRICS}
     scenes_record = {"scenes": args.scenes, "fp32": fp32, "fp16": fp16, "drop": drops,
                      "met": all(drop <= graph_quality.MIOU_DROP_LIMIT for drop in drops.values()),
                      "seconds": round(time.perf_counter() - started, 1), "workers": workers,
                      "intra_op_threads": 1}
+    reduced = results[REDUCED].summary()
+    reduced_drops = {metric: round(fp32[metric] - reduced[metric], 5) for metric in METRICS}
+    reduced_scenes = {"scenes": args.scenes, "fp32": fp32, REDUCED: reduced, "drop": reduced_drops,
+                      "met": all(drop <= graph_quality.MIOU_DROP_LIMIT for drop in reduced_drops.values())}
+    cpu = cpu_choice.Cpu.detect()
 
     print_table("vit_b (seeded random weights): fp16 masks vs fp32 masks, IoU per prompt",
                 ["prompts", "skipped", "min", "median", "mean", "met"],
                 [[vit_b["prompts"], vit_b["skipped_both_empty"], f"{vit_b['min_iou']:.4f}",
                   f"{vit_b['median_iou']:.4f}", f"{vit_b['mean_iou']:.4f}", vit_b["met"]]])
-    print_table(f"scenes model, {args.scenes} held-out scenes: mIoU", ["metric", "fp32", "fp16", "drop"],
-                [[metric, f"{fp32[metric]:.4f}", f"{fp16[metric]:.4f}", f"{drop:+.5f}"]
-                 for metric, drop in drops.items()])
+    print_table(f"vit_b (seeded random weights): {REDUCED} masks vs fp32 (ONNX Runtime) masks, IoU per prompt",
+                ["prompts", "skipped", "min", "median", "mean", "met"],
+                [[reduced_vit_b["prompts"], reduced_vit_b["skipped_both_empty"], f"{reduced_vit_b['min_iou']:.4f}",
+                  f"{reduced_vit_b['median_iou']:.4f}", f"{reduced_vit_b['mean_iou']:.4f}", reduced_vit_b["met"]]])
+    print_table(f"scenes model, {args.scenes} held-out scenes: mIoU",
+                ["metric", "fp32", "fp16", "drop", REDUCED, "drop"],
+                [[metric, f"{fp32[metric]:.4f}", f"{fp16[metric]:.4f}", f"{drop:+.5f}", f"{reduced[metric]:.4f}",
+                  f"{reduced_drops[metric]:+.5f}"] for metric, drop in drops.items()])
     print_table("graphs", ["model", "graph", "nodes converted", "fp32 kept", "casts", "MiB", "size ratio"],
                 [[model, name, g["converted_nodes"], sum(g["kept_fp32_op_types"].values()), g["casts_inserted"],
                   f"{g['destination_bytes'] / 2**20:.1f}", f"{g['size_ratio']:.3f}"]
@@ -117,7 +138,17 @@ def main() -> None:
                          "images": [list(image) for image in mixed_precision.VIT_B_IMAGES], **vit_b},
         "scenes": {"model_id": scenes.model_id, "weights": scenes.weights, **scenes_record},
         "graphs": {"vit_b": vit_b_graphs, "scenes": scenes_graphs},
+        "cpu_targets": {REDUCED: {
+            "what": f"the {REDUCED} serving target (OpenVINO computing in bf16) against the fp32 graphs in ONNX "
+                    "Runtime, the gates of tests/integration/test_cpu_runtimes.py",
+            "native_bf16": bool(set(SERVING_TARGETS[REDUCED].native_flags) & set(cpu.flags)),
+            "vit_b_random": reduced_vit_b, "scenes": reduced_scenes}},
     }, args.out)
+
+
+def agreement_met(summary: dict[str, float | int]) -> bool:
+    return bool(summary["prompts"] >= graph_quality.MIN_PROMPTS and summary["min_iou"] >= graph_quality.MIN_IOU
+                and summary["median_iou"] >= graph_quality.MEDIAN_IOU)
 
 
 if __name__ == "__main__":

@@ -66,7 +66,7 @@ def prepare(settings: BuildSettings) -> Path:
     wanted_digest = architectures.sha256_file(checkpoint) if checkpoint is not None else None
     up_to_date = current is not None and (
         wanted_digest == current.weights_sha256 if wanted_digest else current.model_id == settings.model_id
-    ) and current.preprocessing_version == model_spec.PREPROCESSING_VERSION
+    ) and current.preprocessing_version == model_spec.PREPROCESSING_VERSION and export.written_by_this_exporter(current)
     if up_to_date:
         LOG.info("model %s already exported in %s", settings.model_id, model_dir)
     else:
@@ -74,11 +74,22 @@ def prepare(settings: BuildSettings) -> Path:
     if checkpoint is None:  # where export_random_weights wrote the random weights
         checkpoint = model_dir.with_name(model_dir.name + "-checkpoint") / (
             f"{settings.model_variant}-seed{settings.random_seed}.pth")
-    runs_checkpoint = SERVING_TARGETS[settings.target].needs_checkpoint
-    kind, parameters = device_options(settings.target, settings.device)
-    return repository.write_repository(model_dir, settings.repository, settings.target,
+    target = concrete_target(settings.target, model_dir, settings.workdir)
+    runs_checkpoint = SERVING_TARGETS[target].needs_checkpoint
+    kind, parameters = device_options(target, settings.device)
+    return repository.write_repository(model_dir, settings.repository, target,
                                        checkpoint=checkpoint if runs_checkpoint else None, instance_kind=kind,
                                        parameters=parameters, tensorrt_major=settings.tensorrt_major)
+
+
+def concrete_target(target: ServingTargetName, model_dir: Path, workdir: Path) -> ServingTargetName:
+    """``target`` itself, or for ``auto`` the CPU target chosen for this machine (calibrated once per machine and
+    model, cached in ``workdir``)."""
+    if target is ServingTargetName.AUTO:
+        from samserve_build import cpu_choice
+
+        return cpu_choice.resolve(model_dir, workdir)
+    return target
 
 
 DEVICES: dict[str, tuple[str, dict[str, str]]] = {
@@ -135,7 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     p_repo.add_argument("--model", type=Path, required=True, help="folder written by `export`")
     p_repo.add_argument("--out", type=Path, required=True)
     p_repo.add_argument("--target", type=ServingTargetName, default=ServingTargetName.CPU_ONNXRUNTIME,
-                        choices=list(SERVING_TARGETS), help="serving target (default cpu-onnxruntime)")
+                        choices=[*SERVING_TARGETS, ServingTargetName.AUTO],
+                        help="serving target (default cpu-onnxruntime); auto: the fastest CPU target here")
+    p_repo.add_argument("--workdir", type=Path, default=Path(".samserve"),
+                        help="where --target auto caches its calibration (default .samserve)")
     p_repo.add_argument("--checkpoint", type=Path, help="the exported checkpoint (targets that run it: gpu-torch)")
     p_repo.add_argument("--device", choices=list(DEVICES),
                         help="instance kind of every model (default: the template's); cpu also sets device=cpu "
@@ -178,9 +192,10 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "random-checkpoint":
         print(architectures.write_random_checkpoint(args.variant, args.seed, args.out))
     elif args.command == "repository":
-        kind, device_parameters = device_options(args.target, args.device)
+        target = concrete_target(args.target, args.model, args.workdir)
+        kind, device_parameters = device_options(target, args.device)
         print(repository.write_repository(
-            args.model, args.out, args.target, checkpoint=args.checkpoint, instance_kind=kind,
+            args.model, args.out, target, checkpoint=args.checkpoint, instance_kind=kind,
             parameters={**device_parameters, **dict(args.parameter)}, tensorrt_major=args.tensorrt_major))
     elif args.command == "tensorrt":
         from samserve_build import tensorrt

@@ -1,7 +1,8 @@
-"""Masks of exported graphs through ONNX Runtime, with the service's pre- and post-processing: how far a changed graph
-(a mixed-precision one, :mod:`samserve_build.precision`) moves the masks of the graph it comes from, and its mask
-quality on the held-out generated scenes of :mod:`samserve_build.evaluation`. The gates of `make test`
-(tests/integration/test_mixed_precision.py) and the figures of bench/precision_cpu.py.
+"""Masks of exported graphs through the serving runtimes, with the service's pre- and post-processing: how far a
+changed graph (a mixed-precision one, :mod:`samserve_build.precision`) or a reduced-precision runtime (OpenVINO in
+bf16) moves the masks of the fp32 graph, and its mask quality on the held-out generated scenes of
+:mod:`samserve_build.evaluation`. The gates of `make test` (tests/integration/test_mixed_precision.py,
+tests/integration/test_cpu_runtimes.py) and the figures of bench/precision_cpu.py.
 
 ONNX Runtime's CPU provider computes most fp16 nodes in fp32 behind casts: on the CPU this catches fp16 storage
 rounding and overflow at node boundaries, not fp16 arithmetic inside a GPU kernel.
@@ -17,8 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from samserve import model_spec, onnx_backend, processing
+from samserve import model_spec, processing
+from samserve.triton_backend import OnnxRunner, Runner, create_runner
 from samserve_build.precision import Precision, mixed_precision_file
+from samserve_build.targets import SERVING_TARGETS, ServingTargetName
 
 SCENES = range(500)
 """The held-out scenes of the quality gate (those of the model card's table)."""
@@ -47,28 +50,45 @@ def agreement_prompts(height: int, width: int, seed: int) -> list[processing.Pro
 
 
 class OnnxSam:
-    """An exported encoder and decoder in ONNX Runtime sessions, with the service's pre- and post-processing
+    """An exported encoder and decoder in the runners Triton's python backend uses
+    (:class:`samserve.triton_backend.Runner`), with the service's pre- and post-processing
     (:mod:`samserve.processing`): images H x W x 3 uint8 RGB, prompts in original-image pixels."""
 
-    def __init__(self, encoder: Path, decoder: Path, meta: model_spec.ModelMetadata, intra_op_threads: int = 0):
+    def __init__(self, encoder: Runner, decoder: Runner, meta: model_spec.ModelMetadata):
         self.meta = meta
-        self.encoder = onnx_backend.create_session(encoder, intra_op_threads)
-        self.decoder = onnx_backend.create_session(decoder, intra_op_threads)
+        self.encoder, self.decoder = encoder, decoder
 
     @classmethod
     def of_model(cls, model_dir: Path, precision: Precision | None = None, intra_op_threads: int = 0) -> OnnxSam:
-        """The fp32 graphs of an export folder, or with ``precision`` its mixed-precision ones."""
+        """The fp32 graphs of an export folder in ONNX Runtime, or with ``precision`` its mixed-precision ones."""
         model_dir = Path(model_dir)
         encoder, decoder = model_spec.ENCODER_FILE, model_spec.DECODER_FILE
         if precision is not None:
             encoder, decoder = mixed_precision_file(encoder, precision), mixed_precision_file(decoder, precision)
-        return cls(model_dir / encoder, model_dir / decoder, model_spec.ModelMetadata.read(model_dir),
-                   intra_op_threads)
+        parameters = {"intra_op_threads": str(intra_op_threads)}
+        return cls(OnnxRunner(model_dir / encoder, parameters), OnnxRunner(model_dir / decoder, parameters),
+                   model_spec.ModelMetadata.read(model_dir))
+
+    @classmethod
+    def of_target(cls, model_dir: Path, target: ServingTargetName, threads: int = 0) -> OnnxSam:
+        """An export folder's graphs as CPU serving ``target`` runs them (its configs' runtime and precision),
+        ``threads`` per runner (0: the runtime's default)."""
+        from samserve_build.cpu_choice import runtime_parameters
+
+        model_dir = Path(model_dir)
+        meta = model_spec.ModelMetadata.read(model_dir)
+        runners = []
+        for model, model_file in SERVING_TARGETS[target].model_files.items():
+            parameters = {**runtime_parameters(target, model), "intra_op_threads": str(threads),
+                          "threads": str(threads)}
+            runners.append(create_runner(parameters.get("runtime", "onnxruntime"), model_dir / model_file, model,
+                                         parameters, meta, 0))
+        return cls(*runners, meta)
 
     def embed(self, image: np.ndarray) -> tuple[np.ndarray, processing.PreparedImage]:
         """(float32 1 x C x h x w embedding, the prepared image)."""
         prepared = processing.prepare_image(image, self.meta.image_size)
-        outputs = onnx_backend.run(self.encoder, {
+        outputs = self.encoder.run({
             model_spec.ENC_IMAGE: prepared.padded[None],
             model_spec.ENC_INPUT_SIZE: np.array([prepared.input_size], dtype=np.int64)})
         return outputs[model_spec.ENC_EMBEDDING], prepared
@@ -82,7 +102,7 @@ class OnnxSam:
         scores = np.empty((count, tokens), dtype=np.float32)
         for batch in processing.decoder_batches(prompts, prepared.original_size, prepared.input_size,
                                                 self.meta.low_res_mask_size):
-            outputs = onnx_backend.run(self.decoder, {
+            outputs = self.decoder.run({
                 model_spec.DEC_EMBEDDING: embedding, model_spec.DEC_POINT_COORDS: batch.point_coords,
                 model_spec.DEC_POINT_LABELS: batch.point_labels, model_spec.DEC_MASK_INPUT: batch.mask_input,
                 model_spec.DEC_HAS_MASK_INPUT: batch.has_mask_input})

@@ -109,14 +109,16 @@ def write_repository(
     ``instance_kind``: KIND_CPU or KIND_GPU for every instance group. ``tensorrt_major``: the TensorRT that
     builds the plans (gpu-tensorrt)."""
     model_dir, out = Path(model_dir), Path(out)
+    if ServingTargetName(target) not in SERVING_TARGETS:
+        raise RepositoryError(f"{target} names no target of its own: resolve it first (samserve_build.cpu_choice)")
     serving = SERVING_TARGETS[ServingTargetName(target)]
     exported = model_spec.ModelMetadata.read(model_dir)
     configs = {}
     for model_name in serving.model_files:
         text = (templates / serving.templates / model_name).joinpath("config.pbtxt").read_text()
-        present = {key: value for key, value in (parameters or {}).items()
-                   if key in parse_config(text).parameters}
-        configs[model_name] = _override(text, present, instance_kind, model_name)
+        present = {key: value for key, value in (parameters or {}).items() if key in parse_config(text).parameters}
+        configs[model_name] = _override(text, {**serving.parameters.get(model_name, {}), **present}, instance_kind,
+                                        model_name)
     missing = set(parameters or {}) - {key for text in configs.values() for key in parse_config(text).parameters}
     if missing:
         raise RepositoryError(f"no config of target {serving.name} has the parameters {sorted(missing)}")
@@ -148,9 +150,10 @@ def write_repository(
         for entry in template.joinpath("1").iterdir() if template.joinpath("1").is_dir() else ():
             if entry.is_file():  # the python backend's entry point
                 (version / entry.name).write_bytes(entry.read_bytes())
-        source = _source(model_file, model_dir, exported, checkpoint)
-        for placed in sorted(source.parent.glob(source.name + "*")) if source.parent == model_dir else [source]:
-            _link_or_copy(placed, version / placed.name.replace(source.name, model_file))  # with external data
+        for placed_file in (model_file, *serving.extra_files.get(model_name, ())):
+            source = _source(placed_file, model_dir, exported, checkpoint)
+            for placed in sorted(source.parent.glob(source.name + "*")) if source.parent == model_dir else [source]:
+                _link_or_copy(placed, version / placed.name.replace(source.name, placed_file))  # with external data
         metadata.write(version)  # beside the graph: what it is (the gateway gives the decoder to browsers with it)
     if serving.finish is not None:
         serving.finish(staging, metadata, tensorrt_major)

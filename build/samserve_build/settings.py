@@ -25,10 +25,12 @@ class BuildSettings(StackSettings):
     )
     random_seed: int = Field(0, description="seed of the random weights used when no checkpoint is set")
     target: ServingTargetName = Field(
-        ServingTargetName.CPU_ONNXRUNTIME,
+        ServingTargetName.AUTO,
         validation_alias=AliasChoices("target", "SAMSERVE_TARGET", "SAMSERVE_SERVING_TARGET"),
-        description="how Triton runs the models (samserve_build.targets): cpu-onnxruntime | gpu-torch | gpu-tensorrt; "
-                    "SAMSERVE_TARGET (SAMSERVE_SERVING_TARGET, its older name, still works)",
+        description="how Triton runs the models (samserve_build.targets): auto (the fastest CPU target on this "
+                    "machine, calibrated once) | cpu-onnxruntime (fp32, exact parity) | cpu-openvino | "
+                    "cpu-openvino-bf16 | gpu-torch | gpu-tensorrt; SAMSERVE_TARGET (SAMSERVE_SERVING_TARGET, its "
+                    "older name, still works)",
     )
 
     device: Literal["gpu", "cpu"] | None = Field(

@@ -9,8 +9,13 @@ come from the served configs and metadata, and every target serves the same tens
 | target | encoder | decoder |
 | --- | --- | --- |
 | cpu-onnxruntime | ONNX Runtime (fp32) in the python backend | same |
+| cpu-openvino | OpenVINO's CPU plugin (fp32) in the python backend | same |
+| cpu-openvino-bf16 | OpenVINO's CPU plugin in bf16 (CPUs with AVX-512-bf16 or AMX) | OpenVINO, fp32 |
 | gpu-torch | official PyTorch modules on CUDA, bf16 autocast, SDPA, batched | same modules, bf16 |
 | gpu-tensorrt | TensorRT plan of the mixed-precision (fp16) graph | TensorRT plan of the fp32 graph |
+
+``auto`` is no target of its own: :mod:`samserve_build.cpu_choice` resolves it to one of :data:`CPU_TARGETS` per
+machine.
 """
 
 from __future__ import annotations
@@ -25,8 +30,12 @@ from samserve import model_spec
 
 class ServingTargetName(enum.StrEnum):
     CPU_ONNXRUNTIME = "cpu-onnxruntime"
+    CPU_OPENVINO = "cpu-openvino"
+    CPU_OPENVINO_BF16 = "cpu-openvino-bf16"
     GPU_TORCH = "gpu-torch"
     GPU_TENSORRT = "gpu-tensorrt"
+    AUTO = "auto"
+    """The fastest CPU target on this machine (:func:`samserve_build.cpu_choice.resolve`)."""
 
 
 def _write_fp16_encoder(model_dir: Path, destination: Path, meta: model_spec.ModelMetadata) -> None:
@@ -60,21 +69,33 @@ def _write_engine_script(repository: Path, meta: model_spec.ModelMetadata, tenso
     tensorrt.write_script(repository, meta, FP16_ENCODER_FILE, tensorrt_major)
 
 
+NO_MASK_DECODER = {model_spec.DECODER_MODEL: (model_spec.DECODER_NO_MASK_FILE,)}
+"""The decoder graph of runs without mask inputs, beside the decoder's (its config's ``no_mask_file``)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class ServingTarget:
     name: ServingTargetName
     description: str
     model_files: Mapping[str, str]
     """Triton model name -> the file placed in version 1 (external data beside it comes along)."""
+    extra_files: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    """Triton model name -> more files of the export placed beside its model file (a config parameter names each)."""
     exact_dims: bool = False
     """Render every tensor's dims from the metadata (TensorRT plans have fixed sizes that the config must repeat)."""
     finish: Callable[[Path, model_spec.ModelMetadata, int], None] | None = None
     """Writes what the rendered repository needs besides its models (repository, metadata, TensorRT major)."""
+    template_folder: str | None = None
+    """Folder of the templates inside ``model_repository/`` when another target's (unset: the target's name)."""
+    parameters: Mapping[str, Mapping[str, str]] = dataclasses.field(default_factory=dict)
+    """Triton model name -> config parameters this target sets in its template (before the caller's)."""
+    native_flags: tuple[str, ...] = ()
+    """CPU flags of which one must be present for this target to run at speed (empty: any CPU)."""
 
     @property
     def templates(self) -> str:
         """Folder of this target's templates inside ``model_repository/``."""
-        return self.name.value
+        return self.template_folder or self.name.value
 
     @property
     def needs_checkpoint(self) -> bool:
@@ -87,6 +108,25 @@ SERVING_TARGETS: dict[ServingTargetName, ServingTarget] = {
         description="ONNX Runtime (CPU execution provider, fp32) inside Triton's python backend",
         model_files={model_spec.ENCODER_MODEL: model_spec.ENCODER_FILE,
                      model_spec.DECODER_MODEL: model_spec.DECODER_FILE},
+        extra_files=NO_MASK_DECODER,
+    ),
+    ServingTargetName.CPU_OPENVINO: ServingTarget(
+        name=ServingTargetName.CPU_OPENVINO,
+        description="OpenVINO's CPU plugin (fp32) inside Triton's python backend",
+        model_files={model_spec.ENCODER_MODEL: model_spec.ENCODER_FILE,
+                     model_spec.DECODER_MODEL: model_spec.DECODER_FILE},
+        extra_files=NO_MASK_DECODER,
+    ),
+    ServingTargetName.CPU_OPENVINO_BF16: ServingTarget(
+        name=ServingTargetName.CPU_OPENVINO_BF16,
+        description="OpenVINO's CPU plugin inside Triton's python backend, the encoder in bf16 (CPUs with native "
+                    "bf16), the decoder in fp32",
+        model_files={model_spec.ENCODER_MODEL: model_spec.ENCODER_FILE,
+                     model_spec.DECODER_MODEL: model_spec.DECODER_FILE},
+        extra_files=NO_MASK_DECODER,
+        template_folder=ServingTargetName.CPU_OPENVINO.value,
+        parameters={model_spec.ENCODER_MODEL: {model_spec.PRECISION_PARAMETER: "bf16"}},
+        native_flags=("avx512_bf16", "amx_bf16"),
     ),
     ServingTargetName.GPU_TORCH: ServingTarget(
         name=ServingTargetName.GPU_TORCH,
@@ -104,3 +144,6 @@ SERVING_TARGETS: dict[ServingTargetName, ServingTarget] = {
         finish=_write_engine_script,
     ),
 }
+
+CPU_TARGETS = (ServingTargetName.CPU_ONNXRUNTIME, ServingTargetName.CPU_OPENVINO, ServingTargetName.CPU_OPENVINO_BF16)
+"""What ``auto`` chooses among (fp32 first: the choice when a reduced precision is not faster)."""

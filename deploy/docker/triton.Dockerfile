@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # Triton for GPU nodes: NVIDIA's Triton release image plus what the serving target's python-backend models import
-# (the samserve wheel: samserve.triton_backend; ONNX Runtime for cpu-onnxruntime; PyTorch for gpu-torch). Built from the repository root:
+# (the samserve wheel: samserve.triton_backend; ONNX Runtime and OpenVINO for the cpu-* targets; PyTorch for gpu-torch). Built from the repository root:
 #   docker build -f deploy/docker/triton.Dockerfile -t REGISTRY/samserve-triton:0.1.0-24.12 .
 # TRITON_RELEASE is the one pin of NVIDIA's release: the chart's values.yaml `tritonRelease` (Triton and the
 # TensorRT engine Job's container) must equal it (tests/deploy checks). 24.12 is the first release on Ubuntu 24.04
@@ -33,7 +33,7 @@ RUN python3 -m venv /opt/samserve
 # SAMSERVE_EXTRAS=gpu for the gpu-torch target (PyTorch with CUDA and segment-anything in the python backend, about
 # 3 GB more); empty for cpu-onnxruntime and gpu-tensorrt (plans run in Triton's own TensorRT backend).
 ARG SAMSERVE_EXTRAS=""
-RUN /opt/samserve/bin/python -m pip install --disable-pip-version-check -q "/dist/samserve-${SAMSERVE_VERSION}-py3-none-any.whl${SAMSERVE_EXTRAS:+[$SAMSERVE_EXTRAS]}" "onnxruntime>=1.17"
+RUN /opt/samserve/bin/python -m pip install --disable-pip-version-check -q "/dist/samserve-${SAMSERVE_VERSION}-py3-none-any.whl${SAMSERVE_EXTRAS:+[$SAMSERVE_EXTRAS]}" "onnxruntime>=1.17" "openvino>=2024.0"
 ENV PYTHONPATH=/opt/samserve/lib/python${PYTHON_VERSION}/site-packages PYTHONUNBUFFERED=1
 # A non-root user without a home (the chart runs every pod as 65532, with a read-only root file system).
 USER 65532:65532

@@ -52,6 +52,9 @@ ENCODER_INPUTS = (ENC_IMAGE, ENC_INPUT_SIZE)
 ENCODER_OUTPUTS = (ENC_EMBEDDING,)
 DECODER_INPUTS = (DEC_EMBEDDING, DEC_POINT_COORDS, DEC_POINT_LABELS, DEC_MASK_INPUT, DEC_HAS_MASK_INPUT)
 DECODER_OUTPUTS = (DEC_LOW_RES_MASKS, DEC_IOU_PREDICTIONS)
+NO_MASK_DECODER_INPUTS = (DEC_EMBEDDING, DEC_POINT_COORDS, DEC_POINT_LABELS)
+"""Inputs of the no-mask decoder graph (:data:`DECODER_NO_MASK_FILE`): the decoder's without ``mask_input`` and
+``has_mask_input`` (every prompt has none); its outputs are :data:`DECODER_OUTPUTS`."""
 
 # Point labels (SAM's convention).
 LABEL_PADDING = -1
@@ -73,8 +76,10 @@ METADATA_PARAMETER = "samserve_metadata"
 """Name of the Triton model-config parameter holding :class:`ModelMetadata` as JSON."""
 ENCODER_FILE = "encoder.onnx"
 DECODER_FILE = "decoder.onnx"
+DECODER_NO_MASK_FILE = "decoder.nomask.onnx"
 """File names of the exported ONNX graphs (the exporter's output; which file a serving target loads is the
-target's business, see ``samserve_build.targets``)."""
+target's business, see ``samserve_build.targets``). The no-mask decoder serves runs in which no prompt has a mask
+input: it does the image-side work of the first transformer layer once per image instead of once per prompt."""
 CHECKPOINT_FILE = "sam.pth"
 """Name of the Meta-format checkpoint in the version folder of targets that run the PyTorch modules (gpu-torch)."""
 

@@ -1,9 +1,9 @@
-"""The SAM encoder and decoder as Triton python-backend models (targets ``cpu-onnxruntime`` and ``gpu-torch``).
+"""The SAM encoder and decoder as Triton python-backend models (targets ``cpu-*`` and ``gpu-torch``).
 
 ``model_repository/<target>/sam_*/1/model.py`` import these classes. Which runtime computes the outputs is the
-config's ``runtime`` parameter (:data:`RUNTIMES`): ONNX Runtime on the exported graph, or the official PyTorch
-modules (``samserve_build.torch_runtime``, imported only by that target). Each request is validated on its own: a
-bad request gets its own ``InferenceResponse(error=...)`` and never fails the rest of the batch. Valid encoder
+config's ``runtime`` parameter (:data:`RUNTIMES`): ONNX Runtime or OpenVINO on the exported graph, or the official
+PyTorch modules (``samserve_build.torch_runtime``, imported only by that target). Each request is validated on its
+own: a bad request gets its own ``InferenceResponse(error=...)`` and never fails the rest of the batch. Valid encoder
 requests of one ``execute`` call are stacked into one run (Triton's dynamic batching); decoder
 requests run per image, that image's prompts in runs of at most ``max_prompts_per_run``.
 
@@ -84,6 +84,7 @@ def create_onnx_runner(path: Path, model: str, parameters: Mapping[str, str], me
 
 RUNTIMES: dict[str, str] = {
     "onnxruntime": "samserve.triton_backend:create_onnx_runner",
+    "openvino": "samserve.openvino_backend:create_runner",
     "torch": "samserve_build.torch_runtime:create_runner",
 }
 """Config parameter ``runtime`` -> ``module:function(path, model, parameters, metadata, device_id) -> Runner``,
@@ -112,9 +113,15 @@ class _TritonModel:
         self.max_prompts_per_run = int(parameters.get("max_prompts_per_run", "0"))
         if "model_file" not in parameters:
             raise RuntimeError(f"{config['name']}: config lacks the model_file parameter (the file to load)")
-        path = Path(args["model_repository"]) / args["model_version"] / parameters["model_file"]
-        self.runner = create_runner(parameters.get("runtime", "onnxruntime"), path, config["name"], parameters,
-                                    self.metadata, int(args.get("model_instance_device_id", "0") or 0))
+        self.name, self.parameters = config["name"], parameters
+        self.version_dir = Path(args["model_repository"]) / args["model_version"]
+        self.device_id = int(args.get("model_instance_device_id", "0") or 0)
+        self.runner = self._load(parameters["model_file"])
+
+    def _load(self, model_file: str) -> Runner:
+        """A runner of ``model_file`` (in the version folder) with the config's runtime and parameters."""
+        return create_runner(self.parameters.get("runtime", "onnxruntime"), self.version_dir / model_file, self.name,
+                             self.parameters, self.metadata, self.device_id)
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.runner.run(feeds)
@@ -177,20 +184,44 @@ class DecoderModel(_TritonModel):
     An image's prompts run in chunks of ``max_prompts_per_run`` (config parameter; 0 = all at once): ONNX Runtime's
     working memory grows with the prompts of one run (vit_b: 3.6 GB peak for 64 prompts, 1.0 GB for 16) while
     the time per prompt hardly changes.
+
+    With the config parameter ``no_mask_file`` (a file in the version folder, e.g.
+    :data:`model_spec.DECODER_NO_MASK_FILE`) a run whose ``has_mask_input`` is all 0 goes to a second runner of that
+    file, fed only ``image_embeddings`` (1 x C x h x w), ``point_coords`` (N x P x 2) and ``point_labels`` (N x P):
+    the no-mask graph does the image-side work of the first transformer layer once per run instead of per prompt.
     """
+
+    no_mask_runner: Runner | None = None
+
+    def initialize(self, args: dict[str, str]) -> None:
+        super().initialize(args)
+        no_mask_file = self.parameters.get("no_mask_file", "").strip()
+        self.no_mask_runner = self._load(no_mask_file) if no_mask_file else None
+
+    def _run_prompts(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One run of one image's prompts: the no-mask runner when there is one and no prompt has a mask input."""
+        if self.no_mask_runner is not None and not np.any(feeds[model_spec.DEC_HAS_MASK_INPUT]):
+            return self.no_mask_runner.run({name: feeds[name] for name in model_spec.NO_MASK_DECODER_INPUTS})
+        return self._run(feeds)
 
     def _decode_image(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One image's prompts (embedding 1 x C x h x w, the rest N x ...) -> outputs N x ..."""
         prompts = feeds[model_spec.DEC_POINT_COORDS].shape[0]
         step = self.max_prompts_per_run or prompts
         if prompts <= step:
-            return self._run(feeds)
+            return self._run_prompts(feeds)
         parts = [
-            self._run({name: value if name == model_spec.DEC_EMBEDDING else value[start : start + step]
-                       for name, value in feeds.items()})
+            self._run_prompts({name: value if name == model_spec.DEC_EMBEDDING else value[start : start + step]
+                               for name, value in feeds.items()})
             for start in range(0, prompts, step)
         ]
         return {name: np.concatenate([part[name] for part in parts]) for name in model_spec.DECODER_OUTPUTS}
+
+    def finalize(self) -> None:
+        super().finalize()
+        if self.no_mask_runner is not None:
+            self.no_mask_runner.close()
+            self.no_mask_runner = None
 
     def _inputs(self, request: Any) -> dict[str, np.ndarray]:
         pb_utils = _pb_utils()

@@ -129,9 +129,9 @@ def test_launcher_reports_a_model_that_cannot_load(tiny_model, tmp_path):
 
 
 def test_prepare_then_up_serves_and_stops_cleanly(tmp_path):
-    """What `make up` runs: `samserve-build prepare` then `samserve up` (Redis + Triton + gateway), tiny model,
-    and the README's command-line client segments an image through it with an API key; everything listens on
-    loopback only."""
+    """What `make up` runs: `samserve-build prepare` (target auto) then `samserve up` (Redis + Triton + gateway),
+    tiny model, and the README's command-line client segments an image through it with an API key; everything listens
+    on loopback only."""
     env = dict(os.environ, SAMSERVE_WORKDIR=str(tmp_path), SAMSERVE_MODEL_VARIANT="tiny", SAMSERVE_RANDOM_SEED="4")
     ports = {"SAMSERVE_TRITON_HTTP_PORT": free_port(), "SAMSERVE_TRITON_GRPC_PORT": free_port(),
              "SAMSERVE_TRITON_METRICS_PORT": free_port(), "SAMSERVE_GATEWAY_PORT": free_port(),
@@ -142,9 +142,12 @@ def test_prepare_then_up_serves_and_stops_cleanly(tmp_path):
     prepared = subprocess.run(prepare, env=env, capture_output=True, text=True, timeout=300)
     assert prepared.returncode == 0, prepared.stderr
     assert "RANDOM weights" in prepared.stderr
-    # A second prepare reuses the export.
+    # SAMSERVE_TARGET unset: auto calibrated the CPU targets once and cached its choice in the workdir.
+    assert "auto: calibrating" in prepared.stderr and (tmp_path / "cpu-choice.json").exists()
+    # A second prepare reuses the export and the choice.
     again = subprocess.run(prepare, env=env, capture_output=True, text=True, timeout=300)
     assert "already exported" in again.stderr
+    assert "auto: calibrating" not in again.stderr and "auto: cpu-" in again.stderr
 
     # Auth on, as a deployment runs it: a key made with the CLI, sent by the client command.
     keys = [f"{bin_dir}/samserve", "keys", "add", "--tenant", "dev", "--file", str(tmp_path / "keys.json")]
