@@ -134,7 +134,8 @@ class PromptAnswer(Generic[M]):
 
 
 Finish = Callable[[np.ndarray], M]
-"""One H x W bool mask (stored column-major) -> what the caller keeps of it; the mask is dropped after."""
+"""One H x W bool mask (stored column-major) -> what the caller keeps of it. The mask is a scratch plane of the
+calling thread, valid during the call only: a ``finish`` that keeps the mask itself keeps a copy."""
 
 
 async def segment_each(
@@ -156,8 +157,9 @@ async def segment_each(
     pixels = image.original_size[0] * image.original_size[1]
 
     def finished(plane: np.ndarray) -> FinishedMask[M]:
-        mask, score = postprocess_plane(plane, image, meta)
-        return FinishedMask(finish(mask), score, int(processing.mask_areas(mask)))
+        thresholded = threshold_plane(plane, image, meta, scratch_mask=True)
+        score = processing.stability_from_counts(thresholded.inner, thresholded.outer)
+        return FinishedMask(finish(thresholded.mask), float(score), thresholded.area)
 
     async def run(batch: processing.DecoderBatch) -> None:
         async with in_flight:
@@ -189,7 +191,7 @@ async def segment(
     timeout_s: float | None = None,
 ) -> list[PromptMasks]:
     """Masks for each prompt as arrays (:func:`segment_each` keeping the masks themselves)."""
-    answers = await segment_each(triton, meta, image, prompts, lambda mask: mask, timeout_s)
+    answers = await segment_each(triton, meta, image, prompts, np.copy, timeout_s)  # np.copy keeps the layout
     results = []
     for answer in answers:
         assert answer.low_res_logits is not None  # kept by default
@@ -203,16 +205,28 @@ async def segment(
     return results
 
 
+def threshold_plane(
+    logits: np.ndarray, image: EmbeddedImage, meta: model_spec.ModelMetadata,
+    offset: float = processing.STABILITY_SCORE_OFFSET, scratch_mask: bool = False,
+) -> processing.ThresholdedPlane:
+    """One float32 4h x 4w logit plane -> its H x W bool mask (stored column-major), area and the pixel counts of
+    the stability score at ``offset``. The full-size logits live in this thread's scratch planes; so does the mask
+    with ``scratch_mask`` (valid until this thread's next call: no fresh memory, so no page faults, per mask),
+    else only the mask leaves."""
+    height, width = image.original_size
+    stored = processing.upscale_plane(logits, image.input_size, image.original_size, meta.image_size)
+    bounds = processing.logit_bounds(logits, image.input_size, meta.image_size)
+    mask = processing.scratch_plane("mask", (width, height), np.bool_) if scratch_mask else None
+    return processing.threshold_plane(stored, height, meta.mask_threshold, offset, mask, bounds)
+
+
 def postprocess_plane(
     logits: np.ndarray, image: EmbeddedImage, meta: model_spec.ModelMetadata,
     offset: float = processing.STABILITY_SCORE_OFFSET,
     empty_stability: float = 1.0,
 ) -> tuple[np.ndarray, float]:
     """One 4h x 4w logit plane -> (H x W bool mask, stored column-major; stability score at ``offset``,
-    ``empty_stability`` when no pixel passes the lower threshold). The full-size logits live in this thread's
-    scratch plane; only the mask leaves."""
-    height, width = image.original_size
-    full = processing.upscale_logits(logits, image.input_size, image.original_size, meta.image_size,
-                                     out=processing.scratch_plane("full_logits", (width, height)))
-    score = processing.stability_score(full, meta.mask_threshold, offset, empty_stability)
-    return processing.binarize(full, meta.mask_threshold), float(score)
+    ``empty_stability`` when no pixel passes the lower threshold), see :func:`threshold_plane`."""
+    thresholded = threshold_plane(logits, image, meta, offset)
+    score = processing.stability_from_counts(thresholded.inner, thresholded.outer, empty_stability)
+    return thresholded.mask, float(score)

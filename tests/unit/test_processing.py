@@ -85,3 +85,104 @@ def test_a_scratch_plane_is_reused_by_its_thread_only_and_never_kept_when_large(
     side = int((processing.SCRATCH_MAX_BYTES // 4) ** 0.5) + 1
     large = processing.scratch_plane("test", (side, side))
     assert not np.shares_memory(large, processing.scratch_plane("test", (side, side)))
+
+
+def previous_upscale_logits(low_res: np.ndarray, input_hw, original_hw, image_size: int) -> np.ndarray:
+    """The post-processing numerics before :func:`processing.upscale_plane`, verbatim (float32 ... x H x W, a
+    transposed view of ... x W x H): the reference the faster path must equal bit for bit."""
+    import cv2
+
+    lead = low_res.shape[:-2]
+    planes = low_res.reshape(-1, *low_res.shape[-2:])
+    h, w = input_hw
+    out_h, out_w = original_hw
+    low_h, low_w = planes.shape[-2:]
+    scale_h, scale_w = image_size // low_h, image_size // low_w
+    keep_h, keep_w = min(low_h, -(-h // scale_h) + 1), min(low_w, -(-w // scale_w) + 1)
+    out = np.empty((planes.shape[0], out_w, out_h), dtype=np.float32)
+    padded = np.empty((keep_w * scale_w, keep_h * scale_h), dtype=np.float32)
+    for k, plane in enumerate(planes):
+        cv2.resize(np.ascontiguousarray(plane[:keep_h, :keep_w].T), padded.shape[::-1], dst=padded,
+                   interpolation=cv2.INTER_LINEAR)
+        if (out_h, out_w) == (h, w):
+            out[k] = padded[:w, :h]
+        else:
+            cv2.resize(padded[:w, :h], (out_h, out_w), dst=out[k], interpolation=cv2.INTER_LINEAR)
+    return out.reshape(*lead, out_w, out_h).swapaxes(-1, -2)
+
+
+POSTPROCESS_SIZES = [(37, 53), (53, 37), (480, 640), (600, 338), (768, 1024), (1024, 768), (1024, 1024),
+                     (1500, 2000), (512, 384), (3, 1024), (1, 1500)]
+
+
+def logit_planes(seed: int = 0) -> dict[str, np.ndarray]:
+    """256 x 256 logit planes of different kinds: wide and narrow (every value within the stability band, as with
+    random weights) noise, smooth blobs, all above / all below / exactly at the threshold, tiny values."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:256, :256].astype(np.float32)
+    smooth = cv2.GaussianBlur(rng.normal(size=(256, 256)).astype(np.float32), (0, 0), 4) * 30
+    return {
+        "wide": rng.normal(size=(256, 256)).astype(np.float32) * 4,
+        "narrow": rng.uniform(-0.3, 0.3, (256, 256)).astype(np.float32),
+        "blob": ((40 - np.hypot(yy - 90, xx - 120)) * 0.5 + smooth).astype(np.float32),
+        "above": rng.uniform(2, 9, (256, 256)).astype(np.float32),
+        "below": rng.uniform(-9, -2, (256, 256)).astype(np.float32),
+        "zero": np.zeros((256, 256), np.float32),
+        "tiny": (rng.normal(size=(256, 256)) * 1e-38).astype(np.float32),
+    }
+
+
+@pytest.mark.parametrize("original", POSTPROCESS_SIZES)
+def test_upscale_plane_and_threshold_plane_equal_the_previous_path_bitwise(original):
+    input_hw = processing.resized_size(original, 1024)
+    height, width = original
+    for name, plane in logit_planes().items():
+        expected = previous_upscale_logits(plane, input_hw, original, 1024)
+        np.testing.assert_array_equal(processing.upscale_logits(plane, input_hw, original, 1024), expected)
+        stored = processing.upscale_plane(plane, input_hw, original, 1024)
+        assert stored.shape[0] == width and stored.shape[1] >= height and stored.flags.c_contiguous
+        np.testing.assert_array_equal(stored[:, :height].T, expected)
+        assert (stored[:, height:] == -np.inf).all()
+        low, high = processing.logit_bounds(plane, input_hw, 1024)
+        assert low < expected.min() and expected.max() < high
+        for threshold, offset in [(0.0, 1.0), (0.0, 0.7), (0.5, 0.05)]:
+            want_mask = processing.binarize(expected, threshold)
+            want_score = processing.stability_score(expected, threshold, offset)
+            for bounds in (None, (low, high)):
+                for into in (None, np.empty((width, height), bool)):
+                    got = processing.threshold_plane(stored, height, threshold, offset, into, bounds)
+                    assert got.mask.shape == (height, width) and got.mask.T.flags.c_contiguous, name
+                    np.testing.assert_array_equal(got.mask, want_mask, err_msg=name)
+                    assert got.area == int(processing.mask_areas(want_mask)), name
+                    score = processing.stability_from_counts(got.inner, got.outer)
+                    assert score.tobytes() == want_score.tobytes(), (name, threshold, offset)
+
+
+def test_stability_from_counts_empty():
+    assert float(processing.stability_from_counts(0, 0)) == 1.0
+    assert np.isnan(processing.stability_from_counts(0, 0, float("nan")))
+    assert float(processing.stability_from_counts(1, 3)) == np.float32(1 / 3)
+
+
+def test_postprocess_plane_equals_the_previous_path():
+    """segmentation's per-plane post-processing (scratch mask or not) against the previous numerics."""
+    from types import SimpleNamespace
+
+    from samserve import segmentation
+    from samserve.embedding import EmbeddedImage, Embedding, Staged
+
+    meta = SimpleNamespace(image_size=1024, mask_threshold=0.0)
+    for original in [(768, 1024), (480, 640)]:
+        input_hw = processing.resized_size(original, 1024)
+        image = EmbeddedImage(Embedding(np.zeros((1, 1, 1), np.float32), original, input_hw), Staged())
+        for plane in logit_planes(seed=3).values():
+            expected = previous_upscale_logits(plane, input_hw, original, 1024)
+            mask, score = segmentation.postprocess_plane(plane, image, meta, 1.0, float("nan"))
+            np.testing.assert_array_equal(mask, expected > 0.0)
+            want = processing.stability_score(expected, 0.0, 1.0, float("nan"))
+            assert np.float32(score).tobytes() == want.tobytes()
+            scratch = segmentation.threshold_plane(plane, image, meta, scratch_mask=True)
+            np.testing.assert_array_equal(scratch.mask, mask)
+            assert scratch.area == int((expected > 0.0).sum())
