@@ -24,7 +24,7 @@ from pathlib import Path
 from samserve import model_spec
 from samserve_build import architectures, export, repository
 from samserve_build.settings import BuildSettings
-from samserve_build.targets import SERVING_TARGETS, ServingTargetName
+from samserve_build.targets import SERVING_TARGETS, ServingTarget, ServingTargetName
 
 LOG = logging.getLogger("samserve_build")
 
@@ -75,21 +75,21 @@ def prepare(settings: BuildSettings) -> Path:
         checkpoint = model_dir.with_name(model_dir.name + "-checkpoint") / (
             f"{settings.model_variant}-seed{settings.random_seed}.pth")
     target = concrete_target(settings.target, model_dir, settings.workdir)
-    runs_checkpoint = SERVING_TARGETS[target].needs_checkpoint
+    runs_checkpoint = target.needs_checkpoint
     kind, parameters = device_options(target, settings.device)
     return repository.write_repository(model_dir, settings.repository, target,
                                        checkpoint=checkpoint if runs_checkpoint else None, instance_kind=kind,
                                        parameters=parameters, tensorrt_major=settings.tensorrt_major)
 
 
-def concrete_target(target: ServingTargetName, model_dir: Path, workdir: Path) -> ServingTargetName:
-    """``target`` itself, or for ``auto`` the CPU target chosen for this machine (calibrated once per machine and
-    model, cached in ``workdir``)."""
+def concrete_target(target: ServingTargetName, model_dir: Path, workdir: Path) -> ServingTarget:
+    """The registered ``target``, or for ``auto`` the CPU encoder and decoder chosen for this machine (calibrated
+    once per machine and model, cached in ``workdir``)."""
     if target is ServingTargetName.AUTO:
         from samserve_build import cpu_choice
 
         return cpu_choice.resolve(model_dir, workdir)
-    return target
+    return SERVING_TARGETS[target]
 
 
 DEVICES: dict[str, tuple[str, dict[str, str]]] = {
@@ -99,7 +99,8 @@ DEVICES: dict[str, tuple[str, dict[str, str]]] = {
 """``repository --device``: instance kind and config parameters (``device`` where a template has it)."""
 
 
-def device_options(target: ServingTargetName | str, device: str | None) -> tuple[str | None, dict[str, str]]:
+def device_options(target: ServingTarget | ServingTargetName | str, device: str | None
+                   ) -> tuple[str | None, dict[str, str]]:
     """(instance kind, config parameters) that run ``target`` on ``device`` (None: as its templates say)."""
     if device is None:
         return None, {}

@@ -1,11 +1,14 @@
-"""``SAMSERVE_TARGET=auto``: the fastest CPU target on this machine, from its flags and a short measured calibration.
+"""``SAMSERVE_TARGET=auto``: the fastest CPU encoder and decoder on this machine, from its flags and a short
+measured calibration.
 
 A target of :data:`samserve_build.targets.CPU_TARGETS` is a candidate when this CPU has one of its
 ``native_flags`` (bf16 needs AVX-512-bf16 or AMX: emulated bf16 was 8x slower on an AVX2-only EPYC). Each candidate
 loads both models as Triton would (:func:`samserve.triton_backend.create_runner` with its rendered config's
 parameters) and is timed on the exported model itself: the encoder on one image, the decoder on one 2-point prompt.
-Its cost is one embedding plus :data:`PROMPTS_PER_IMAGE` decoder runs; the cheapest wins, and a tie within
-:data:`MARGIN` goes to the earlier candidate (fp32 before bf16, ONNX Runtime first).
+The encoder and the decoder are chosen separately (the encoder runs once per image, the decoder once per prompt, and
+the fastest of each may come from different runtimes): the fastest of each wins, and a tie within :data:`MARGIN`
+goes to the earlier candidate (fp32 before bf16, ONNX Runtime first). Different winners render as
+:func:`samserve_build.targets.composed`.
 
 The result is cached in the workdir (``cpu-choice.json``) per CPU model, flags, model and runtime versions, so the
 calibration runs once per machine and model; every resolution logs what it chose and why.
@@ -25,12 +28,10 @@ from pathlib import Path
 import numpy as np
 
 from samserve import model_spec
-from samserve_build.targets import CPU_TARGETS, SERVING_TARGETS, ServingTargetName
+from samserve_build.targets import CPU_TARGETS, SERVING_TARGETS, ServingTarget, ServingTargetName, composed
 
 LOG = logging.getLogger(__name__)
 CACHE_FILE = "cpu-choice.json"
-PROMPTS_PER_IMAGE = 16
-"""Decoder runs weighed against one embedding: an interactive session's clicks on one image."""
 MARGIN = 0.05
 """A later candidate must be this much cheaper (relative) to displace an earlier one."""
 ENCODER_RUNS, DECODER_RUNS = 1, 3
@@ -73,18 +74,13 @@ class Timing:
     encoder_ms: float
     decoder_ms: float
 
-    @property
-    def cost_ms(self) -> float:
-        """One embedding and :data:`PROMPTS_PER_IMAGE` decoder runs."""
-        return self.encoder_ms + PROMPTS_PER_IMAGE * self.decoder_ms
-
 
 def runtime_parameters(target: ServingTargetName, model: str) -> dict[str, str]:
     """The config parameters ``model`` of ``target`` loads with (its template's, then the target's)."""
     from samserve_build import repository
 
     serving = SERVING_TARGETS[target]
-    text = (repository.TEMPLATES / serving.templates / model).joinpath("config.pbtxt").read_text()
+    text = (repository.TEMPLATES / serving.template(model) / model).joinpath("config.pbtxt").read_text()
     parameters = {key: value.string_value for key, value in repository.parse_config(text).parameters.items()}
     return {**parameters, **serving.parameters.get(model, {})}
 
@@ -121,13 +117,29 @@ def measure(target: ServingTargetName, model_dir: Path) -> Timing:
     return Timing(times[model_spec.ENCODER_MODEL], times[model_spec.DECODER_MODEL])
 
 
-def choose(timings: Mapping[ServingTargetName, Timing]) -> ServingTargetName:
-    """The cheapest candidate; an earlier one keeps its place unless a later one is :data:`MARGIN` cheaper."""
-    best = next(iter(timings))
-    for name, timing in timings.items():
-        if timing.cost_ms < (1 - MARGIN) * timings[best].cost_ms:
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    encoder: ServingTargetName
+    decoder: ServingTargetName
+
+    @property
+    def target(self) -> ServingTarget:
+        return composed(self.encoder, self.decoder)
+
+
+def _fastest(times: Mapping[ServingTargetName, float]) -> ServingTargetName:
+    """The fastest; an earlier one keeps its place unless a later one is :data:`MARGIN` faster."""
+    best = next(iter(times))
+    for name, value in times.items():
+        if value < (1 - MARGIN) * times[best]:
             best = name
     return best
+
+
+def choose(timings: Mapping[ServingTargetName, Timing]) -> Choice:
+    """The fastest encoder and the fastest decoder of the candidates (in order of preference)."""
+    return Choice(_fastest({name: t.encoder_ms for name, t in timings.items()}),
+                  _fastest({name: t.decoder_ms for name, t in timings.items()}))
 
 
 def _versions() -> dict[str, str]:
@@ -139,13 +151,12 @@ def _versions() -> dict[str, str]:
 
 def _cache_key(cpu: Cpu, meta: model_spec.ModelMetadata, names: Sequence[ServingTargetName]) -> dict[str, object]:
     return {"cpu": cpu.model, "flags": list(cpu.flags), "cores": cpu.cores, "model_id": meta.model_id,
-            "weights_sha256": meta.weights_sha256, "candidates": [str(name) for name in names],
-            "prompts_per_image": PROMPTS_PER_IMAGE, **_versions()}
+            "weights_sha256": meta.weights_sha256, "candidates": [str(name) for name in names], **_versions()}
 
 
-def resolve(model_dir: Path, workdir: Path, cpu: Cpu | None = None) -> ServingTargetName:
-    """The CPU target ``auto`` means on this machine for the model exported in ``model_dir`` (calibrated once,
-    then read from ``workdir/cpu-choice.json``)."""
+def resolve(model_dir: Path, workdir: Path, cpu: Cpu | None = None) -> ServingTarget:
+    """The target ``auto`` means on this machine for the model exported in ``model_dir`` (calibrated once, then
+    read from ``workdir/cpu-choice.json``)."""
     cpu = cpu or Cpu.detect()
     meta = model_spec.ModelMetadata.read(model_dir)
     names = candidates(cpu)
@@ -169,16 +180,17 @@ def resolve(model_dir: Path, workdir: Path, cpu: Cpu | None = None) -> ServingTa
                      timings[name].decoder_ms)
         if not timings:
             raise RuntimeError("auto: no CPU target runs on this machine")
-        chosen = choose(timings)
-        record = {"key": key, "chosen": str(chosen), "skipped": skipped,
+        choice = choose(timings)
+        record = {"key": key, "encoder": str(choice.encoder), "decoder": str(choice.decoder), "skipped": skipped,
                   "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                   "timings": {str(name): dataclasses.asdict(timing) for name, timing in timings.items()}}
         cache.parent.mkdir(parents=True, exist_ok=True)
         staging = cache.with_suffix(".partial")
         staging.write_text(json.dumps([*[r for r in records if r["key"] != key], record], indent=2))
         staging.replace(cache)
-    LOG.info("auto: %s on %s (%s); cost of one embedding + %d decoder runs: %s", record["chosen"], cpu.model,
-             " ".join(cpu.flags) or "no flags of interest", PROMPTS_PER_IMAGE,
-             ", ".join(f"{name} {t['encoder_ms'] + PROMPTS_PER_IMAGE * t['decoder_ms']:.0f} ms"
-                       for name, t in record["timings"].items()))
-    return ServingTargetName(record["chosen"])
+    timings_of = record["timings"]
+    LOG.info("auto: encoder as %s, decoder as %s on %s (%s); encoder ms: %s; decoder ms: %s", record["encoder"],
+             record["decoder"], cpu.model, " ".join(cpu.flags) or "no flags of interest",
+             ", ".join(f"{name} {t['encoder_ms']:.0f}" for name, t in timings_of.items()),
+             ", ".join(f"{name} {t['decoder_ms']:.1f}" for name, t in timings_of.items()))
+    return Choice(ServingTargetName(record["encoder"]), ServingTargetName(record["decoder"])).target

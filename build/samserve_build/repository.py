@@ -24,7 +24,7 @@ from tritonclient.grpc import model_config_pb2
 
 from samserve import model_spec
 from samserve_build import architectures
-from samserve_build.targets import DERIVED_FILES, SERVING_TARGETS, ServingTargetName
+from samserve_build.targets import DERIVED_FILES, ServingTarget, ServingTargetName, serving_target
 
 TEMPLATES: Traversable = importlib.resources.files("samserve_build.model_repository")
 """``model_repository/``: one folder of model templates per serving target."""
@@ -53,11 +53,12 @@ def parse_config(text: str) -> model_config_pb2.ModelConfig:
     return text_format.Parse(text, model_config_pb2.ModelConfig())
 
 
-def template_parameters(target: ServingTargetName | str, templates: Traversable = TEMPLATES) -> set[str]:
+def template_parameters(target: ServingTarget | ServingTargetName | str, templates: Traversable = TEMPLATES
+                        ) -> set[str]:
     """The config parameters that ``target``'s templates have (either model)."""
-    serving = SERVING_TARGETS[ServingTargetName(target)]
+    serving = serving_target(target)
     return {key for model in serving.model_files
-            for key in parse_config((templates / serving.templates / model).joinpath("config.pbtxt").read_text())
+            for key in parse_config((templates / serving.template(model) / model).joinpath("config.pbtxt").read_text())
             .parameters}
 
 
@@ -98,7 +99,7 @@ def _source(name: str, model_dir: Path, meta: model_spec.ModelMetadata, checkpoi
 
 
 def write_repository(
-    model_dir: Path, out: Path, target: ServingTargetName | str = ServingTargetName.CPU_ONNXRUNTIME,
+    model_dir: Path, out: Path, target: ServingTarget | ServingTargetName | str = ServingTargetName.CPU_ONNXRUNTIME,
     templates: Traversable = TEMPLATES, *, checkpoint: Path | None = None,
     parameters: Mapping[str, str] | None = None, instance_kind: str | None = None,
     tensorrt_major: int = DEFAULT_TENSORRT_MAJOR,
@@ -109,19 +110,20 @@ def write_repository(
     ``instance_kind``: KIND_CPU or KIND_GPU for every instance group. ``tensorrt_major``: the TensorRT that
     builds the plans (gpu-tensorrt)."""
     model_dir, out = Path(model_dir), Path(out)
-    if ServingTargetName(target) not in SERVING_TARGETS:
-        raise RepositoryError(f"{target} names no target of its own: resolve it first (samserve_build.cpu_choice)")
-    serving = SERVING_TARGETS[ServingTargetName(target)]
+    try:
+        serving = serving_target(target)
+    except ValueError as error:
+        raise RepositoryError(str(error)) from None
     exported = model_spec.ModelMetadata.read(model_dir)
     configs = {}
     for model_name in serving.model_files:
-        text = (templates / serving.templates / model_name).joinpath("config.pbtxt").read_text()
+        text = (templates / serving.template(model_name) / model_name).joinpath("config.pbtxt").read_text()
         present = {key: value for key, value in (parameters or {}).items() if key in parse_config(text).parameters}
         configs[model_name] = _override(text, {**serving.parameters.get(model_name, {}), **present}, instance_kind,
                                         model_name)
     missing = set(parameters or {}) - {key for text in configs.values() for key in parse_config(text).parameters}
     if missing:
-        raise RepositoryError(f"no config of target {serving.name} has the parameters {sorted(missing)}")
+        raise RepositoryError(f"no config of target {serving.label} has the parameters {sorted(missing)}")
     encoder_parameters = parse_config(configs[model_spec.ENCODER_MODEL]).parameters
     precision = (encoder_parameters[model_spec.PRECISION_PARAMETER].string_value
                  if model_spec.PRECISION_PARAMETER in encoder_parameters else exported.precision)
@@ -131,14 +133,14 @@ def write_repository(
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     for model_name, model_file in serving.model_files.items():
-        template = templates / serving.templates / model_name
+        template = templates / serving.template(model_name) / model_name
         version = staging / model_name / "1"
         version.mkdir(parents=True)
         config = configs[model_name]
         if serving.exact_dims:
             from samserve_build import tensorrt
 
-            config = (f"# Rendered by samserve-build repository from model_repository/{serving.templates}/"
+            config = (f"# Rendered by samserve-build repository from model_repository/{serving.template(model_name)}/"
                       f"{model_name}/config.pbtxt (comments there) with the exported model's dims.\n"
                       + tensorrt.with_exact_dims(config, tensorrt.triton_dims(metadata)[model_name]))
         config += (

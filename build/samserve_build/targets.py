@@ -14,8 +14,8 @@ come from the served configs and metadata, and every target serves the same tens
 | gpu-torch | official PyTorch modules on CUDA, bf16 autocast, SDPA, batched | same modules, bf16 |
 | gpu-tensorrt | TensorRT plan of the mixed-precision (fp16) graph | TensorRT plan of the fp32 graph |
 
-``auto`` is no target of its own: :mod:`samserve_build.cpu_choice` resolves it to one of :data:`CPU_TARGETS` per
-machine.
+``auto`` is no target of its own: :mod:`samserve_build.cpu_choice` resolves it per machine to the fastest encoder
+and the fastest decoder of :data:`CPU_TARGETS` (:func:`composed` when they come from different targets).
 """
 
 from __future__ import annotations
@@ -85,17 +85,26 @@ class ServingTarget:
     """Render every tensor's dims from the metadata (TensorRT plans have fixed sizes that the config must repeat)."""
     finish: Callable[[Path, model_spec.ModelMetadata, int], None] | None = None
     """Writes what the rendered repository needs besides its models (repository, metadata, TensorRT major)."""
-    template_folder: str | None = None
-    """Folder of the templates inside ``model_repository/`` when another target's (unset: the target's name)."""
+    template_folders: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    """Triton model name -> folder of its template inside ``model_repository/`` when another target's (unset: the
+    target's name)."""
     parameters: Mapping[str, Mapping[str, str]] = dataclasses.field(default_factory=dict)
     """Triton model name -> config parameters this target sets in its template (before the caller's)."""
     native_flags: tuple[str, ...] = ()
     """CPU flags of which one must be present for this target to run at speed (empty: any CPU)."""
+    components: Mapping[str, ServingTargetName] = dataclasses.field(default_factory=dict)
+    """Of a :func:`composed` target: Triton model name -> the registered target it runs that model as."""
 
     @property
-    def templates(self) -> str:
-        """Folder of this target's templates inside ``model_repository/``."""
-        return self.template_folder or self.name.value
+    def label(self) -> str:
+        """The name, or for a composed target which target runs each model."""
+        if not self.components:
+            return self.name.value
+        return ", ".join(f"{model} as {target}" for model, target in self.components.items())
+
+    def template(self, model: str) -> str:
+        """Folder of ``model``'s template inside ``model_repository/``."""
+        return self.template_folders.get(model, self.name.value)
 
     @property
     def needs_checkpoint(self) -> bool:
@@ -124,7 +133,8 @@ SERVING_TARGETS: dict[ServingTargetName, ServingTarget] = {
         model_files={model_spec.ENCODER_MODEL: model_spec.ENCODER_FILE,
                      model_spec.DECODER_MODEL: model_spec.DECODER_FILE},
         extra_files=NO_MASK_DECODER,
-        template_folder=ServingTargetName.CPU_OPENVINO.value,
+        template_folders=dict.fromkeys((model_spec.ENCODER_MODEL, model_spec.DECODER_MODEL),
+                                       ServingTargetName.CPU_OPENVINO.value),
         parameters={model_spec.ENCODER_MODEL: {model_spec.PRECISION_PARAMETER: "bf16"}},
         native_flags=("avx512_bf16", "amx_bf16"),
     ),
@@ -144,6 +154,34 @@ SERVING_TARGETS: dict[ServingTargetName, ServingTarget] = {
         finish=_write_engine_script,
     ),
 }
+
+def serving_target(target: ServingTarget | ServingTargetName | str) -> ServingTarget:
+    """The registered target of a name (a target itself is returned as it is)."""
+    if isinstance(target, ServingTarget):
+        return target
+    if ServingTargetName(target) not in SERVING_TARGETS:
+        raise ValueError(f"{target} names no target of its own: resolve it first (samserve_build.cpu_choice)")
+    return SERVING_TARGETS[ServingTargetName(target)]
+
+
+def composed(encoder: ServingTargetName, decoder: ServingTargetName) -> ServingTarget:
+    """A target running the encoder as target ``encoder`` does and the decoder as ``decoder`` does (templates, files
+    and parameters of each): what ``auto`` renders when the fastest of each differ. Both must serve the exported
+    graphs' files (the CPU targets)."""
+    if encoder == decoder:
+        return SERVING_TARGETS[encoder]
+    sources = {model_spec.ENCODER_MODEL: SERVING_TARGETS[encoder], model_spec.DECODER_MODEL: SERVING_TARGETS[decoder]}
+    return ServingTarget(
+        name=ServingTargetName.AUTO,
+        description=f"the encoder as {encoder} runs it, the decoder as {decoder} runs it",
+        model_files={model: source.model_files[model] for model, source in sources.items()},
+        extra_files={model: source.extra_files[model] for model, source in sources.items()
+                     if model in source.extra_files},
+        template_folders={model: source.template(model) for model, source in sources.items()},
+        parameters={model: source.parameters[model] for model, source in sources.items() if model in source.parameters},
+        components={model_spec.ENCODER_MODEL: encoder, model_spec.DECODER_MODEL: decoder},
+    )
+
 
 CPU_TARGETS = (ServingTargetName.CPU_ONNXRUNTIME, ServingTargetName.CPU_OPENVINO, ServingTargetName.CPU_OPENVINO_BF16)
 """What ``auto`` chooses among (fp32 first: the choice when a reduced precision is not faster)."""

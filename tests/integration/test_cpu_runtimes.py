@@ -25,7 +25,7 @@ from samserve import model_spec
 from samserve.client import PromptSpec, SamServeClient
 from samserve.triton_models import TritonSam
 from samserve_build import cpu_choice, export, graph_quality
-from samserve_build.targets import SERVING_TARGETS, ServingTargetName
+from samserve_build.targets import SERVING_TARGETS, ServingTargetName, composed
 from tests.support.images import png_bytes, synthetic_image
 from tests.support.local_stack import serve_locally
 from tests.support.mixed_precision import vit_b_inputs
@@ -124,15 +124,32 @@ def test_scenes_bf16_miou_drop(scenes_model) -> None:
 
 def test_auto_calibrates_once_and_serves_its_choice(tiny_model, tmp_path, caplog) -> None:
     """``auto`` on the tiny model: every candidate this CPU runs natively is timed, the choice is cached with the CPU
-    and reused, and the repository it renders serves through Triton."""
+    and reused, and the repository it renders serves through Triton (a composed one when the fastest encoder and
+    decoder come from different targets)."""
     caplog.set_level("INFO", logger="samserve_build.cpu_choice")
     chosen = cpu_choice.resolve(tiny_model.directory, tmp_path)
     cpu = cpu_choice.Cpu.detect()
-    assert chosen in cpu_choice.candidates(cpu)
-    assert "calibrating" in caplog.text and f"auto: {chosen} on {cpu.model}" in caplog.text
+    components = chosen.components or dict.fromkeys(chosen.model_files, chosen.name)
+    assert set(components.values()) <= set(cpu_choice.candidates(cpu))
+    encoder, decoder = components[model_spec.ENCODER_MODEL], components[model_spec.DECODER_MODEL]
+    assert "calibrating" in caplog.text and f"auto: encoder as {encoder}, decoder as {decoder} on {cpu.model}" in \
+        caplog.text
     caplog.clear()
     assert cpu_choice.resolve(tiny_model.directory, tmp_path) == chosen
-    assert "calibrating" not in caplog.text and f"auto: {chosen}" in caplog.text
+    assert "calibrating" not in caplog.text and f"auto: encoder as {encoder}" in caplog.text
     with serve_locally(tiny_model.directory, tmp_path / "served", TRITON_START_TIMEOUT_S, target=chosen) as server:
         meta, embedding = _embed(server.grpc_url, synthetic_image(60, 80, seed=1))
     assert embedding.shape[-3:] == tuple(meta.embedding_shape) and np.isfinite(embedding).all()
+
+
+def test_a_composed_target_serves_each_model_as_its_target(tiny_model, tmp_path) -> None:
+    """The bf16 encoder of cpu-openvino-bf16 with the decoder of cpu-onnxruntime, rendered and served by Triton."""
+    mixed = composed(BF16, ServingTargetName.CPU_ONNXRUNTIME)
+    with serve_locally(tiny_model.directory, tmp_path / "served", TRITON_START_TIMEOUT_S, target=mixed) as server:
+        meta, embedding = _embed(server.grpc_url, synthetic_image(60, 80, seed=1))
+    assert meta.precision == "bf16" and np.isfinite(embedding).all()
+    repository = tmp_path / "served" / "repository"
+    decoder_config = (repository / model_spec.DECODER_MODEL / "config.pbtxt").read_text()
+    assert '"onnxruntime"' not in decoder_config and "execution_providers" in decoder_config   # ONNX Runtime's
+    assert (repository / model_spec.DECODER_MODEL / "1" / model_spec.DECODER_NO_MASK_FILE).exists()
+    assert '"openvino"' in (repository / model_spec.ENCODER_MODEL / "config.pbtxt").read_text()

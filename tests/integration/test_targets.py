@@ -37,7 +37,7 @@ def parse(text: str) -> model_config_pb2.ModelConfig:
 def test_templates_agree_with_the_registry(target):
     assert set(target.model_files) == {model_spec.ENCODER_MODEL, model_spec.DECODER_MODEL}
     for model, model_file in target.model_files.items():
-        config = parse((repository.TEMPLATES / target.templates / model / "config.pbtxt").read_text())
+        config = parse((repository.TEMPLATES / target.template(model) / model / "config.pbtxt").read_text())
         assert config.name == model
         assert config.parameters["model_file"].string_value == model_file
         assert config.max_batch_size > 0 and config.HasField("dynamic_batching")

@@ -147,7 +147,7 @@ def test_prepare_then_up_serves_and_stops_cleanly(tmp_path):
     # A second prepare reuses the export and the choice.
     again = subprocess.run(prepare, env=env, capture_output=True, text=True, timeout=300)
     assert "already exported" in again.stderr
-    assert "auto: calibrating" not in again.stderr and "auto: cpu-" in again.stderr
+    assert "auto: calibrating" not in again.stderr and "auto: encoder as cpu-" in again.stderr
 
     # Auth on, as a deployment runs it: a key made with the CLI, sent by the client command.
     keys = [f"{bin_dir}/samserve", "keys", "add", "--tenant", "dev", "--file", str(tmp_path / "keys.json")]

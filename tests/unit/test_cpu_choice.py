@@ -1,5 +1,5 @@
-"""samserve_build.cpu_choice: which CPU targets are candidates, how the cheapest wins, the cached calibration
-(the measuring itself runs in tests/integration/test_cpu_runtimes.py)."""
+"""samserve_build.cpu_choice: which CPU targets are candidates, how the fastest encoder and decoder are chosen and
+rendered, the cached calibration (the measuring itself runs in tests/integration/test_cpu_runtimes.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from samserve import model_spec
 from samserve_build import cpu_choice
-from samserve_build.targets import CPU_TARGETS, ServingTargetName
+from samserve_build.targets import CPU_TARGETS, SERVING_TARGETS, ServingTargetName
 
 ORT, OV, BF16 = CPU_TARGETS
 
@@ -40,12 +40,23 @@ def timing(encoder_ms: float, decoder_ms: float) -> cpu_choice.Timing:
     return cpu_choice.Timing(encoder_ms, decoder_ms)
 
 
-def test_the_cheapest_wins_and_a_near_tie_keeps_the_earlier() -> None:
-    # cost = encoder + PROMPTS_PER_IMAGE decoder runs
-    assert cpu_choice.choose({ORT: timing(6500, 55), OV: timing(5800, 49), BF16: timing(3300, 35)}) == BF16
-    assert cpu_choice.choose({ORT: timing(1000, 10), OV: timing(990, 10)}) == ORT   # within MARGIN
-    assert cpu_choice.choose({ORT: timing(1000, 10), OV: timing(500, 80)}) == ORT   # the decoder runs weigh in
-    assert cpu_choice.choose({OV: timing(1000, 10)}) == OV
+def test_encoder_and_decoder_are_chosen_apart_and_a_near_tie_keeps_the_earlier() -> None:
+    choice = cpu_choice.choose({ORT: timing(6500, 40), OV: timing(5800, 49), BF16: timing(3300, 49)})
+    assert (choice.encoder, choice.decoder) == (BF16, ORT)
+    assert cpu_choice.choose({ORT: timing(1000, 10), OV: timing(990, 9.9)}) == cpu_choice.Choice(ORT, ORT)  # MARGIN
+    assert cpu_choice.choose({ORT: timing(1000, 10), OV: timing(900, 9)}) == cpu_choice.Choice(OV, OV)
+    assert cpu_choice.choose({OV: timing(1000, 10)}) == cpu_choice.Choice(OV, OV)
+
+
+def test_a_choice_of_two_targets_renders_each_model_as_its_own(tmp_path: Path) -> None:
+    one = cpu_choice.Choice(BF16, BF16).target
+    assert one is SERVING_TARGETS[BF16] and one.label == "cpu-openvino-bf16"
+    mixed = cpu_choice.Choice(BF16, ORT).target
+    encoder, decoder = model_spec.ENCODER_MODEL, model_spec.DECODER_MODEL
+    assert mixed.template(encoder) == "cpu-openvino" and mixed.template(decoder) == "cpu-onnxruntime"
+    assert mixed.parameters == {encoder: {model_spec.PRECISION_PARAMETER: "bf16"}}
+    assert mixed.extra_files == {decoder: (model_spec.DECODER_NO_MASK_FILE,)}
+    assert mixed.label == f"{encoder} as cpu-openvino-bf16, {decoder} as cpu-onnxruntime"
 
 
 def test_the_calibration_is_cached_per_cpu_and_model(tiny_export: Path, tmp_path: Path, monkeypatch) -> None:
@@ -53,13 +64,16 @@ def test_the_calibration_is_cached_per_cpu_and_model(tiny_export: Path, tmp_path
 
     def measure(target: ServingTargetName, model_dir: Path) -> cpu_choice.Timing:
         measured.append(target)
-        return {ORT: timing(100, 5), OV: timing(90, 5), BF16: timing(40, 2)}[target]
+        return {ORT: timing(100, 5), OV: timing(90, 6), BF16: timing(40, 6)}[target]
 
     monkeypatch.setattr(cpu_choice, "measure", measure)
     native = cpu("avx512_bf16")
-    assert cpu_choice.resolve(tiny_export, tmp_path, native) == BF16 and measured == [ORT, OV, BF16]
-    assert cpu_choice.resolve(tiny_export, tmp_path, native) == BF16 and len(measured) == 3   # from the cache
-    assert cpu_choice.resolve(tiny_export, tmp_path, cpu("avx2")) == OV and len(measured) == 5   # another CPU
+    chosen = cpu_choice.resolve(tiny_export, tmp_path, native)
+    assert chosen.components == {model_spec.ENCODER_MODEL: BF16, model_spec.DECODER_MODEL: ORT}
+    assert measured == [ORT, OV, BF16]
+    assert cpu_choice.resolve(tiny_export, tmp_path, native) == chosen and len(measured) == 3   # from the cache
+    other = cpu_choice.resolve(tiny_export, tmp_path, cpu("avx2"))   # another CPU: calibrated anew
+    assert other.components == {model_spec.ENCODER_MODEL: OV, model_spec.DECODER_MODEL: ORT} and len(measured) == 5
     assert (tmp_path / cpu_choice.CACHE_FILE).exists()
 
 
@@ -70,7 +84,7 @@ def test_a_runtime_that_fails_is_no_candidate(tiny_export: Path, tmp_path: Path,
         return timing(100, 5)
 
     monkeypatch.setattr(cpu_choice, "measure", measure)
-    assert cpu_choice.resolve(tiny_export, tmp_path, cpu("amx_bf16")) == ORT
+    assert cpu_choice.resolve(tiny_export, tmp_path, cpu("amx_bf16")) is SERVING_TARGETS[ORT]
 
 
 @pytest.fixture
