@@ -4,10 +4,11 @@ Times the encoder (one 768x1024 image) and the decoder (1 point, all mask tokens
 of each CPU target (``samserve_build.targets.CPU_TARGETS``, with the runners and parameters Triton's python backend
 uses) against the official PyTorch modules, all calls interleaved (``common.interleaved_samples``), with each one's
 relative error against PyTorch (same weights). Two decoders that no target serves are measured beside them, to
-show why: OpenVINO computing the decoder in bf16 (it moved masks past the gate, tests/integration/
-test_cpu_runtimes.py) and ONNX Runtime's dynamic int8 quantization of the decoder (``quantize_dynamic``, int8
-weights of the MatMuls). ``auto``'s choice is :func:`samserve_build.cpu_choice.choose` applied to these medians
-over the candidates of this CPU (the encoder and the decoder chosen apart). Writes bench/results/backends_cpu.json.
+show why: OpenVINO computing the decoder in bf16 and ONNX Runtime's dynamic int8 quantization of the decoder
+(``quantize_dynamic``, int8 weights of the MatMuls), each with its masks against the fp32 decoder's (the vit_b
+gate of tests/integration/test_cpu_runtimes.py). ``auto``'s choice is :func:`samserve_build.cpu_choice.choose`
+applied to these medians over the candidates of this CPU (the encoder and the decoder chosen apart). Writes
+bench/results/backends_cpu.json.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from samserve.openvino_backend import OpenVinoRunner  # noqa: E402
 from samserve.triton_backend import OnnxRunner  # noqa: E402
 from samserve_build import architectures, cpu_choice, export, graph_quality  # noqa: E402
 from samserve_build.targets import CPU_TARGETS, SERVING_TARGETS  # noqa: E402
+from tests.support import mixed_precision  # noqa: E402
 from tests.support.images import synthetic_image  # noqa: E402
 
 ENCODER_REPEATS, DECODER_REPEATS, BATCH_REPEATS = 5, 30, 8
@@ -113,6 +115,15 @@ def main() -> None:
         record.update({stage: summary(samples[stage][name]) for stage in feeds if name in samples[stage]})
     for name in CPU_TARGETS:
         runtimes[name]["description"] = SERVING_TARGETS[name].description
+    # Why the two decoders are not served: the vit_b mask gate of tests/integration/test_cpu_runtimes.py, each with
+    # the fp32 encoder, against the fp32 decoder.
+    fp32 = graph_quality.OnnxSam.of_target(model_dir, CPU_TARGETS[0])
+    images, prompts = mixed_precision.vit_b_inputs()
+    for name in UNSERVED_DECODERS:
+        reduced = graph_quality.OnnxSam(fp32.encoder, runners[name]["decoder"], meta)
+        agreement = graph_quality.mask_agreement(fp32, reduced, images, prompts).summary()
+        runtimes[name]["vit_b_mask_gate"] = {**agreement, "met": bool(
+            agreement["min_iou"] >= graph_quality.MIN_IOU and agreement["median_iou"] >= graph_quality.MEDIAN_IOU)}
 
     cpu = cpu_choice.Cpu.detect()
     candidates = cpu_choice.candidates(cpu)
