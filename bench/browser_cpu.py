@@ -56,7 +56,8 @@ def shipped_model() -> tuple[Path, model_spec.ModelMetadata]:
         meta = model_spec.ModelMetadata.read(model_dir)
         from samserve_build import architectures
 
-        if meta.weights_sha256 == architectures.sha256_file(SCENES_CHECKPOINT):
+        if (meta.weights_sha256 == architectures.sha256_file(SCENES_CHECKPOINT)
+                and export.written_by_this_exporter(meta)):
             return model_dir, meta
     result = export.export_model("scenes", SCENES_CHECKPOINT, model_dir)
     return result.directory, result.metadata

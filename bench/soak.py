@@ -40,7 +40,7 @@ def scenes_model(root: Path) -> Path:
     from samserve_build import export
     from samserve_build.settings import SCENES_CHECKPOINT
 
-    if not (root / model_spec.METADATA_FILE).exists():
+    if not current_export(root):
         export.export_model("scenes", SCENES_CHECKPOINT, root)
     return root
 
@@ -49,9 +49,17 @@ def tiny_model(root: Path) -> Path:
     """The tiny architecture with seeded random weights (what the 60-second test serves)."""
     from samserve_build import export
 
-    if not (root / model_spec.METADATA_FILE).exists():
+    if not current_export(root):
         export.export_random_weights("tiny", 0, root)
     return root
+
+
+def current_export(root: Path) -> bool:
+    """Whether ``root`` holds an export of this exporter (an older one lacks files the targets now serve)."""
+    from samserve_build import export
+
+    metadata = root / model_spec.METADATA_FILE
+    return metadata.exists() and export.written_by_this_exporter(model_spec.ModelMetadata.read(root))
 
 
 MODELS: dict[str, Callable[[Path], Path]] = {"scenes": scenes_model, "tiny": tiny_model}
