@@ -59,17 +59,43 @@ def sci(value: float) -> str:
     return f"{mantissa}e{int(exponent)}"
 
 
+BACKEND_NAMES = {"pytorch-official-modules": "PyTorch (the official modules)",
+                 "cpu-onnxruntime": "`cpu-onnxruntime`: ONNX Runtime, fp32",
+                 "cpu-openvino": "`cpu-openvino`: OpenVINO, fp32",
+                 "cpu-openvino-bf16": "`cpu-openvino-bf16`: OpenVINO, encoder bf16, decoder fp32",
+                 "openvino-bf16-decoder": "not served: OpenVINO's decoder in bf16",
+                 "onnxruntime-int8-decoder": "not served: ONNX Runtime's decoder, dynamic int8"}
+
+
 def backends_rows() -> list[str]:
-    runtimes = results("backends_cpu.json")["runtimes"]
-    names = {"pytorch-official-modules": "PyTorch (official modules)", "onnxruntime-fp32": "ONNX Runtime fp32 (chosen)",
-             "openvino-f32": "OpenVINO fp32", "openvino-bf16": "OpenVINO bf16"}
+    data = results("backends_cpu.json")
+    runtimes, auto = data["runtimes"], data["auto"]
     rows = []
-    for key, name in names.items():
+    for key, name in BACKEND_NAMES.items():
         r = runtimes[key]
-        errors = ("—" if key.startswith("pytorch") else
-                  f"{sci(r['encoder_relative_error'])} / {sci(r['decoder_relative_error'])}")
-        rows.append(f"| {name} | {r['encoder']['median_ms']:.0f} ms | {r['decoder']['median_ms']:.1f} ms | {errors} |")
+        encoder = f"{r['encoder']['median_ms']:.0f} ms" if "encoder" in r else "—"
+        errors = "—" if key.startswith("pytorch") else " / ".join(
+            sci(r[f"{stage}_relative_error"]) if f"{stage}_relative_error" in r else "—"
+            for stage in ("encoder", "decoder"))
+        rows.append(f"| {name} | {encoder} | {r['decoder']['median_ms']:.1f} ms | "
+                    f"{r['decoder_16']['median_ms']:.0f} ms | {errors} |")
+    rows.append(f"On this CPU `auto` picks the encoder of `{auto['encoder']}` and the decoder of `{auto['decoder']}`")
+    for key in ("openvino-bf16-decoder", "onnxruntime-int8-decoder"):
+        gate = runtimes[key]["vit_b_mask_gate"]
+        rows.append(f"IoU min {gate['min_iou']:.4f}, median {gate['median_iou']:.4f}")
     return rows
+
+
+def cpu_target_rows() -> list[str]:
+    gate = results("precision_cpu.json")["cpu_targets"]["cpu-openvino-bf16"]
+    agreement, scenes = gate["vit_b_random"], gate["scenes"]
+    auto, fp32 = results("models_cpu.json")["auto"], results("models_cpu.json")["ratios"]
+    return [f"{agreement['prompts']} prompts (points, point pairs, boxes), every prompt's masks against fp32: IoU min "
+            f"{agreement['min_iou']:.4f}, median {agreement['median_iou']:.4f}",
+            f"mIoU point {scenes['fp32']['miou_point_top']:.4f} → {scenes['cpu-openvino-bf16']['miou_point_top']:.4f}, "
+            f"box {scenes['fp32']['miou_box']:.4f} → {scenes['cpu-openvino-bf16']['miou_box']:.4f}",
+            f"takes {auto['ratios']['encoder']:.2f}× the official `set_image`",
+            f"against {fp32['encoder']:.2f} for `cpu-onnxruntime`"]
 
 
 def quality_rows() -> list[str]:
@@ -168,8 +194,8 @@ def precision_rows() -> list[str]:
 
 
 @pytest.mark.parametrize(
-    "rows", [models_rows, precision_rows, gateway_rows, throughput_rows, amg_rows, backends_rows, quality_rows,
-             export_rows, request_memory_rows, soak_rows, browser_rows, multihost_rows],
+    "rows", [models_rows, precision_rows, gateway_rows, throughput_rows, amg_rows, backends_rows, cpu_target_rows,
+             quality_rows, export_rows, request_memory_rows, soak_rows, browser_rows, multihost_rows],
     ids=lambda f: f.__name__)
 def test_readme_quotes_the_results_files(rows):
     missing = [row for row in rows() if row not in README.replace("\n", " ")]
