@@ -30,6 +30,7 @@ import numpy as np
 import onnx
 import torch
 from segment_anything.modeling import Sam
+from segment_anything.modeling.transformer import Attention, TwoWayAttentionBlock
 from torch import nn
 
 from samserve import model_spec, onnx_backend
@@ -124,7 +125,7 @@ class NoMaskReference(nn.Module):
         return self.decoder(image_embeddings, point_coords, point_labels, mask_input, has_mask_input)
 
 
-def _attend(attention: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def _attend(attention: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """The official ``Attention.forward`` after its input projections, with broadcasting over the batch.
 
     q: Bq x Tq x D, k and v: Bk x Tk x D, already projected (D = the attention's ``internal_dim``, C divided by its
@@ -171,7 +172,8 @@ class NoMaskDecoderGraph(nn.Module):
 
     @staticmethod
     def _first_layer(
-        block: nn.Module, queries: torch.Tensor, keys: torch.Tensor, query_pe: torch.Tensor, key_pe: torch.Tensor
+        block: TwoWayAttentionBlock, queries: torch.Tensor, keys: torch.Tensor, query_pe: torch.Tensor,
+        key_pe: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The official ``TwoWayAttentionBlock.forward`` with image tokens shared by all prompts.
 

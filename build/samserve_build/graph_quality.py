@@ -77,13 +77,13 @@ class OnnxSam:
 
         model_dir = Path(model_dir)
         meta = model_spec.ModelMetadata.read(model_dir)
-        runners = []
+        runners: dict[str, Runner] = {}
         for model, model_file in SERVING_TARGETS[target].model_files.items():
             parameters = {**runtime_parameters(target, model), "intra_op_threads": str(threads),
                           "threads": str(threads)}
-            runners.append(create_runner(parameters.get("runtime", "onnxruntime"), model_dir / model_file, model,
-                                         parameters, meta, 0))
-        return cls(*runners, meta)
+            runners[model] = create_runner(parameters.get("runtime", "onnxruntime"), model_dir / model_file, model,
+                                           parameters, meta, 0)
+        return cls(runners[model_spec.ENCODER_MODEL], runners[model_spec.DECODER_MODEL], meta)
 
     def embed(self, image: np.ndarray) -> tuple[np.ndarray, processing.PreparedImage]:
         """(float32 1 x C x h x w embedding, the prepared image)."""

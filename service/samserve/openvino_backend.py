@@ -44,7 +44,8 @@ class OpenVinoRunner:
         precision = parameters.get(model_spec.PRECISION_PARAMETER, "fp32")
         if precision not in INFERENCE_PRECISION:
             raise ValueError(f"OpenVINO precision {precision!r} is none of {sorted(INFERENCE_PRECISION)}")
-        config = {"INFERENCE_PRECISION_HINT": INFERENCE_PRECISION[precision], "PERFORMANCE_HINT": "LATENCY"}
+        config: dict[str, str | int] = {"INFERENCE_PRECISION_HINT": INFERENCE_PRECISION[precision],
+                                        "PERFORMANCE_HINT": "LATENCY"}
         threads = int(parameters.get("threads", "0"))
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
