@@ -37,6 +37,7 @@ from samserve import model_spec, processing  # noqa: E402
 from samserve.openvino_backend import OpenVinoRunner  # noqa: E402
 from samserve.triton_backend import OnnxRunner  # noqa: E402
 from samserve_build import architectures, cpu_choice, export, graph_quality  # noqa: E402
+from samserve_build.graphs import DecoderGraph, EncoderGraph  # noqa: E402
 from samserve_build.targets import CPU_TARGETS, SERVING_TARGETS  # noqa: E402
 from tests.support import mixed_precision  # noqa: E402
 from tests.support.images import synthetic_image  # noqa: E402
@@ -67,7 +68,7 @@ def main() -> None:
         model_spec.ENC_IMAGE: prepared.padded[None],
         model_spec.ENC_INPUT_SIZE: np.asarray([prepared.input_size], dtype=np.int64),
     }
-    encoder_graph, decoder_graph = export.EncoderGraph(sam).eval(), export.DecoderGraph(sam).eval()
+    encoder_graph, decoder_graph = EncoderGraph(sam).eval(), DecoderGraph(sam).eval()
     reference_embedding = encoder_graph(*(torch.from_numpy(encoder_feeds[n]) for n in model_spec.ENCODER_INPUTS))
     reference_embedding = reference_embedding.numpy()
     prompt = processing.Prompt(points=np.array([[512.0, 300.0]]), labels=np.array([1]))

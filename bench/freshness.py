@@ -22,9 +22,9 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path("bench/results")
 
-SERVING_PATH = ("service/samserve", "build/samserve_build/export.py", "build/samserve_build/repository.py",
-                "build/samserve_build/targets.py", "build/samserve_build/architectures.py",
-                "model_repository/cpu-onnxruntime")
+SERVING_PATH = ("service/samserve", "build/samserve_build/export.py", "build/samserve_build/graphs.py",
+                "build/samserve_build/repository.py", "build/samserve_build/targets.py",
+                "build/samserve_build/architectures.py", "model_repository/cpu-onnxruntime")
 """What every benchmark of the served models measures: the service, the exported graphs and their Triton configs
 (the cpu-onnxruntime target's: the CPU benchmarks serve no other)."""
 PLUMBING = ("bench/common.py", "tests/support")
@@ -38,12 +38,14 @@ CPU_RUNTIMES = ("service/samserve/onnx_backend.py", "service/samserve/openvino_b
 MEASURES: dict[str, tuple[str, ...]] = {
     "backends_cpu.json": ("bench/backends_cpu.py", *PLUMBING, *CPU_RUNTIMES, "service/samserve/processing.py",
                           "service/samserve/model_spec.py",
-                          "build/samserve_build/export.py", "build/samserve_build/architectures.py"),
+                          "build/samserve_build/export.py", "build/samserve_build/graphs.py",
+                          "build/samserve_build/architectures.py"),
     "models_cpu.json": ("bench/models_cpu.py", *PLUMBING, *SERVING_PATH, *CPU_RUNTIMES),
     "gateway_cpu.json": ("bench/gateway_cpu.py", *PLUMBING, *SERVING_PATH),
     "throughput_cpu.json": ("bench/throughput_cpu.py", *PLUMBING, *SERVING_PATH),
     "amg_cpu.json": ("bench/amg_cpu.py", *PLUMBING, *SERVING_PATH, "build/checkpoints/samserve_scenes_v1.pth"),
     "export_cpu.json": ("bench/export_cpu.py", "bench/common.py", "build/samserve_build/export.py",
+                        "build/samserve_build/graphs.py",
                         "build/samserve_build/architectures.py", "service/samserve/model_spec.py"),
     "request_memory_cpu.json": ("bench/request_memory_cpu.py", "bench/amg_cpu.py", *PLUMBING, *SERVING_PATH,
                                 "build/checkpoints/samserve_scenes_v1.pth"),
@@ -53,6 +55,7 @@ MEASURES: dict[str, tuple[str, ...]] = {
     "multihost_cpu.json": ("bench/multihost_cpu.py", *PLUMBING, *SERVING_PATH),
     "precision_cpu.json": ("bench/precision_cpu.py", "bench/amg_cpu.py", *PLUMBING, "build/samserve_build/precision.py",
                            "build/samserve_build/graph_quality.py", "build/samserve_build/export.py",
+                           "build/samserve_build/graphs.py",
                            "build/samserve_build/architectures.py", "build/samserve_build/evaluation.py",
                            "build/samserve_build/scenes.py", *CPU_RUNTIMES,
                            "service/samserve/processing.py", "service/samserve/model_spec.py",

@@ -219,7 +219,7 @@ def iou_rows(torch: Any, device: Any, sams: dict[str, Any], official: Any, image
     and ``sams['fp32']`` vs those: IoU per (image, prompt)."""
     from PIL import Image
 
-    from samserve_build.export import DecoderGraph
+    from samserve_build.graphs import DecoderGraph
 
     official_decoder = DecoderGraph(official)
     rng = np.random.default_rng(1)

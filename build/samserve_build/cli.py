@@ -22,7 +22,7 @@ import warnings
 from pathlib import Path
 
 from samserve import model_spec
-from samserve_build import architectures, export, repository
+from samserve_build import architectures, export, repository, workdir
 from samserve_build.settings import BuildSettings
 from samserve_build.targets import SERVING_TARGETS, ServingTarget, ServingTargetName
 
@@ -49,8 +49,19 @@ def export_from_args(variant: str, checkpoint: Path | None, random_seed: int | N
     return result
 
 
+PREPARE_LOCK = ".prepare.lock"
+"""In the workdir: held by each ``prepare`` for all of its work, so preparers sharing the folder (init containers
+of several pods on one volume) run one after another and every later one finds the work done."""
+
+
 def prepare(settings: BuildSettings) -> Path:
-    """Export the configured model unless an export of the same weights exists; render the repository."""
+    """Export the configured model unless an export of the same weights exists; render the repository (a render
+    equal to the one served keeps it). One at a time per workdir (:data:`PREPARE_LOCK`); the repository's path."""
+    with workdir.exclusive_lock(settings.workdir / PREPARE_LOCK, "prepare"):
+        return _prepare(settings)
+
+
+def _prepare(settings: BuildSettings) -> Path:
     model_dir = settings.workdir / "models" / _slug(settings.model_id)
     checkpoint = settings.checkpoint
     if checkpoint is None:

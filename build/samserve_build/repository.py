@@ -6,12 +6,20 @@ parameter overrides and the instance kind asked for, appends the model's metadat
 ``samserve_metadata`` parameter (so the gateway reads sizes from Triton's model-config API, wherever Triton runs;
 its ``precision`` is the encoder config's) and places the target's model file in version 1: an exported graph, a
 graph derived from one (written into the export folder once), or the checkpoint (checked against the metadata).
+
+The repository is served through a symlink, ``<out>`` -> ``<out>.<version>``
+(:func:`samserve_build.workdir.publish_version`): each render is written complete into a staging folder of its own
+and the link switched in one rename, so a Triton reading ``<out>`` always finds a whole repository and the files
+of the version it loaded stay in place. A render equal to the version served (:data:`RENDER_MANIFEST`) changes
+nothing: several pods' init containers preparing one volume leave the repository of the first in place.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+import json
+import logging
 import os
 import re
 import shutil
@@ -23,11 +31,18 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from samserve import model_spec
-from samserve_build import architectures
+from samserve_build import architectures, workdir
 from samserve_build.targets import DERIVED_FILES, ServingTarget, ServingTargetName, serving_target
 
 TEMPLATES: Traversable = importlib.resources.files("samserve_build.model_repository")
 """``model_repository/``: one folder of model templates per serving target."""
+
+LOG = logging.getLogger(__name__)
+
+RENDER_MANIFEST = ".samserve-render.json"
+"""In each version's root (Triton reads only the model folders there): the SHA-256 of every file as rendered, by
+relative path. A later render equal to it is not published again; files added to the version afterwards (the
+TensorRT plans) stay."""
 
 DEFAULT_TENSORRT_MAJOR = 10
 """TensorRT of Triton's release pinned by the chart and triton.Dockerfile (24.12: TensorRT 10.7)."""
@@ -86,13 +101,13 @@ def _source(name: str, model_dir: Path, meta: model_spec.ModelMetadata, checkpoi
         return Path(checkpoint)
     path = model_dir / name
     if not path.exists() and name in DERIVED_FILES:
-        staging = model_dir / f".{name}.partial"  # a failed write leaves nothing that looks finished
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
-        DERIVED_FILES[name](model_dir, staging / name, meta)
-        for written in sorted(staging.iterdir()):  # the graph and its external data, names kept
-            written.rename(model_dir / written.name)
-        staging.rmdir()
+        staging = workdir.unique_dir(model_dir, f".{name}.staging-")  # a failed write leaves nothing finished-looking
+        try:
+            DERIVED_FILES[name](model_dir, staging / name, meta)
+            for written in sorted(staging.iterdir()):  # the graph and its external data, names kept
+                written.rename(model_dir / written.name)
+        finally:
+            workdir.remove(staging)
     if not path.exists():
         raise RepositoryError(f"{model_dir} has no {name}: export the model first")
     return path
@@ -104,8 +119,9 @@ def write_repository(
     parameters: Mapping[str, str] | None = None, instance_kind: str | None = None,
     tensorrt_major: int = DEFAULT_TENSORRT_MAJOR,
 ) -> Path:
-    """Write a Triton repository serving the exported model in ``model_dir`` on ``target`` to ``out`` (replaced
-    atomically). ``checkpoint``: the weights, for targets that run them (gpu-torch). ``parameters``: config
+    """Write a Triton repository serving the exported model in ``model_dir`` on ``target`` and serve it as ``out``
+    (a symlink to the version written, switched atomically; a render equal to the version served keeps that one).
+    Returns ``out``. ``checkpoint``: the weights, for targets that run them (gpu-torch). ``parameters``: config
     parameters to set in both models (those a template has), e.g. ``{"device": "cpu", "precision": "fp32"}``.
     ``instance_kind``: KIND_CPU or KIND_GPU for every instance group. ``tensorrt_major``: the TensorRT that
     builds the plans (gpu-tensorrt)."""
@@ -130,8 +146,39 @@ def write_repository(
     metadata = dataclasses.replace(exported, precision=precision)
     if metadata.unservable_reason():
         raise RepositoryError(metadata.unservable_reason())
-    staging = out.with_name(out.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
+    staging = workdir.unique_dir(out.parent, f".{out.name}.staging-")
+    try:
+        _render(staging, serving, configs, metadata, exported, model_dir, templates, checkpoint, tensorrt_major)
+        manifest = render_manifest(staging)
+        (staging / RENDER_MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        workdir.publish_version(staging, out, is_current=lambda served: _recorded_manifest(served) == manifest)
+    finally:
+        workdir.remove(staging)  # gone already once published
+    return out
+
+
+def render_manifest(root: Path) -> dict[str, str]:
+    """SHA-256 of every file under ``root`` (symlinks followed) by POSIX relative path, :data:`RENDER_MANIFEST`
+    itself left out."""
+    files = (path for path in sorted(root.rglob("*")) if path.is_file())
+    return {name: architectures.sha256_file(path)
+            for path in files if (name := path.relative_to(root).as_posix()) != RENDER_MANIFEST}
+
+
+def _recorded_manifest(version: Path) -> dict[str, str] | None:
+    """The manifest a version was published with (None: none, e.g. a repository written before manifests)."""
+    try:
+        recorded: dict[str, str] = json.loads((version / RENDER_MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return recorded
+
+
+def _render(staging: Path, serving: ServingTarget, configs: Mapping[str, str], metadata: model_spec.ModelMetadata,
+            exported: model_spec.ModelMetadata, model_dir: Path, templates: Traversable, checkpoint: Path | None,
+            tensorrt_major: int) -> None:
+    """Write the repository into the empty folder ``staging``: per model its config (``configs``, with the
+    metadata appended), the template's version files and the target's model files in version 1."""
     for model_name, model_file in serving.model_files.items():
         template = templates / serving.template(model_name) / model_name
         version = staging / model_name / "1"
@@ -159,6 +206,3 @@ def write_repository(
         metadata.write(version)  # beside the graph: what it is (the gateway gives the decoder to browsers with it)
     if serving.finish is not None:
         serving.finish(staging, metadata, tensorrt_major)
-    shutil.rmtree(out, ignore_errors=True)
-    staging.rename(out)
-    return out

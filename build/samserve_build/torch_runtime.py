@@ -1,7 +1,7 @@
 """The ``gpu-torch`` serving target's runtime: the official SAM modules in PyTorch, inside Triton's python backend.
 
-The modules run are exactly those the exporter traces (:class:`samserve_build.export.EncoderGraph` and
-:class:`~samserve_build.export.DecoderGraph`), built from the Meta-format checkpoint in the version folder with the
+The modules run are exactly those the exporter traces (:class:`samserve_build.graphs.EncoderGraph` and
+:class:`~samserve_build.graphs.DecoderGraph`), built from the Meta-format checkpoint in the version folder with the
 architecture recorded in the metadata, so every target computes the same function of the same tensors
 (layouts: :mod:`samserve.model_spec`). On top of the official code:
 
@@ -32,7 +32,7 @@ from segment_anything.modeling.image_encoder import Attention, get_rel_pos
 
 from samserve import model_spec
 from samserve_build import architectures
-from samserve_build.export import DecoderGraph, EncoderGraph
+from samserve_build.graphs import DecoderGraph, EncoderGraph
 
 LOG = logging.getLogger(__name__)
 

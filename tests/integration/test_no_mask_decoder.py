@@ -1,4 +1,4 @@
-"""The no-mask decoder (``decoder.nomask.onnx``, :class:`samserve_build.export.NoMaskDecoderGraph`): the first
+"""The no-mask decoder (``decoder.nomask.onnx``, :class:`samserve_build.graphs.NoMaskDecoderGraph`): the first
 transformer layer's image-side projections computed once per image and broadcast over the prompts must give the
 masks of the general decoder with ``has_mask_input`` = 0 and of the official ``SamPredictor``; the Triton decoder
 model sends runs without mask inputs to it when its config names it (``no_mask_file``).
@@ -19,7 +19,7 @@ from segment_anything import SamPredictor
 
 from samserve import model_spec, onnx_backend
 from samserve.triton_backend import DecoderModel
-from samserve_build import architectures, export
+from samserve_build import architectures, export, graphs
 from samserve_build.evaluation import iou
 from tests.support.images import synthetic_image
 from tests.support.served_models import ExportedModel
@@ -86,7 +86,7 @@ def test_no_mask_graph_equals_the_decoder_graph_without_mask_input(tiny_model, s
     feeds = export.no_mask_decoder_inputs(meta, prompts, points, np.random.default_rng(prompts * 10 + points))
     got = onnx_backend.run(no_mask_session, feeds)
     with torch.no_grad():
-        masks, ious = export.DecoderGraph(sam).eval()(
+        masks, ious = graphs.DecoderGraph(sam).eval()(
             *(torch.from_numpy(feeds[name]) for name in model_spec.NO_MASK_DECODER_INPUTS),
             torch.zeros((prompts, 1, *meta.low_res_mask_size)), torch.zeros(prompts),
         )
@@ -101,7 +101,7 @@ def test_no_mask_graph_in_pytorch_equals_the_official_predict_masks(tiny_model, 
     feeds = point_prompts(tiny_model.metadata, prompts, points, seed=prompts + points)
     embedding, coords, labels = (torch.from_numpy(feeds[name]) for name in model_spec.NO_MASK_DECODER_INPUTS)
     with torch.no_grad():
-        masks, ious = export.NoMaskDecoderGraph(sam).eval()(embedding, coords, labels)
+        masks, ious = graphs.NoMaskDecoderGraph(sam).eval()(embedding, coords, labels)
         sparse, dense = sam.prompt_encoder(points=(coords[:, :-1], labels[:, :-1]), boxes=None, masks=None)
         expected_masks, expected_ious = sam.mask_decoder.predict_masks(
             image_embeddings=embedding, image_pe=sam.prompt_encoder.get_dense_pe(),
@@ -130,7 +130,7 @@ def test_image_side_projections_of_the_first_layer_run_once_for_all_prompts(tiny
     feeds = export.no_mask_decoder_inputs(tiny_model.metadata, prompts, 2, np.random.default_rng(0))
     try:
         with torch.no_grad():
-            export.NoMaskDecoderGraph(sam).eval()(
+            graphs.NoMaskDecoderGraph(sam).eval()(
                 *(torch.from_numpy(feeds[name]) for name in model_spec.NO_MASK_DECODER_INPUTS))
     finally:
         for handle in handles:
