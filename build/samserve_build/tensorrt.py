@@ -8,13 +8,18 @@ machine with ``trtexec`` and the serving GPU runs (the chart's ``tensorrtEngines
 container of Triton's release; or ``samserve-build tensorrt --repository DIR`` where ``trtexec`` is installed).
 For each model the script
 
-1. checks that ``trtexec`` is the TensorRT major version the commands were written for (10 or 11),
-2. builds ``<version>/model_cc<major><minor>.plan`` from the model's ONNX source with the profiles below and a
+1. checks that ``trtexec`` is the TensorRT major version the commands were written for (10 or 11) and, when the
+   environment names them (the chart's Job does), the exact TensorRT version (``EXPECTED_TENSORRT_VERSION``, e.g.
+   ``10.7`` or ``10.7.0``) and the GPU's compute capability (``EXPECTED_COMPUTE_CAPABILITY``) that Triton's pods
+   wait for,
+2. drops the model's record of this GPU architecture, then its plan (record and plan go together: a config never
+   names a plan that is missing or left from another build, even when the build below fails),
+3. builds ``<version>/model_cc<major><minor>.plan`` from the model's ONNX source with the profiles below and a
    timing cache shared by both builds (repeated builds take minutes less),
-3. records the plan (GPU name, compute capability, TensorRT version) in the model's config as the parameter
-   ``samserve_engine_cc<major><minor>`` (:class:`samserve.model_spec.EngineRecord`), replacing an older record of
-   the same GPU architecture. The config's ``cc_model_filenames`` already maps each compute capability to the plan
-   of that name, so one repository serves a mixed fleet once the Job ran on each GPU kind.
+4. records the plan (GPU name, compute capability, TensorRT version) in the model's config as the parameter
+   ``samserve_engine_cc<major><minor>`` (:class:`samserve.model_spec.EngineRecord`). The config's
+   ``cc_model_filenames`` already maps each compute capability to the plan of that name, so one repository serves
+   a mixed fleet once the Job ran on each GPU kind.
 
 Sources (tensor names: :mod:`samserve.model_spec`, unchanged, so the gateway does not know which target runs):
 
@@ -251,6 +256,15 @@ def build_script(meta: model_spec.ModelMetadata, encoder_source: str, tensorrt_m
         f'  echo "these commands are for TensorRT {release.major}.x, $trtexec is $tensorrt: render the repository'
         f' with --tensorrt-major $((encoded / 10000))" >&2; exit 2',
         "fi",
+        "# The chart's Job names what Triton's pods wait for: another TensorRT or GPU would build plans never served.",
+        'expected="${EXPECTED_TENSORRT_VERSION:-}"',
+        'if [ -n "$expected" ] && [[ "$tensorrt." != "$expected."* ]]; then',
+        '  echo "expected TensorRT $expected (EXPECTED_TENSORRT_VERSION), $trtexec is $tensorrt" >&2; exit 2',
+        "fi",
+        'if [ -n "${EXPECTED_COMPUTE_CAPABILITY:-}" ] && [ "$cc" != "$EXPECTED_COMPUTE_CAPABILITY" ]; then',
+        '  echo "expected compute capability $EXPECTED_COMPUTE_CAPABILITY (EXPECTED_COMPUTE_CAPABILITY), $gpu is $cc"'
+        ' >&2; exit 2',
+        "fi",
         'case "$cc" in',
         *[f"  {capability}) ;;" for capability in COMPUTE_CAPABILITIES],
         '  *) echo "compute capability $cc is not in the configs\' cc_model_filenames" >&2; exit 2 ;;',
@@ -265,9 +279,10 @@ def build_script(meta: model_spec.ModelMetadata, encoder_source: str, tensorrt_m
         rendered = " ".join(_shell_word(part) for part in command)
         lines += [
             f'echo "{spec.model}: $plan from {spec.source}"',
-            f'rm -f {version_dir}/"$plan"',
-            rendered,
+            # The record first, then its plan: a failed build leaves neither (nor a partial plan).
             f"sed -i '/\"{model_spec.ENGINE_PARAMETER_PREFIX}'\"${{cc//./}}\"'\"/d' {_config_path(spec.model)}",
+            f'rm -f {version_dir}/"$plan"',
+            f'{rendered} || {{ rm -f {version_dir}/"$plan"; exit 1; }}',
             "printf 'parameters { key: \"%s\" value: { string_value: \"" + _RECORD_FORMAT + "\" } }\\n' "
             f'"{model_spec.ENGINE_PARAMETER_PREFIX}${{cc//./}}" "$cc" "$gpu" "$plan" "$tensorrt" '
             f">> {_config_path(spec.model)}",

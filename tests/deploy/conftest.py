@@ -27,6 +27,9 @@ DEPLOY_TOOLS = Path(os.environ.get("SAMSERVE_DEPLOY_TOOLS", REPO / ".deploy-tool
 NAMESPACE = "samserve"
 RELEASE = "r"
 REQUIRED_PROFILES = {"cpu", "gpu-torch", "gpu-tensorrt", "separate-gateway", "external-redis", "redis-cluster", "keda"}
+OPERATOR_APIS = ("monitoring.coreos.com/v1/ServiceMonitor", "monitoring.coreos.com/v1/PrometheusRule",
+                 "keda.sh/v1alpha1/ScaledObject")
+"""The custom resources' APIs a cluster with the Prometheus Operator and KEDA serves (helm template --api-versions)."""
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -53,14 +56,21 @@ def run(args: list[str], timeout_s: float = 120, check: bool = True) -> subproce
     return result
 
 
-def helm_template(*values: str | Path, sets: tuple[str, ...] = (),
+def helm_template(*values: str | Path, sets: tuple[str, ...] = (), api_versions: tuple[str, ...] = OPERATOR_APIS,
                   check: bool = True) -> subprocess.CompletedProcess[str]:
+    """``helm template`` of the chart as a cluster serving ``api_versions`` (besides the built-in ones) sees it."""
     args = [tool("helm"), "template", RELEASE, str(CHART), "--namespace", NAMESPACE]
     for path in values:
         args += ["-f", str(path)]
     for assignment in sets:
         args += ["--set", assignment]
+    for api in api_versions:
+        args += ["--api-versions", api]
     return run(args, check=check)
+
+
+def documents(text: str) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(text) if d]
 
 
 @dataclasses.dataclass
@@ -77,11 +87,19 @@ class Rendered:
         (document,) = [d for d in self.of_kind(kind) if d["metadata"]["name"] == name]
         return document
 
+    def job(self, component: str) -> dict[str, Any] | None:
+        """The Job of a component (prepare, tensorrt-engines; its name ends with a hash), None if not rendered."""
+        jobs = [d for d in self.of_kind("Job") if d["metadata"]["labels"]["app.kubernetes.io/component"] == component]
+        assert len(jobs) <= 1, jobs
+        return jobs[0] if jobs else None
+
     def pod_templates(self) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
-        """(workload, pod template) of every Deployment, StatefulSet and Job."""
+        """(workload, pod template) of every Deployment, StatefulSet and Job, and (itself, itself) of every Pod."""
         for document in self.documents:
             if document["kind"] in ("Deployment", "StatefulSet", "Job"):
                 yield document, document["spec"]["template"]
+            elif document["kind"] == "Pod":
+                yield document, document
 
 
 def profiles() -> dict[str, list[Path]]:
@@ -98,7 +116,7 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Rendered]:
         text = helm_template(*values).stdout
         path = folder / f"{name}.yaml"
         path.write_text(text)
-        result[name] = Rendered(name, path, [d for d in yaml.safe_load_all(text) if d])
+        result[name] = Rendered(name, path, documents(text))
     return result
 
 

@@ -32,9 +32,97 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s:%s" $image.repository (default .tag $image.tag) -}}
 {{- end -}}
 
+{{/* Triton's default tag per target: the CPU image, NVIDIA's release, or that plus PyTorch (SAMSERVE_EXTRAS=gpu). */}}
 {{- define "samserve.tritonImage" -}}
-{{- $tag := ternary (printf "%s-%s" .Chart.AppVersion .Values.tritonRelease) (printf "%s-cpu" .Chart.AppVersion) (gt (int .Values.triton.gpu.count) 0) -}}
+{{- $tags := dict "gpu-tensorrt" (printf "%s-%s" .Chart.AppVersion .Values.tritonRelease) "gpu-torch" (printf "%s-%s-torch" .Chart.AppVersion .Values.tritonRelease) -}}
+{{- $tag := get $tags .Values.servingTarget | default (printf "%s-cpu" .Chart.AppVersion) -}}
 {{- include "samserve.image" (dict "root" . "name" "triton" "tag" $tag) -}}
+{{- end -}}
+
+{{/* Combinations that cannot work fail here, before anything renders (values.schema.json types each value). */}}
+{{- define "samserve.validate" -}}
+{{- $v := .Values -}}
+{{- $gpus := int $v.triton.gpu.count -}}
+{{- if and (hasPrefix "gpu-" $v.servingTarget) (eq $gpus 0) }}
+{{- fail (printf "servingTarget=%s runs on GPUs: set triton.gpu.count >= 1 (and the GPU nodes' nodeSelector/tolerations), or a cpu-* target" $v.servingTarget) }}
+{{- end }}
+{{- if and (hasPrefix "cpu-" $v.servingTarget) (gt $gpus 0) }}
+{{- fail (printf "servingTarget=%s runs on CPUs: set triton.gpu.count=0, or a gpu-* target (gpu-torch, gpu-tensorrt)" $v.servingTarget) }}
+{{- end }}
+{{- if include "samserve.claimOnOneNode" . }}
+{{- $several := or (gt (int $v.triton.replicas) 1) (ne $v.autoscaling.mode "none") -}}
+{{- if and $several $v.triton.topologySpread.enabled }}
+{{- fail "a ReadWriteOnce model claim attaches to one node, so every Triton pod runs there: use modelRepository.pvc.accessModes [ReadWriteMany] (or source=url) to spread Triton pods over nodes, or set triton.topologySpread.enabled=false to keep them on one node" }}
+{{- end }}
+{{- end }}
+{{- if and (eq $v.modelRepository.source "pvc") (has "ReadWriteOncePod" $v.modelRepository.pvc.accessModes) }}
+{{- fail "modelRepository.pvc.accessModes ReadWriteOncePod: Triton pods and the prepare step share the claim; use ReadWriteOnce or ReadWriteMany" }}
+{{- end }}
+{{- if or (eq $v.servingTarget "gpu-tensorrt") $v.tensorrtEngines.enabled }}
+{{- $version := include "samserve.tensorrtVersion" . -}}
+{{- if ne (first (splitList "." $version)) (toString $v.tensorrtEngines.tensorrtMajor) }}
+{{- fail (printf "tensorrtEngines.tensorrtMajor=%v but tritonRelease %s ships TensorRT %s" $v.tensorrtEngines.tensorrtMajor $v.tritonRelease $version) }}
+{{- end }}
+{{- if and (eq $v.servingTarget "gpu-tensorrt") (eq $v.modelRepository.source "emptyDir") }}
+{{- fail "servingTarget=gpu-tensorrt needs modelRepository.source pvc (the engine Job records plans there) or url" }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* TensorRT's version in tritonRelease's containers (tensorrtEngines.tensorrtVersions). */}}
+{{- define "samserve.tensorrtVersion" -}}
+{{- $versions := .Values.tensorrtEngines.tensorrtVersions -}}
+{{- if not (hasKey $versions .Values.tritonRelease) }}
+{{- fail (printf "tensorrtEngines.tensorrtVersions has no entry for tritonRelease %q: add TensorRT's version in NVIDIA's %s containers (their release notes; trtexec prints it) so that Triton waits for engines of that version" .Values.tritonRelease .Values.tritonRelease) }}
+{{- end }}
+{{- index $versions .Values.tritonRelease -}}
+{{- end -}}
+
+{{/* The model claim (source=pvc): the chart's, or modelRepository.pvc.existingClaim. */}}
+{{- define "samserve.modelsClaim" -}}
+{{- default (include "samserve.name" (dict "root" . "part" "models")) .Values.modelRepository.pvc.existingClaim -}}
+{{- end -}}
+
+{{/* "true" when the model claim attaches to one node at a time (neither ReadWriteMany nor ReadOnlyMany). */}}
+{{- define "samserve.claimOnOneNode" -}}
+{{- $r := .Values.modelRepository -}}
+{{- if and (eq $r.source "pvc") (not (or (has "ReadWriteMany" $r.pvc.accessModes) (has "ReadOnlyMany" $r.pvc.accessModes))) -}}true{{- end -}}
+{{- end -}}
+
+{{/* Label of every pod that mounts the model claim. */}}
+{{- define "samserve.claimLabel" -}}
+samserve.dev/models-claim: {{ include "samserve.modelsClaim" . }}
+{{- end -}}
+
+{{/* Affinity of a pod that mounts the model claim: with claimOnOneNode, onto the node of the claim's other pods (the
+first one, matching its own term, goes anywhere). .affinity: the pod's own affinity values. */}}
+{{- define "samserve.claimAffinity" -}}
+{{- $affinity := deepCopy (.affinity | default dict) -}}
+{{- if include "samserve.claimOnOneNode" .root }}
+{{- if hasKey $affinity "podAffinity" }}
+{{- fail "podAffinity of a pod mounting a ReadWriteOnce model claim is the chart's (onto the claim's node): drop it, or use a ReadWriteMany claim" }}
+{{- end }}
+{{- $term := dict "topologyKey" "kubernetes.io/hostname" "labelSelector" (dict "matchLabels" (include "samserve.claimLabel" .root | fromYaml)) -}}
+{{- $_ := set $affinity "podAffinity" (dict "requiredDuringSchedulingIgnoredDuringExecution" (list $term)) -}}
+{{- end }}
+{{- with $affinity }}
+affinity: {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{/* serviceAccountName of the pods that read or write the models ("" = the namespace's default). */}}
+{{- define "samserve.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "samserve.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* A Job's name: <release>-samserve-<part>-<hash of its pod template>. A Job's template is immutable: a changed
+template is a new Job (the old one is pruned), an unchanged one keeps its name, so upgrades and GitOps syncs apply. */}}
+{{- define "samserve.jobName" -}}
+{{- printf "%s-%s" (include "samserve.name" (dict "root" .root "part" .part) | trunc 52 | trimSuffix "-") (.template | sha256sum | trunc 10) -}}
 {{- end -}}
 
 {{/* The pods (gateway or Triton) that serve the gateway API: their selector labels. */}}
@@ -51,12 +139,12 @@ capabilities:
 {{- end -}}
 
 {{- define "samserve.redisSecret" -}}
-{{- default (include "samserve.name" (dict "root" . "part" "redis")) .Values.redis.auth.existingSecret -}}
+{{- .Values.redis.auth.existingSecret -}}
 {{- end -}}
 
-{{/* "true" when the gateways send a Redis password: standalone (the chart's Redis), or a given Secret. */}}
+{{/* "true" when the gateways send a Redis password: from redis.auth.existingSecret (required in standalone mode). */}}
 {{- define "samserve.redisPassword" -}}
-{{- if or (eq .Values.redis.mode "standalone") (and (ne .Values.redis.mode "none") .Values.redis.auth.existingSecret) -}}true{{- end -}}
+{{- if and (ne .Values.redis.mode "none") .Values.redis.auth.existingSecret -}}true{{- end -}}
 {{- end -}}
 
 {{/* The Redis URL the gateways use ("" = no tier 2). */}}
@@ -92,6 +180,9 @@ capabilities:
     - {name: SAMSERVE_TRITON_GRPC_PORT, value: {{ $v.triton.ports.grpc | quote }}}
     - {name: SAMSERVE_EMBEDDING_TRANSPORT, value: {{ .transport }}}
     - {name: SAMSERVE_SHUTDOWN_GRACE_S, value: {{ $g.shutdownGraceSeconds | quote }}}
+    - {name: SAMSERVE_MAX_CONNECTION_AGE_S, value: {{ $g.maxConnectionAgeSeconds | quote }}}
+    - {name: SAMSERVE_MAX_CONNECTION_AGE_GRACE_S, value: {{ $g.maxConnectionAgeGraceSeconds | quote }}}
+    - {name: SAMSERVE_MAX_REQUEST_BYTES, value: {{ $g.maxRequestBytes | int64 | quote }}}
     - {name: SAMSERVE_LOG_LEVEL, value: {{ $g.logLevel }}}
     - {name: SAMSERVE_L1_CACHE_BYTES, value: {{ $g.l1CacheBytes | int64 | quote }}}
     - {name: SAMSERVE_L1_IMAGE_BYTES, value: {{ $g.l1ImageBytes | int64 | quote }}}
@@ -139,6 +230,12 @@ capabilities:
     tcpSocket: {port: {{ $probePort }}}
     periodSeconds: 10
     failureThreshold: 6
+  {{- if gt (int $g.preStopSeconds) 0 }}
+  # Serving on while the pod leaves the Services' endpoints (and proxies' lists); SIGTERM after.
+  lifecycle:
+    preStop:
+      sleep: {seconds: {{ $g.preStopSeconds }}}
+  {{- end }}
   resources: {{- toYaml $g.resources | nindent 4 }}
   securityContext: {{- include "samserve.containerSecurityContext" . | nindent 4 }}
   volumeMounts:
@@ -228,4 +325,100 @@ capabilities:
     {{- if $p.checkpointVolume }}
     - {name: checkpoints, mountPath: /checkpoints, readOnly: true}
     {{- end }}
+{{- end -}}
+
+{{/* Security context of the pods that write the model volume. */}}
+{{- define "samserve.modelPodSecurityContext" -}}
+securityContext: {{- toYaml .Values.podSecurityContext | nindent 2 }}
+  runAsUser: 65532
+  runAsGroup: 65532
+  fsGroup: 65532
+{{- end -}}
+
+{{/* The prepare Job's pod template (its hash names the Job). */}}
+{{- define "samserve.preparePod" -}}
+metadata:
+  labels: {{- include "samserve.selector" (dict "root" . "component" "prepare") | nindent 4 }}
+    {{- include "samserve.claimLabel" . | nindent 4 }}
+spec:
+  {{- with include "samserve.serviceAccountName" . }}
+  serviceAccountName: {{ . }}
+  {{- end }}
+  automountServiceAccountToken: false
+  restartPolicy: OnFailure
+  {{- with .Values.imagePullSecrets }}
+  imagePullSecrets: {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- include "samserve.modelPodSecurityContext" . | nindent 2 }}
+  {{- with include "samserve.claimAffinity" (dict "root" .) | trim }}{{ . | nindent 2 }}{{ end }}
+  containers: {{- include "samserve.prepareContainer" . | nindent 4 }}
+  volumes:
+    - name: models
+      persistentVolumeClaim:
+        claimName: {{ include "samserve.modelsClaim" . }}
+    - name: tmp
+      emptyDir: {sizeLimit: 8Gi}
+    {{- with .Values.prepare.checkpointVolume }}
+    - name: checkpoints
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
+{{- end -}}
+
+{{/* The TensorRT engine Job's pod template (its hash names the Job). */}}
+{{- define "samserve.tensorrtPod" -}}
+{{- $e := .Values.tensorrtEngines -}}
+metadata:
+  labels: {{- include "samserve.selector" (dict "root" . "component" "tensorrt-engines") | nindent 4 }}
+    {{- include "samserve.claimLabel" . | nindent 4 }}
+spec:
+  {{- with include "samserve.serviceAccountName" . }}
+  serviceAccountName: {{ . }}
+  {{- end }}
+  automountServiceAccountToken: false
+  restartPolicy: Never
+  {{- with .Values.imagePullSecrets }}
+  imagePullSecrets: {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- include "samserve.modelPodSecurityContext" . | nindent 2 }}
+  {{- with $e.nodeSelector }}
+  nodeSelector: {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $e.tolerations }}
+  tolerations: {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with include "samserve.claimAffinity" (dict "root" .) | trim }}{{ . | nindent 2 }}{{ end }}
+  containers:
+    - name: trtexec
+      image: {{ include "samserve.image" (dict "root" . "name" "tensorrt" "tag" (printf "%s-py3" .Values.tritonRelease)) }}
+      imagePullPolicy: {{ .Values.images.tensorrt.pullPolicy }}
+      command: [/bin/bash, -ec]
+      args:
+        - |
+          until [ -f /models/repository/build_engines.sh ]; do sleep 5; done
+          bash /models/repository/build_engines.sh /models/repository
+      env:
+        - {name: HOME, value: /tmp}
+        - {name: TRTEXEC, value: {{ $e.trtexec | quote }}}
+        # build_engines.sh refuses another TensorRT or GPU kind than the one Triton's pods wait for.
+        - {name: EXPECTED_TENSORRT_VERSION, value: {{ include "samserve.tensorrtVersion" . | quote }}}
+        {{- with $e.computeCapability }}
+        - {name: EXPECTED_COMPUTE_CAPABILITY, value: {{ . | quote }}}
+        {{- end }}
+      resources:
+        requests:
+          {{- toYaml $e.resources.requests | nindent 10 }}
+          {{ .Values.triton.gpu.resource }}: {{ $e.gpuCount }}
+        limits:
+          {{- toYaml $e.resources.limits | nindent 10 }}
+          {{ .Values.triton.gpu.resource }}: {{ $e.gpuCount }}
+      securityContext: {{- include "samserve.containerSecurityContext" . | nindent 8 }}
+      volumeMounts:
+        - {name: models, mountPath: /models}
+        - {name: tmp, mountPath: /tmp}
+  volumes:
+    - name: models
+      persistentVolumeClaim:
+        claimName: {{ include "samserve.modelsClaim" . }}
+    - name: tmp
+      emptyDir: {sizeLimit: 4Gi}
 {{- end -}}
