@@ -144,7 +144,8 @@ class GeneratedMasks:
 
 IMAGE_ID_HEADER = "x-samserve-image-id"
 """Metadata naming the call's image: the gateway ignores it; a proxy may hash on it so that one image's calls reach
-the same replica (its tier-1 cache): the chart's Ingress option ``hashByImageId`` (README "Deploy")."""
+the same replica (its tier-1 cache), e.g. an L7 proxy's ring hash, or the chart's Ingress with
+``ingress.upstreamHashBy: $http_x_samserve_image_id`` for clients that send it (README "Deploy")."""
 
 
 def routing_metadata(image: bytes | str) -> tuple[tuple[str, str], ...]:

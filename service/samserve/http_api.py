@@ -47,7 +47,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from samserve import metrics, openapi
+from samserve import metrics, openapi, service_config
 from samserve.api import SERVICE, SERVICE_NAME
 from samserve.interceptors import REQUEST_ID_HEADER, RETRY_AFTER_HEADER, STATUS_DETAILS_HEADER
 from samserve.settings import GatewaySettings
@@ -432,9 +432,12 @@ async def start_http(settings: GatewaySettings, certificates: ServerCertificates
     calling the gRPC server at ``grpc_address`` (:func:`private_socket`)."""
     assert settings.http_port is not None
     limit = settings.max_request_bytes + (1 << 20)
+    # The clients' retry policy: the gRPC server closes this connection too at its maximum age (GOAWAY), and a call
+    # caught by that is retried once on the next connection instead of answering 503.
     channel = grpc.aio.insecure_channel(grpc_address, options=[
         ("grpc.max_send_message_length", limit),
         ("grpc.max_receive_message_length", settings.max_response_bytes + (16 << 20)),
+        ("grpc.service_config", service_config.service_config(attempts=2)),
     ])
     app = create_app(channel, settings.max_request_bytes, tuple(settings.http_cors_origins))
     tls: dict[str, Any] = {}

@@ -89,6 +89,8 @@ async def create_server(
             ("grpc.max_receive_message_length", settings.max_request_bytes),
             ("grpc.max_send_message_length", settings.max_response_bytes + (16 << 20)),  # + the messages' framing
             *service_config.server_keepalive_options(),
+            *service_config.server_connection_age_options(settings.max_connection_age_s,
+                                                          settings.max_connection_age_grace_s),
         ],
     )
     pb_grpc.add_SegmentAnythingServicer_to_server(SegmentAnythingServicer(settings, triton, watcher), server)
@@ -135,7 +137,9 @@ async def serve(settings: GatewaySettings, stop: asyncio.Event, security: Securi
     ``security`` None: :func:`load_security` of ``settings``, before any connection."""
     security = security or load_security(settings)
     memory.tune_allocator()
-    triton = TritonSam(settings.triton_grpc_url, embedding_transport=settings.embedding_transport)
+    triton = TritonSam(settings.triton_grpc_url, embedding_transport=settings.embedding_transport,
+                       channel_max_age_s=settings.triton_channel_max_age_s,
+                       channel_drain_s=settings.triton_timeout_s)
     gateway = await create_server(settings, triton, connect_redis(settings, security.redis_options),
                                   settings.metrics_port, security)
     try:

@@ -45,6 +45,10 @@ class LogLevel(enum.StrEnum):
     ERROR = "ERROR"
 
 
+MAX_CHANNEL_AGE_S = float((2**31 - 1) // 1000)
+"""The longest connection or channel age a setting may give: gRPC takes ages as 32-bit milliseconds (~24.8 days)."""
+
+
 class GatewaySettings(BaseSettings):
     """What a gateway replica needs: where Triton and Redis are, its own ports, limits and cache sizes."""
 
@@ -54,8 +58,17 @@ class GatewaySettings(BaseSettings):
     log_level: LogLevel = Field(LogLevel.INFO, description="DEBUG | INFO | WARNING | ERROR")
 
     # Triton Inference Server, as a client sees it.
-    triton_host: str = "127.0.0.1"
+    triton_host: str = Field(
+        "127.0.0.1", description="Triton's host as the gateway calls it; a `dns:///name` of several Triton pods (a "
+        "headless Service) spreads the calls round robin (embedding_transport grpc: shared memory needs one host)",
+    )
     triton_grpc_port: int = 8001
+    triton_channel_max_age_s: float = Field(
+        60.0, ge=0, le=MAX_CHANNEL_AGE_S, allow_inf_nan=False,
+        description="the gateway's channel to Triton is replaced by a new one this long after it was made (at the "
+        "next call; calls in flight finish on the old one), so a triton_host that is a `dns:///` name of several "
+        "Triton pods is resolved again and pods added since get calls; 0 = keep one channel",
+    )
 
     # Gateway (gRPC API samserve.v1.SegmentAnything).
     gateway_host: str = "127.0.0.1"
@@ -106,6 +119,16 @@ class GatewaySettings(BaseSettings):
         3, description="GenerateMasks: decoder calls of one request in flight (overlaps decoding and post-processing)"
     )
     shutdown_grace_s: float = Field(10.0, description="SIGTERM: seconds in-flight calls get to finish")
+    max_connection_age_s: float = Field(
+        300.0, ge=0, le=MAX_CHANNEL_AGE_S, allow_inf_nan=False,
+        description="the gateway sends GOAWAY on a client connection this long after it opened (gRPC adds +-10% "
+        "jitter), so clients resolve the target again and reach gateways added since; 0 = never",
+    )
+    max_connection_age_grace_s: float = Field(
+        30.0, ge=0, le=MAX_CHANNEL_AGE_S, allow_inf_nan=False,
+        description="after that GOAWAY, how long calls in flight on the connection get to finish before it is "
+        "closed (calls still running then end UNAVAILABLE; the project's clients retry them)",
+    )
     health_check_interval_s: float = Field(1.0, description="how often the gateway checks Triton's models")
 
     # Security (README "Security"): TLS and mutual TLS on the gRPC port, API keys with tenants.

@@ -13,11 +13,13 @@ import dataclasses
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import grpc
 import numpy as np
 import tritonclient.grpc.aio as grpcclient
+from tritonclient.grpc import service_pb2_grpc
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype, triton_to_np_dtype
 
-from samserve import metrics, model_spec
+from samserve import metrics, model_spec, service_config
 from samserve.embedding import EmbeddedImage, Embedding
 from samserve.errors import DeadlineExceeded, Internal, ResourceExhausted, SamServeError, Unavailable
 from samserve.processing import DecoderBatch, PreparedImage
@@ -147,10 +149,13 @@ the gateways come back 2.5 s after Triton; the waits grow with the outage); a lo
 attempt per second costs nothing."""
 
 
-def channel_args() -> list[tuple[str, int]]:
-    """tritonclient's own channel options (message sizes, keepalive) plus :data:`RECONNECT_BACKOFF_MS`."""
+def channel_args() -> list[tuple[str, int | str]]:
+    """tritonclient's own channel options (message sizes, keepalive) plus :data:`RECONNECT_BACKOFF_MS` and round
+    robin (:func:`samserve.service_config.round_robin_options`): a ``dns:///`` name of a headless Service of Triton
+    pods spreads the calls over the pods; one address (Triton in the gateway's pod) works as with gRPC's default."""
     keepalive = grpcclient.KeepAliveOptions()
     return [
+        *service_config.round_robin_options(),
         ("grpc.max_send_message_length", grpcclient.MAX_GRPC_MESSAGE_SIZE),
         ("grpc.max_receive_message_length", grpcclient.MAX_GRPC_MESSAGE_SIZE),
         ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
@@ -162,12 +167,57 @@ def channel_args() -> list[tuple[str, int]]:
     ]
 
 
-class TritonSam:
-    """Encoder and decoder calls on one Triton server (gRPC). Also the cache's :class:`samserve.cache.Stager`."""
+class RenewingClient(grpcclient.InferenceServerClient):
+    """tritonclient's asyncio client on a :class:`samserve.service_config.AgingChannel`: once the channel is
+    ``max_age_s`` old (0 = never), the next call gets a new one, which resolves the target again.
 
-    def __init__(self, url: str, embedding_transport: TransportName | str = TransportName.SHM) -> None:
+    Why from this side: Triton pods added by a scale-up behind a ``dns:///`` name make no connection fail, and
+    Triton has no setting that sends GOAWAY on old connections (the gateway's own ``max_connection_age_s`` does that
+    for its clients), so gRPC would never resolve the name again and the new pods would get no calls. Calls in
+    flight on the old channel finish (for up to ``drain_s``).
+
+    Works on two attributes of tritonclient's client: every call reads ``_client_stub`` (here a property that
+    renews first), built on ``_channel``; tests/integration/test_multihost.py fails if a new Triton gets no calls."""
+
+    _channel: grpc.aio.Channel
+    _stub: service_pb2_grpc.GRPCInferenceServiceStub
+
+    def __init__(self, url: str, channel_args: list[tuple[str, int | str]], max_age_s: float, drain_s: float) -> None:
+        super().__init__(url, channel_args=channel_args)
+        self._channels = service_config.AgingChannel(
+            lambda: grpc.aio.insecure_channel(url, options=channel_args), max_age_s, drain_s, first=self._channel)
+
+    @property
+    def renewals(self) -> int:
+        return self._channels.renewals
+
+    @property
+    def _client_stub(self) -> service_pb2_grpc.GRPCInferenceServiceStub:
+        channel = self._channels.get()
+        if channel is not self._channel:
+            self._channel = channel
+            self._stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        return self._stub
+
+    @_client_stub.setter
+    def _client_stub(self, stub: service_pb2_grpc.GRPCInferenceServiceStub) -> None:
+        self._stub = stub  # tritonclient's __init__ sets it
+
+    async def close(self) -> None:
+        """Close the channel (:meth:`samserve.service_config.AgingChannel.close`)."""
+        await self._channels.close()
+        await super().close()
+
+
+class TritonSam:
+    """Encoder and decoder calls on Triton (gRPC): one server, or several behind one ``dns:///`` name (round robin,
+    :class:`RenewingClient`; shared-memory transports need one server on this host). Also the cache's
+    :class:`samserve.cache.Stager`."""
+
+    def __init__(self, url: str, embedding_transport: TransportName | str = TransportName.SHM,
+                 channel_max_age_s: float = 0.0, channel_drain_s: float = 600.0) -> None:
         self.url = url
-        self.client = grpcclient.InferenceServerClient(url, channel_args=channel_args())
+        self.client = RenewingClient(url, channel_args(), channel_max_age_s, channel_drain_s)
         self.transport = create_transport(embedding_transport, self.client)
         self._served: ServedModels | None = None
 

@@ -93,7 +93,8 @@ class Host:
 
 
 class Network:
-    """A bridge ``10.213.<k>.1/24`` (the client) and hosts ``.2``, ``.3``, ... added by :meth:`start_host`."""
+    """A bridge ``10.213.<k>.1/24`` (the client) and hosts ``.2``, ``.3``, ... added by :meth:`start_host`; with
+    :meth:`start_dns`, names (:meth:`publish`) that clients resolve through a DNS host (:meth:`dns_target`)."""
 
     def __init__(self, workdir: Path, delay_s: float) -> None:
         self.workdir = Path(workdir)
@@ -104,6 +105,8 @@ class Network:
         self.client_address = f"{self.subnet}.1"
         self.hosts: dict[str, Host] = {}
         self._shm_before: set[str] = set()
+        self._dns: Host | None = None
+        self._records: dict[str, list[str]] = {}
 
     def __enter__(self) -> Network:
         self._shm_before = _shared_memory_regions()
@@ -135,6 +138,27 @@ class Network:
         )
         self._wait_ready(host)
         return host
+
+    def start_dns(self, name: str = "dns") -> Host:
+        """Host ``name`` as the network's DNS server (role ``dns`` of :mod:`tests.support.netns_host`), with no
+        records yet."""
+        records = self.workdir / name / "records.json"
+        records.parent.mkdir(parents=True, exist_ok=True)
+        netns_host.write_records(records, {})
+        self._dns = self.start_host(name, "dns", records=str(records))
+        return self._dns
+
+    def publish(self, name: str, hosts: list[Host]) -> None:
+        """From now on the DNS host answers ``name`` with the addresses of ``hosts`` (as a headless Service's
+        records change when its ready pods change)."""
+        assert self._dns is not None, "start_dns first"
+        self._records[name] = [host.address for host in hosts]
+        netns_host.write_records(self.workdir / self._dns.name / "records.json", self._records)
+
+    def dns_target(self, name: str, port: int) -> str:
+        """A gRPC target resolving ``name`` through the DNS host (``dns://server/name:port``)."""
+        assert self._dns is not None, "start_dns first"
+        return f"dns://{self._dns.address}:{netns_host.DNS_PORT}/{name}:{port}"
 
     def _wait_ready(self, host: Host) -> None:
         assert host.process is not None and host.process.stdout is not None

@@ -52,3 +52,22 @@ def test_choices_are_validated_at_start_up(monkeypatch):
     monkeypatch.setenv("SAMSERVE_AUTH", "none")
     with pytest.raises(ValidationError, match="'api-keys' or 'off'"):
         GatewaySettings()
+
+
+def test_connection_and_channel_ages_are_read_and_must_be_finite_non_negative_seconds(monkeypatch):
+    settings = GatewaySettings()
+    assert (settings.max_connection_age_s, settings.max_connection_age_grace_s) == (300.0, 30.0)
+    assert settings.triton_channel_max_age_s == 60.0
+    monkeypatch.setenv("SAMSERVE_MAX_CONNECTION_AGE_S", "2.5")
+    monkeypatch.setenv("SAMSERVE_MAX_CONNECTION_AGE_GRACE_S", "0")
+    monkeypatch.setenv("SAMSERVE_TRITON_CHANNEL_MAX_AGE_S", "0")
+    settings = GatewaySettings()
+    assert (settings.max_connection_age_s, settings.max_connection_age_grace_s) == (2.5, 0.0)
+    assert settings.triton_channel_max_age_s == 0.0
+    for name in ("MAX_CONNECTION_AGE_S", "MAX_CONNECTION_AGE_GRACE_S", "TRITON_CHANNEL_MAX_AGE_S"):
+        for value, complaint in (("-1", "greater than or equal to 0"), ("inf", "finite number"),
+                                 ("nan", "finite number"), ("3e6", "less than or equal to")):
+            monkeypatch.setenv(f"SAMSERVE_{name}", value)
+            with pytest.raises(ValidationError, match=f"(?s){name.lower()}.*{complaint}"):
+                GatewaySettings()
+            monkeypatch.delenv(f"SAMSERVE_{name}")
