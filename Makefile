@@ -12,7 +12,7 @@ STAMP := $(VENV)/.samserve-installed
 DEBIAN_PACKAGES ?= redis-server prometheus chromium iproute2
 PYTEST_ARGS ?=
 
-.PHONY: up test test-unit setup system-deps stubs web prepare bench bench-gpu bench-status load clean train quality soak fuzz deploy-tools
+.PHONY: up test e2e test-unit setup system-deps stubs web prepare bench bench-gpu bench-status load clean train quality soak fuzz deploy-tools
 
 # A local stack on loopback: auth is off unless a keys file is given, said explicitly (the gateway warns; README
 # "Security"); with SAMSERVE_API_KEYS_FILE (or SAMSERVE_AUTH) set, those apply.
@@ -20,9 +20,17 @@ up: export SAMSERVE_AUTH ?= $(if $(SAMSERVE_API_KEYS_FILE),api-keys,off)
 up: setup prepare
 	$(BIN)/samserve up
 
-# The whole suite: lint and type checks first (seconds), then every test tier (see README "Tests").
+# The whole suite: lint and type checks first (seconds), then every test tier but e2e (see README "Tests").
 test: setup lint
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest --ignore=tests/e2e $(PYTEST_ARGS)
+
+# The e2e tier (tests/e2e, README "Deploy"): the images built by a real engine (Debian's podman with runc, bases made
+# by mmdebstrap), the GPU image's Python layer in clean venvs, the chart's cpu profile played as pods and called.
+# As root; about 20 minutes on a fresh machine (image builds download their packages). `.ci/run` runs it after `make test`.
+E2E_DEBIAN_PACKAGES ?= podman runc mmdebstrap
+e2e: setup
+	$(MAKE) --no-print-directory system-deps DEBIAN_PACKAGES="$(E2E_DEBIAN_PACKAGES)"
+	$(BIN)/python -m pytest tests/e2e $(PYTEST_ARGS)
 
 # The unit tier alone: pure functions, seconds, importing neither torch nor Triton (its conftest fails the run if
 # anything does). `make test` runs it too, with tests/reference (vs the official code) and tests/integration.

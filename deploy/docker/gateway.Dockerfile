@@ -38,9 +38,12 @@ RUN python -m venv /opt/samserve
 RUN /opt/samserve/bin/python -m pip install --disable-pip-version-check -q /dist/samserve-${SAMSERVE_VERSION}-py3-none-any.whl
 
 # `samserve-build prepare` (ONNX export + Triton repository): the export extra (PyTorch, the official
-# segment-anything) on top of the wheel. Large; used by the chart's prepare Job or init container only.
+# segment-anything, ONNX) and the models extra (the CPU runtimes `auto` calibrates) on top of the wheel. Large (PyTorch
+# as PyPI serves it, with CUDA libraries); used by the chart's prepare Job or init container only.
 FROM wheel AS prepare-venv
-RUN /opt/samserve/bin/python -m pip install --disable-pip-version-check -q "/dist/samserve-${SAMSERVE_VERSION}-py3-none-any.whl[export]"
+# An ARG ends with the stage that declares it: this stage names the wheel too.
+ARG SAMSERVE_VERSION
+RUN /opt/samserve/bin/python -m pip install --disable-pip-version-check -q "/dist/samserve-${SAMSERVE_VERSION}-py3-none-any.whl[export,models]"
 
 FROM python:${PYTHON_VERSION}-slim-bookworm AS prepare
 ENV PATH=/opt/samserve/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 SAMSERVE_WORKDIR=/models

@@ -19,8 +19,9 @@ RUN python -m pip install --disable-pip-version-check -q "setuptools>=69" "wheel
 RUN python -m pip wheel --no-deps --no-build-isolation --disable-pip-version-check -q -w /dist /src
 RUN python -m venv /opt/samserve
 RUN /opt/samserve/bin/python -m pip install --disable-pip-version-check -q "/dist/samserve-${SAMSERVE_VERSION}-py3-none-any.whl[models]"
-# The --backend-directory: python/ with the backend library and this Python's stub (links into the venv).
-RUN /opt/samserve/bin/python -c "from samserve.triton_server import prepare_backend_dir; prepare_backend_dir('/opt/triton')"
+# The --backend-directory (backends/python/: the backend library and this Python's stub) and bin/tritonserver: links
+# into the venv, at paths that name no Python version.
+RUN /opt/samserve/bin/python -c "from samserve.triton_server import prepare_server_dir; prepare_server_dir('/opt/triton')"
 
 FROM python:${PYTHON_VERSION}-slim-bookworm
 ARG PYTHON_VERSION
@@ -30,4 +31,4 @@ COPY --from=wheel /opt/samserve /opt/samserve
 COPY --from=wheel /opt/triton /opt/triton
 USER 65532:65532
 EXPOSE 8000 8001 8002
-ENTRYPOINT ["/opt/samserve/lib/python3.12/site-packages/pytriton/tritonserver/bin/tritonserver", "--backend-directory=/opt/triton/backends"]
+ENTRYPOINT ["/opt/triton/bin/tritonserver", "--backend-directory=/opt/triton/backends"]

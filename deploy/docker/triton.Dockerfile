@@ -28,10 +28,16 @@ ARG SAMSERVE_VERSION
 ENV PIP_NO_CACHE_DIR=1 PIP_NO_INPUT=1 PYTHONDONTWRITEBYTECODE=1
 COPY --from=wheel /dist /dist
 # A venv beside the image's Python (its pip refuses system installs, PEP 668); the python backend's stub finds it
-# through PYTHONPATH (numpy < 2 from the wheel's requirements wins over the image's own).
+# through PYTHONPATH (numpy < 2 from the wheel's requirements wins over the image's own). Ubuntu's python3 has no
+# venv module without python3-venv (a no-op where the release image has it already).
+# hadolint ignore=DL3008
+RUN apt-get update && apt-get install -y --no-install-recommends python3-venv && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/samserve
 # SAMSERVE_EXTRAS=gpu for the gpu-torch target (PyTorch with CUDA and segment-anything in the python backend, about
-# 3 GB more); empty for cpu-onnxruntime and gpu-tensorrt (plans run in Triton's own TensorRT backend).
+# 3 GB more), tagged apart because the chart names that image <appVersion>-<tritonRelease>-torch:
+#   docker build -f deploy/docker/triton.Dockerfile --build-arg SAMSERVE_EXTRAS=gpu -t REGISTRY/samserve-triton:0.1.0-24.12-torch .
+# Empty for cpu-onnxruntime, cpu-openvino and gpu-tensorrt (plans run in Triton's own TensorRT backend).
+# tests/e2e/test_gpu_python_layer.py installs exactly this step's packages for each value and loads every runtime.
 ARG SAMSERVE_EXTRAS=""
 RUN /opt/samserve/bin/python -m pip install --disable-pip-version-check -q "/dist/samserve-${SAMSERVE_VERSION}-py3-none-any.whl${SAMSERVE_EXTRAS:+[$SAMSERVE_EXTRAS]}" "onnxruntime>=1.17" "openvino>=2024.0"
 ENV PYTHONPATH=/opt/samserve/lib/python${PYTHON_VERSION}/site-packages PYTHONUNBUFFERED=1

@@ -58,6 +58,17 @@ def prepare_backend_dir(workdir: Path) -> Path:
     return backend.parent
 
 
+def prepare_server_dir(workdir: Path) -> Path:
+    """``workdir/bin/tritonserver`` (a link to the wheel's binary, at a path that names no Python version) beside
+    the ``--backend-directory`` ``workdir/backends`` of :func:`prepare_backend_dir`; returns the link. The Triton
+    image's entry point runs it."""
+    prepare_backend_dir(workdir)
+    link = Path(workdir) / "bin" / "tritonserver"
+    link.parent.mkdir(parents=True, exist_ok=True)
+    _symlink(tritonserver_binary(), link)
+    return link
+
+
 def _require_libpython(version: str) -> None:
     """The stub links against ``libpython<version>.so.1.0``: this interpreter's, or the system's."""
     name = f"libpython{version}.so.1.0"

@@ -251,6 +251,22 @@ def test_sidecar_uses_shared_memory_and_the_deployment_grpc(rendered):
             assert not dshm
 
 
+def test_sidecar_gateways_hand_the_served_decoder_to_browsers(rendered):
+    """The web page decodes in the browser with the served decoder (`samserve up` offers the repository's): a
+    sidecar beside the model volume mounts it read-only and names its decoder folder; without the volume, none."""
+    for result in rendered.values():
+        chart = values(result.profile)
+        pod, gateway = gateway_container(result)
+        env = env_of(gateway)
+        has_volume = any(v["name"] == "models" for v in pod["spec"]["volumes"])
+        if chart["gateway"]["mode"] == "sidecar" and has_volume:
+            assert env["SAMSERVE_CLIENT_DECODER_DIR"] == "/models/repository/sam_decoder/1", result.profile
+            assert {"name": "models", "mountPath": "/models", "readOnly": True} in gateway["volumeMounts"]
+        else:
+            assert "SAMSERVE_CLIENT_DECODER_DIR" not in env, result.profile
+            assert not [m for m in gateway["volumeMounts"] if m["name"] == "models"], result.profile
+
+
 def test_triton_pods(rendered):
     for result in rendered.values():
         chart = values(result.profile)

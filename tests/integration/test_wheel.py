@@ -12,14 +12,11 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-import tomllib
 import urllib.request
 import zipfile
 from pathlib import Path
@@ -31,7 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 from samserve.client import PromptSpec, SamServeClient
-from tests.support.wheel_steps import BUILD_WHEEL, INSTALL_WHEEL, MAKE_VENV
+from tests.support.wheel_steps import BUILD_WHEEL, INSTALL_WHEEL, MAKE_VENV, clean_env, copy_sources
 
 REPO = Path(__file__).resolve().parents[2]
 SERVICE_NAME = "samserve.v1.SegmentAnything"
@@ -45,29 +42,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """This process's environment without anything that points Python at the checkout or this venv."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONSTARTUP") and not k.startswith("SAMSERVE_")}
-    env.update(extra)
-    return env
-
-
-def copy_sources(destination: Path) -> Path:
-    """What a fresh clone holds for the build: pyproject, setup.py, README, protos and the package folders
-    (from pyproject's package-dir), without generated stubs, caches or build leftovers."""
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())
-    folders = set(project["tool"]["setuptools"]["package-dir"].values()) | {"protos"}
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", ".setuptools-build")
-    destination.mkdir(parents=True)
-    for name in ("pyproject.toml", "setup.py", project["project"]["readme"]):
-        shutil.copy2(REPO / name, destination / name)
-    for folder in folders:
-        shutil.copytree(REPO / folder, destination / folder, ignore=ignore)
-    shutil.rmtree(destination / "service" / "samserve" / "v1", ignore_errors=True)  # generated, git-ignored
-    return destination
 
 
 def run(args: list[str], cwd: Path, timeout_s: float, env: dict[str, str] | None = None) -> str:

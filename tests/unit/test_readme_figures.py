@@ -193,9 +193,27 @@ def precision_rows() -> list[str]:
             f"vit_b's encoder file is {data['graphs']['vit_b']['encoder.fp16']['size_ratio']:.2f} of the fp32 one"]
 
 
+def deploy_rows() -> list[str]:
+    """The Deploy section's "Run here" figures: images_cpu.json and pods_cpu.json (`make e2e`)."""
+    images = results("images_cpu.json")["images"]
+    pods = results("pods_cpu.json")
+    rows = [f"| {key} | `{image['tag']}` | {image['size_mb']:.0f} MB | {image['build_seconds']:.0f} s |"
+            for key, image in images.items()]
+    cold = sorted(pods["cold_start_s"].values())
+    locust, killed = pods["locust"], pods["pod_killed_under_load"]
+    rows += [f"Cold start (container start to SERVING, both pods at once, the prepare init container exporting the "
+             f"shipped model included): {cold[0]:.0f} s and {cold[-1]:.0f} s; the killed pod started again on the "
+             f"prepared claim: {pods['warm_start_s']:.0f} s",
+             f"{locust['requests']} calls in {locust['seconds']} s ({locust['requests_per_s']:.1f} calls/s), "
+             f"{locust['failures']} failures, p50 {locust['p50_ms']:.0f} ms, p95 {locust['p95_ms']:.0f} ms",
+             f"{killed['calls_before']} calls before the kill, {killed['calls_after']} after, "
+             f"{killed['failed']} failed"]
+    return rows
+
+
 @pytest.mark.parametrize(
-    "rows", [models_rows, precision_rows, gateway_rows, throughput_rows, amg_rows, backends_rows, cpu_target_rows,
-             quality_rows, export_rows, request_memory_rows, soak_rows, browser_rows, multihost_rows],
+    "rows", [deploy_rows, models_rows, precision_rows, gateway_rows, throughput_rows, amg_rows, backends_rows,
+             cpu_target_rows, quality_rows, export_rows, request_memory_rows, soak_rows, browser_rows, multihost_rows],
     ids=lambda f: f.__name__)
 def test_readme_quotes_the_results_files(rows):
     missing = [row for row in rows() if row not in README.replace("\n", " ")]

@@ -156,7 +156,8 @@ capabilities:
 {{- end -}}
 {{- end -}}
 
-{{/* The gateway container. .transport: shm (sidecar) or grpc (own Deployment); .tritonHost. */}}
+{{/* The gateway container. .transport: shm (sidecar) or grpc (own Deployment); .tritonHost; .models: the pod has
+the model volume (the sidecar beside a pvc or emptyDir repository), whose decoder the gateway hands to browsers. */}}
 {{- define "samserve.gatewayContainer" -}}
 {{- $v := .root.Values -}}
 {{- $g := $v.gateway -}}
@@ -213,6 +214,10 @@ capabilities:
     - {name: SAMSERVE_REDIS_TLS_CA_FILE, value: /etc/samserve/redis-tls/ca.crt}
     {{- end }}
     {{- end }}
+    {{- if .models }}
+    # The served decoder for the web page's client-side decoding (what `samserve up` offers).
+    - {name: SAMSERVE_CLIENT_DECODER_DIR, value: /models/repository/sam_decoder/1}
+    {{- end }}
     {{- range $name, $value := $g.extraSettings }}
     - {name: {{ printf "SAMSERVE_%s" (upper $name) }}, value: {{ $value | quote }}}
     {{- end }}
@@ -240,6 +245,9 @@ capabilities:
   securityContext: {{- include "samserve.containerSecurityContext" . | nindent 4 }}
   volumeMounts:
     - {name: tmp, mountPath: /tmp, subPath: gateway}
+    {{- if .models }}
+    - {name: models, mountPath: /models, readOnly: true}
+    {{- end }}
     {{- if eq .transport "shm" }}
     - {name: dshm, mountPath: /dev/shm}
     {{- end }}
