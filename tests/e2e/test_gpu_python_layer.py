@@ -100,9 +100,7 @@ def test_every_runtime_of_the_image_loads_and_runs(extras, wheel, repositories, 
         assert report["imports"]["torch"] == "ok", report["imports"]
     else:
         assert report["imports"]["torch"].startswith("ImportError"), report["imports"]
-    assert report["onnx_imported"] is False
-    assert "onnx" not in subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "list", "--format=freeze"],
-                                        capture_output=True, text=True, check=True).stdout.lower().split("==")[0::1]
+    assert report["onnx_imported"] is False, "a serving runtime imported the exporter's onnx"
     for target in targets:
         summary = report["targets"][target]
         assert summary["finite"], (target, summary)
