@@ -57,6 +57,8 @@ def built_images(engine: None) -> Iterator[dict[str, BuiltImage]]:
     bases = {base.name: round(containers.ensure_base(base), 1) for base in containers.BASES}
     built = {image.values_key: containers.build_image(image.path, image.tag, image.target, timeout_s=BUILD_TIMEOUT_S)
              for image in IMAGES}
+    # The build stages' images (the prepare stage's venv alone is 7 GB) are not needed by the tests: disk for the pods.
+    podman("image", "prune", "--force", timeout_s=600)
     write_e2e_results("images_cpu.json", {
         "what": "deploy/docker images built by podman (runc) on local Debian stand-ins for the registry bases",
         "engine": podman("version", "--format", "{{.Client.Version}}").stdout.strip(),
