@@ -26,7 +26,8 @@ test: setup lint
 
 # The e2e tier (tests/e2e, README "Deploy"): the images built by a real engine (Debian's podman with runc, bases made
 # by mmdebstrap), the GPU image's Python layer in clean venvs, the chart's cpu profile played as pods and called.
-# As root; about 20 minutes on a fresh machine (image builds download their packages). `.ci/run` runs it after `make test`.
+# As root; about 15 minutes and 25 GB of disk on a fresh machine (image builds download their packages; the prepare image
+# is 7 GB). `.ci/run` runs it after `make test`.
 E2E_DEBIAN_PACKAGES ?= podman runc mmdebstrap
 e2e: setup
 	$(MAKE) --no-print-directory system-deps DEBIAN_PACKAGES="$(E2E_DEBIAN_PACKAGES)"
