@@ -20,11 +20,11 @@ up: export SAMSERVE_AUTH ?= $(if $(SAMSERVE_API_KEYS_FILE),api-keys,off)
 up: setup prepare
 	$(BIN)/samserve up
 
-# The whole suite: lint and type checks first (seconds), then every test tier but e2e (see README "Tests").
+# The whole suite: lint and type checks first (seconds), then every test tier but e2e (see docs/testing.md).
 test: setup lint
 	$(BIN)/python -m pytest --ignore=tests/e2e $(PYTEST_ARGS)
 
-# The e2e tier (tests/e2e, README "Deploy"): the images built by a real engine (Debian's podman with runc, bases made
+# The e2e tier (tests/e2e, docs/deploy.md): the images built by a real engine (Debian's podman with runc, bases made
 # by mmdebstrap), the GPU image's Python layer in clean venvs, the chart's cpu profile played as pods and called.
 # As root; about 15 minutes and 25 GB of disk on a fresh machine (image builds download their packages; the prepare image
 # is 7 GB). `.ci/run` runs it after `make test`.
@@ -74,20 +74,24 @@ $(DEPLOY_TOOLS)/.installed: deploy/helm/tools-requirements.txt deploy/helm/insta
 	$(DEPLOY_TOOLS)/bin/python deploy/helm/install_helm.py $(DEPLOY_TOOLS)/bin/helm
 	touch $@
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml tools/pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python >= 3.11 required"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip wheel
 	# torch/torchvision pinned to the releases on this machine's disk (CPU-only use; see README).
 	$(BIN)/python -m pip install --quiet -e '.[models,export,bench,dev]'
+	# The test and benchmark support package (tools/samserve_dev), never part of the samserve wheel.
+	$(BIN)/python -m pip install --quiet -e tools
 	touch $(STAMP)
 
 # Static checks: ruff (style, imports, likely bugs) on all Python folders, mypy on the two packages (config in
-# pyproject.toml; samserve and samserve_build resolve from service/ and build/).
+# pyproject.toml; samserve and samserve_build resolve from service/ and build/), and the import rule: import-linter's
+# contracts in pyproject.toml (docs/architecture.md; tests/unit/test_import_rule.py adds "no cycles").
 .PHONY: lint
 lint: setup
-	$(BIN)/ruff check service build bench tests
+	$(BIN)/ruff check service build bench tests tools
 	MYPYPATH=service:build $(BIN)/mypy service build
+	$(BIN)/lint-imports --no-cache
 
 prepare: setup
 	$(BIN)/samserve-build prepare
@@ -96,25 +100,25 @@ prepare: setup
 # included; the ViT-H export in export_cpu.py needs about 18 GB of memory). Run on an otherwise idle machine, on
 # committed code.
 bench: setup
-	$(BIN)/python bench/backends_cpu.py
-	$(BIN)/python bench/models_cpu.py
-	$(BIN)/python bench/gateway_cpu.py
-	$(BIN)/python bench/throughput_cpu.py
-	$(BIN)/python bench/amg_cpu.py
-	$(BIN)/python bench/quality_cpu.py
-	$(BIN)/python bench/precision_cpu.py
-	$(BIN)/python bench/export_cpu.py
-	$(BIN)/python bench/request_memory_cpu.py
-	$(BIN)/python bench/soak.py
-	$(BIN)/python bench/multihost_cpu.py
-	$(BIN)/python bench/browser_cpu.py  # last: it rewrites docs/web-*.png, tracked files a later run would see as changed
-	$(BIN)/python bench/freshness.py
+	$(BIN)/python -m bench.backends_cpu
+	$(BIN)/python -m bench.models_cpu
+	$(BIN)/python -m bench.gateway_cpu
+	$(BIN)/python -m bench.throughput_cpu
+	$(BIN)/python -m bench.amg_cpu
+	$(BIN)/python -m bench.quality_cpu
+	$(BIN)/python -m bench.precision_cpu
+	$(BIN)/python -m bench.export_cpu
+	$(BIN)/python -m bench.request_memory_cpu
+	$(BIN)/python -m bench.soak
+	$(BIN)/python -m bench.multihost_cpu
+	$(BIN)/python -m bench.browser_cpu  # last: it rewrites docs/web-*.png, tracked files a later run would see as changed
+	$(BIN)/python -m bench.freshness
 
 # The GPU benchmark (bench/gpu.py: ViT-H, the gpu-torch runtime vs the official fp32 code) on this machine's GPU;
 # on a lent GPU machine run bench/gpu_device.sh instead (it carries what that machine lacks). `make test` runs the
 # same script on the CPU with the tiny model (tests/reference/test_torch_runtime.py).
 bench-gpu: setup
-	$(BIN)/python bench/gpu.py --device cuda
+	$(BIN)/python -m bench.gpu --device cuda
 
 # Property-based fuzzing (tests/fuzz, hypothesis) of the real gateway for FUZZ_SECONDS; `make test` runs the same
 # tier for 60 s. Failing requests are written to .samserve/fuzz-failures (see tests/fuzz/README.md).
@@ -122,21 +126,21 @@ FUZZ_SECONDS ?= 600
 fuzz: setup
 	SAMSERVE_FUZZ_SECONDS=$(FUZZ_SECONDS) $(BIN)/python -m pytest tests/fuzz -q -s $(PYTEST_ARGS)
 
-# Chaos soak, 10 minutes plus 1-2 of set-up: faults under a fixed-rate load (README "Reliability"); writes
+# Chaos soak, 10 minutes plus 1-2 of set-up: faults under a fixed-rate load (docs/reliability.md); writes
 # bench/results/soak_cpu.json + soak_cpu.png. Idle machine, as root (the memory-limited gateway uses a cgroup).
 soak: setup
-	$(BIN)/python bench/soak.py
+	$(BIN)/python -m bench.soak
 
 # Which results files are stale (measured at a commit older than the code they measure); exit 1 if any is.
 bench-status:
-	python3 bench/freshness.py
+	python3 -m bench.freshness
 
 # The shipped model: train it again (resumable: run again after an interruption), and measure its quality on
 # 500 held-out scenes with the official predictor (bench/results/tiny_quality.json; ~3 min).
 train: setup
 	$(BIN)/samserve-build train --out runs/scenes --budget-minutes 80
 quality: setup
-	$(BIN)/python bench/quality_cpu.py
+	$(BIN)/python -m bench.quality_cpu
 
 # Locust, headless, against a running stack (`make up` in another terminal). Writes CSV + HTML to bench/results/.
 SCENARIO ?= MixedUser

@@ -40,7 +40,7 @@ def generate_stubs(out_root: Path) -> Path:
     # Imports: google/api/*.proto ship with googleapis-common-protos, google/protobuf/*.proto with grpcio-tools.
     googleapis = Path(google.api.annotations_pb2.__file__).parents[2]
     well_known = Path(grpc_tools.__file__).parent / "_proto"
-    # The descriptor set with the proto's comments: the OpenAPI document's descriptions (samserve.openapi).
+    # The descriptor set with the proto's comments: the OpenAPI document's descriptions (samserve.transport.http.openapi).
     args = ["protoc", f"-I{PROTO_ROOT}", f"-I{googleapis}", f"-I{well_known}", f"--python_out={out_root}",
             f"--grpc_python_out={out_root}", f"--pyi_out={out_root}",
             f"--descriptor_set_out={package / DESCRIPTOR_SET}", "--include_source_info", str(PROTO_ROOT / PROTO)]

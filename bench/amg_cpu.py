@@ -29,7 +29,7 @@ tree (tritonserver and its python-backend stubs) together. Both include the load
 encoder, idle when the encoder is excluded.
 
 Parity: the last timed call's masks of both sides matched one to one at IoU >= 0.95
-(``tests/support/amg_reference.match``). When both sides keep 0 masks a comparison proves nothing: the counts are
+(``tools/samserve_dev/amg_reference.match``). When both sides keep 0 masks a comparison proves nothing: the counts are
 reported and the parity (and the targets) are "not applicable", never a score.
 
 Writes amg_cpu.json to bench/results (or ``--out``). Targets on the 2-core CPU: with the encoder excluded >= 3x
@@ -52,11 +52,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Protocol
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the repository root: tests.support
-
-from amg_figures import IOU_MIN, PEAK_MEMORY_RATIO_TARGET, SPEEDUP_TARGET, parity, spread, targets_met  # noqa: E402
-from common import WORK, add_output_argument, environment, print_table, vit_b_model, write_results  # noqa: E402
+from bench.amg_figures import IOU_MIN, PEAK_MEMORY_RATIO_TARGET, SPEEDUP_TARGET, parity, spread, targets_met
+from bench.common import WORK, add_output_argument, environment, print_table, vit_b_model, write_results
 
 RESULTS_FILE = "amg_cpu.json"
 CARD_THRESHOLDS = {"pred_iou_thresh": 0.2, "stability_score_thresh": 0.5}
@@ -154,7 +151,7 @@ class Model:
 def scenes_model() -> Model:
     """The shipped scenes checkpoint, exported (as the integration tests' ``scenes_model``) on first use and again
     whenever the checkpoint's hash differs from the exported one's."""
-    from samserve import model_spec
+    from samserve.core import model_spec
     from samserve_build import architectures, export
     from samserve_build.settings import SCENES_CHECKPOINT
 
@@ -185,10 +182,10 @@ def image_of(model: str, args: argparse.Namespace) -> tuple[Any, dict[str, Any]]
         height, width = scene.image.shape[:2]
         return scene.image, {"source": "samserve_build.scenes.generate_scene(seed), held out", "scene": args.scene,
                              "seed": seed, "height": height, "width": width, "instances": len(scene.instances)}
-    from tests.support.images import synthetic_image
+    from samserve_dev.images import synthetic_image
 
     return (synthetic_image(args.height, args.width, seed=7),
-            {"source": "tests.support.images.synthetic_image(seed=7)", "height": args.height, "width": args.width})
+            {"source": "samserve_dev.images.synthetic_image(seed=7)", "height": args.height, "width": args.width})
 
 
 # -- the two sides --------------------------------------------------------------------------------------------
@@ -311,8 +308,8 @@ class Ours:
 
 @contextmanager
 def our_stack(model: Model, image: Any) -> Iterator[Ours]:
-    from samserve.client import SamServeClient
-    from tests.support import local_stack
+    from samserve.client.typed_client import SamServeClient
+    from samserve_dev import local_stack
 
     work = WORK / "amg_cpu" / model.variant
     with local_stack.serve_locally(model.directory, work) as triton, \
@@ -341,7 +338,7 @@ def measure(case: Case, official: Side, ours: Side, samples: int) -> dict[str, A
             last[side.name] = side.generate(case)
             timed[side.name].append(last[side.name].seconds)
             masks[side.name].append(len(last[side.name].rles))
-    from tests.support.amg_reference import match
+    from samserve_dev.amg_reference import match
 
     matching = match(last["official"].rles, last["ours"].rles, IOU_MIN)
     figures = parity(matching.official, matching.ours, len(matching.pairs))

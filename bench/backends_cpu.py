@@ -13,16 +13,13 @@ bench/results/backends_cpu.json.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the repository root: tests.support
+import numpy as np
+import openvino as ov
+import torch
 
-import numpy as np  # noqa: E402
-import openvino as ov  # noqa: E402
-import torch  # noqa: E402
-from common import (  # noqa: E402
+from bench.common import (
     WORK,
     environment,
     interleaved_samples,
@@ -31,16 +28,16 @@ from common import (  # noqa: E402
     summary,
     vit_b_model,
     write_results,
-)  # noqa: E402
-
-from samserve import model_spec, processing  # noqa: E402
-from samserve.openvino_backend import OpenVinoRunner  # noqa: E402
-from samserve.triton_backend import OnnxRunner  # noqa: E402
-from samserve_build import architectures, cpu_choice, export, graph_quality  # noqa: E402
-from samserve_build.graphs import DecoderGraph, EncoderGraph  # noqa: E402
-from samserve_build.targets import CPU_TARGETS, SERVING_TARGETS  # noqa: E402
-from tests.support import mixed_precision  # noqa: E402
-from tests.support.images import synthetic_image  # noqa: E402
+)
+from samserve.backends.openvino_runner import OpenVinoRunner
+from samserve.backends.python_model import OnnxRunner
+from samserve.core import model_spec
+from samserve.vision import processing
+from samserve_build import architectures, cpu_choice, export, graph_quality
+from samserve_build.graphs import DecoderGraph, EncoderGraph
+from samserve_build.targets import CPU_TARGETS, SERVING_TARGETS
+from samserve_dev import mixed_precision
+from samserve_dev.images import synthetic_image
 
 ENCODER_REPEATS, DECODER_REPEATS, BATCH_REPEATS = 5, 30, 8
 BATCH_PROMPTS = 16

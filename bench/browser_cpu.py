@@ -18,21 +18,17 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the repository root: tests.support
+import numpy as np
+from PIL import Image
 
-import numpy as np  # noqa: E402
-from common import REPO_ROOT, WORK, add_output_argument, environment, print_table, write_results  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from samserve import model_spec  # noqa: E402
-from samserve_build import export, scenes  # noqa: E402
-from samserve_build.settings import SCENES_CHECKPOINT  # noqa: E402
-from tests.support import local_stack  # noqa: E402
-from tests.support.browser import (  # noqa: E402
+from bench.common import REPO_ROOT, WORK, add_output_argument, environment, print_table, write_results
+from samserve.core import model_spec
+from samserve_build import export, scenes
+from samserve_build.settings import SCENES_CHECKPOINT
+from samserve_dev import local_stack
+from samserve_dev.browser import (
     CHROMIUM,
     DEMO_SCENE_INDEX,
     DEMO_SCENE_SIZE,

@@ -10,8 +10,6 @@ import datetime
 import io
 import json
 import logging
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -32,7 +30,7 @@ logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name
 
 def vit_b_model(seed: int = 0):
     """(checkpoint, model folder, metadata) of vit_b with seeded random weights, exported on first use."""
-    from samserve import model_spec
+    from samserve.core import model_spec
     from samserve_build import export
 
     model_dir = WORK / f"vit_b-seed{seed}"
@@ -41,18 +39,6 @@ def vit_b_model(seed: int = 0):
             or not export.written_by_this_exporter(model_spec.ModelMetadata.read(model_dir))):
         export.export_random_weights("vit_b", seed, model_dir)
     return checkpoint, model_dir, model_spec.ModelMetadata.read(model_dir)
-
-
-def time_calls(fn: Callable[[], object], repeats: int, warmup: int = 1) -> list[float]:
-    """Wall-clock seconds of ``repeats`` calls after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return samples
 
 
 def rotated_orders(names: Sequence[str], rounds: int, start: int = 0) -> list[list[str]]:
@@ -102,23 +88,12 @@ def summary(samples: list[float]) -> dict[str, float]:
     }
 
 
-CPU_FLAGS_OF_INTEREST = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "amx_tile", "fma")
-"""The instruction-set flags that change the runtimes' speed on a CPU (recorded with every result)."""
-
-
 def cpu() -> dict[str, object]:
-    """Model name and the flags of :data:`CPU_FLAGS_OF_INTEREST` that this CPU has (from /proc/cpuinfo)."""
-    model, flags = platform.processor(), set()
-    try:
-        for line in open("/proc/cpuinfo"):
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-    except OSError:
-        pass
-    return {"model": model, "cores": os.cpu_count(), "flags": [f for f in CPU_FLAGS_OF_INTEREST if f in flags]}
+    """This CPU as every results file records it: :meth:`samserve_build.cpu_choice.Cpu.record` (name, vendor,
+    family, model, stepping, cores and the instruction-set flags that change the runtimes' speed)."""
+    from samserve_build.cpu_choice import Cpu
+
+    return Cpu.detect().record()
 
 
 def git_commit() -> str:
@@ -132,28 +107,43 @@ def git_commit() -> str:
 
 
 def command() -> str:
-    """How this benchmark was started, the script relative to the repository root."""
+    """How this benchmark was started: ``python -m bench.<name> ...`` (else the script relative to the repository
+    root)."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name:
+        return " ".join(["python", "-m", spec.name, *sys.argv[1:]])
     script = Path(sys.argv[0]).resolve()
     shown = script.relative_to(REPO_ROOT).as_posix() if script.is_relative_to(REPO_ROOT) else sys.argv[0]
     return " ".join(["python", shown, *sys.argv[1:]])
 
 
-def environment() -> dict[str, object]:
-    import onnxruntime
-    import torch
-
+def machine_record(command_line: str) -> dict[str, object]:
+    """The environment block every results file carries: date, commit, the command that made it, this CPU."""
     processor = cpu()
     return {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "commit": git_commit(),
-        "command": command(),
+        "command": command_line,
         "machine": f"{processor['model']}, {processor['cores']} cores, no GPU",
         "cpu": processor,
         "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "onnxruntime": onnxruntime.__version__,
     }
+
+
+def environment() -> dict[str, object]:
+    """A benchmark's environment block: :func:`machine_record` plus the torch and ONNX Runtime it ran with."""
+    import onnxruntime
+    import torch
+
+    return {**machine_record(command()), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "onnxruntime": onnxruntime.__version__}
+
+
+def write_e2e_results(name: str, payload: dict, command_line: str = "make e2e") -> Path:
+    """A results file written by a test tier (the e2e tier's images_cpu.json and pods_cpu.json): ``payload`` plus
+    the environment block, in bench/results like the benchmarks' own."""
+    return write_results(name, {**payload, "environment": machine_record(command_line)}, RESULTS)
 
 
 def print_table(title: str, header: list[str], rows: list[list[object]]) -> None:
@@ -212,7 +202,7 @@ def scene(args: argparse.Namespace) -> Scene:
     from segment_anything import SamPredictor
 
     from samserve_build import architectures
-    from tests.support.images import synthetic_image
+    from samserve_dev.images import synthetic_image
 
     torch.set_num_threads(2)
     torch.set_grad_enabled(False)
@@ -228,7 +218,7 @@ def scene(args: argparse.Namespace) -> Scene:
 def triton_client(runner: asyncio.Runner, url: str, transport: str = "shm"):
     """A TritonSam bound to ``runner``'s event loop, set up as the gateway sets it up (metadata read, so that
     decoder outputs take the same path: shared memory with the shm transport)."""
-    from samserve.triton_models import TritonSam
+    from samserve.triton.models import TritonSam
 
     async def connect() -> TritonSam:
         client = TritonSam(url, embedding_transport=transport)
@@ -239,13 +229,14 @@ def triton_client(runner: asyncio.Runner, url: str, transport: str = "shm"):
 
 
 class ServedEmbeddings:
-    """Images embedded exactly as the gateway serves them: PNG bytes through :class:`samserve.embedder.ImageEmbedder`
+    """Images embedded exactly as the gateway serves them: PNG bytes through
+    :class:`samserve.cache.embedder.ImageEmbedder`
     (decode, resize, Triton encoder, the cache's fp16 round trip, staging), held until :meth:`close`."""
 
     def __init__(self, runner: asyncio.Runner, triton) -> None:
-        from samserve.cache import EmbeddingCache
-        from samserve.embedder import DecodeBudget, EncodeLimiter, ImageEmbedder
-        from samserve.image_store import ImageStore
+        from samserve.cache.embedder import DecodeBudget, EncodeLimiter, ImageEmbedder
+        from samserve.cache.embedding_cache import EmbeddingCache
+        from samserve.cache.image_store import ImageStore
 
         self.runner = runner
         meta = triton.served.meta
@@ -256,7 +247,7 @@ class ServedEmbeddings:
 
     def get(self, image: np.ndarray):
         """The EmbeddedImage of ``image`` (H x W x 3 uint8), encoded on first use."""
-        from samserve.embedder import ImageRef
+        from samserve.cache.embedder import ImageRef
 
         reference = ImageRef.from_bytes(png_bytes(image), max_pixels=1 << 31)
         embedded, _ = self.runner.run(self.held.enter_async_context(self.embedder.embedded(reference)))

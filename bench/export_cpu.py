@@ -22,10 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
-
-from common import WORK, add_output_argument, environment, print_table, write_results  # noqa: E402
+from bench.common import WORK, add_output_argument, environment, print_table, write_results
 
 VARIANTS = ("vit_b", "vit_h")
 SEED = 0

@@ -27,17 +27,17 @@ SERVING_PATH = ("service/samserve", "build/samserve_build/export.py", "build/sam
                 "build/samserve_build/architectures.py", "model_repository/cpu-onnxruntime")
 """What every benchmark of the served models measures: the service, the exported graphs and their Triton configs
 (the cpu-onnxruntime target's: the CPU benchmarks serve no other)."""
-PLUMBING = ("bench/common.py", "tests/support")
-CPU_RUNTIMES = ("service/samserve/onnx_backend.py", "service/samserve/openvino_backend.py",
-                "service/samserve/triton_backend.py", "build/samserve_build/targets.py",
+PLUMBING = ("bench/common.py", "tools/samserve_dev")
+CPU_RUNTIMES = ("service/samserve/backends/onnx_runner.py", "service/samserve/backends/openvino_runner.py",
+                "service/samserve/backends/python_model.py", "build/samserve_build/targets.py",
                 "build/samserve_build/cpu_choice.py", "build/samserve_build/graph_quality.py",
                 "build/samserve_build/repository.py", "model_repository/cpu-onnxruntime",
                 "model_repository/cpu-openvino")
 """The CPU targets' runners as :meth:`samserve_build.graph_quality.OnnxSam.of_target` loads them, and auto's choice."""
 
 MEASURES: dict[str, tuple[str, ...]] = {
-    "backends_cpu.json": ("bench/backends_cpu.py", *PLUMBING, *CPU_RUNTIMES, "service/samserve/processing.py",
-                          "service/samserve/model_spec.py",
+    "backends_cpu.json": ("bench/backends_cpu.py", *PLUMBING, *CPU_RUNTIMES, "service/samserve/vision/processing.py",
+                          "service/samserve/core/model_spec.py",
                           "build/samserve_build/export.py", "build/samserve_build/graphs.py",
                           "build/samserve_build/architectures.py"),
     "models_cpu.json": ("bench/models_cpu.py", *PLUMBING, *SERVING_PATH, *CPU_RUNTIMES),
@@ -46,25 +46,25 @@ MEASURES: dict[str, tuple[str, ...]] = {
     "amg_cpu.json": ("bench/amg_cpu.py", *PLUMBING, *SERVING_PATH, "build/checkpoints/samserve_scenes_v1.pth"),
     "export_cpu.json": ("bench/export_cpu.py", "bench/common.py", "build/samserve_build/export.py",
                         "build/samserve_build/graphs.py",
-                        "build/samserve_build/architectures.py", "service/samserve/model_spec.py"),
+                        "build/samserve_build/architectures.py", "service/samserve/core/model_spec.py"),
     "request_memory_cpu.json": ("bench/request_memory_cpu.py", "bench/amg_cpu.py", *PLUMBING, *SERVING_PATH,
                                 "build/checkpoints/samserve_scenes_v1.pth"),
     "soak_cpu.json": ("bench/soak.py", *PLUMBING, *SERVING_PATH, "build/checkpoints/samserve_scenes_v1.pth"),
     "browser_cpu.json": ("bench/browser_cpu.py", *PLUMBING, *SERVING_PATH, "web/src", "web/package-lock.json",
                          "web/demo.png", "build/checkpoints/samserve_scenes_v1.pth"),
     "multihost_cpu.json": ("bench/multihost_cpu.py", *PLUMBING, *SERVING_PATH),
-    "precision_cpu.json": ("bench/precision_cpu.py", "bench/amg_cpu.py", *PLUMBING, "build/samserve_build/precision.py",
+    "precision_cpu.json": ("bench/precision_cpu.py", "bench/amg_cpu.py", *PLUMBING, "build/samserve_build/precision",
                            "build/samserve_build/graph_quality.py", "build/samserve_build/export.py",
                            "build/samserve_build/graphs.py",
                            "build/samserve_build/architectures.py", "build/samserve_build/evaluation.py",
                            "build/samserve_build/scenes.py", *CPU_RUNTIMES,
-                           "service/samserve/processing.py", "service/samserve/model_spec.py",
+                           "service/samserve/vision/processing.py", "service/samserve/core/model_spec.py",
                            "build/checkpoints/samserve_scenes_v1.pth"),
-    "images_cpu.json": ("tests/e2e/conftest.py", "tests/support/containers.py", "tests/support/results.py",
+    "images_cpu.json": ("tests/e2e/conftest.py", "tools/samserve_dev/containers.py", "bench/common.py",
                         "tests/e2e/containers.conf", "deploy/docker", ".dockerignore", "pyproject.toml", "setup.py",
                         "web/package-lock.json"),
-    "pods_cpu.json": ("tests/e2e/test_pods.py", "tests/support/kube_play.py", "tests/support/containers.py",
-                      "tests/support/locust.py", "bench/locustfile.py", "deploy/docker", "deploy/helm/samserve",
+    "pods_cpu.json": ("tests/e2e/test_pods.py", "tools/samserve_dev/kube_play.py", "tools/samserve_dev/containers.py",
+                      "tools/samserve_dev/locust.py", "bench/locustfile.py", "deploy/docker", "deploy/helm/samserve",
                       "deploy/helm/profiles/cpu.yaml", *SERVING_PATH, "build/samserve_build/cli.py",
                       "build/samserve_build/workdir.py", "build/checkpoints/samserve_scenes_v1.pth"),
     "tiny_quality.json": ("bench/quality_cpu.py", "bench/common.py", "build/samserve_build/evaluation.py",

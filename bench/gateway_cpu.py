@@ -18,15 +18,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the repository root: tests.support
+import httpx
+import numpy as np
+from google.protobuf import json_format
+from PIL import Image, PngImagePlugin
 
-import httpx  # noqa: E402
-import numpy as np  # noqa: E402
-from common import (  # noqa: E402
+from bench.common import (
     WORK,
     add_image_arguments,
     add_output_argument,
@@ -39,14 +37,11 @@ from common import (  # noqa: E402
     triton_client,
     write_results,
 )
-from google.protobuf import json_format  # noqa: E402
-from PIL import Image, PngImagePlugin  # noqa: E402
-
-from samserve import processing  # noqa: E402
-from samserve.api import pb  # noqa: E402
-from samserve.client import PromptSpec, SamServeClient  # noqa: E402
-from samserve.redis_server import RedisServer  # noqa: E402
-from tests.support import local_stack  # noqa: E402
+from samserve.client.typed_client import PromptSpec, SamServeClient
+from samserve.core.api import pb
+from samserve.launch.redis_server import RedisServer
+from samserve.vision import processing
+from samserve_dev import local_stack
 
 HOT_TARGET, COLD_HOT_TARGET, OVERHEAD_TARGET_MS = 0.75, 100.0, 5.0
 COLD_WARMUP, HOT_WARMUP = 1, 3

@@ -17,7 +17,7 @@ Measured (timings: ``--repeats`` calls after one warm-up, device synchronized; t
   low-res logits back on the host: the gateway upscales only what it returns, on its CPU threads).
 * segment everything, seconds per image (``points_per_side`` 32, thresholds 0 so no mask is filtered before NMS on
   either side, random weights keep few masks otherwise; encoder excluded on both sides): the official
-  ``SamAutomaticMaskGenerator`` vs samserve's generator (:mod:`samserve.amg`, the GenerateMasks code) driving
+  ``SamAutomaticMaskGenerator`` vs samserve's generator (:mod:`samserve.vision.amg`, the GenerateMasks code) driving
   ``TorchSam.decode``. Mask counts of both sides are recorded; 0 vs 0 is "not measured", never agreement.
 * masks of ours in reduced precision vs ours in fp32 and vs official fp32 (and ours in fp32 vs official: SDPA and
   the served graph modules change nothing): IoU per prompt (point and box prompts on
@@ -47,9 +47,8 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the repository root: tests.support
-import common  # noqa: E402
+from bench import common
+from samserve_build.timing import time_calls
 
 TARGETS = {"encoder_images_per_s": 60.0, "encoder_speedup": 5.0, "decoder_p50_ms_1": 2.0, "decoder_p50_ms_64": 5.0,
            "amg_s_per_image": 1.0, "iou_min": 0.98, "iou_median": 0.99}
@@ -64,19 +63,6 @@ COMPARISONS = (("vs_ours_fp32", "reduced", "fp32"), ("vs_official_fp32", "reduce
 def _sync(torch: Any, device: Any) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def timed(torch: Any, device: Any, fn: Callable[[], object], repeats: int) -> list[float]:
-    """Seconds of each of ``repeats`` calls after one warm-up (the device synchronized around each)."""
-    fn()
-    _sync(torch, device)
-    samples = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        _sync(torch, device)
-        samples.append(time.perf_counter() - started)
-    return samples
 
 
 def peak_memory(torch: Any, device: Any, fn: Callable[[], object]) -> float | None:
@@ -122,7 +108,7 @@ def encoder_rows(torch: Any, device: Any, official: Any, predictor: Any, ours: A
             official_call = functools.partial(official_batch, torch, device, official, stacked)
         for side, call in (("official", official_call), ("ours", functools.partial(ours.encode, feeds))):
             try:
-                samples = timed(torch, device, call, repeats)
+                samples = time_calls(call, repeats, after_each=functools.partial(_sync, torch, device))
                 row[side] = {"images_per_s": batch / statistics.median(samples), "median_s": statistics.median(samples),
                              "samples_s": samples, "peak_gib": peak_memory(torch, device, call)}
             except out_of_memory(torch) as error:  # a batch too large for the device: say so, go on
@@ -157,7 +143,7 @@ def decoder_rows(torch: Any, device: Any, predictor: Any, ours: Any, embedding: 
                  "has_mask_input": np.zeros((prompts,), dtype=np.float32)}
         row: dict[str, Any] = {"prompts": prompts}
         for side, call in (("official", official_call), ("ours", functools.partial(ours.decode, feeds))):
-            samples = timed(torch, device, call, repeats)
+            samples = time_calls(call, repeats, after_each=functools.partial(_sync, torch, device))
             row[side] = {"p50_ms": 1000 * statistics.median(samples), "samples_ms": [1000 * s for s in samples]}
         rows.append(row)
     return rows
@@ -169,8 +155,8 @@ def amg_row(torch: Any, device: Any, official: Any, ours: Any, image: np.ndarray
     try:
         from segment_anything import SamAutomaticMaskGenerator
 
-        from samserve import amg, processing
-        from samserve.embedding import EmbeddedImage, Embedding, Staged
+        from samserve.core.embedding import EmbeddedImage, Embedding, Staged
+        from samserve.vision import amg, processing
     except ImportError as error:  # OpenCV or pycocotools missing on this machine
         return {"error": f"not measured: {error}"}
     params = {"points_per_side": points_per_side, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
@@ -298,7 +284,7 @@ def main() -> int:
 
     from samserve_build import architectures, export
     from samserve_build.torch_runtime import TorchSam
-    from tests.support.images import synthetic_image
+    from samserve_dev.images import synthetic_image
 
     torch.set_grad_enabled(False)
     device = torch.device(args.device)

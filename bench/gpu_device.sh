@@ -10,5 +10,5 @@ if compgen -G ".gpu-wheels/*.whl" > /dev/null; then
   python -m pip install -q --no-deps --no-index .gpu-wheels/*.whl
 fi
 nvidia-smi --query-gpu=name,compute_cap,memory.total,driver_version --format=csv | tee "$out/nvidia-smi.csv"
-export PYTHONPATH="service:build:.${PYTHONPATH:+:$PYTHONPATH}"
-timeout 480 python bench/gpu.py --device cuda --out "$out" 2>&1 | tee "$out/gpu.log"
+export PYTHONPATH="service:build:tools:.${PYTHONPATH:+:$PYTHONPATH}"
+timeout 480 python -m bench.gpu --device cuda --out "$out" 2>&1 | tee "$out/gpu.log"

@@ -8,7 +8,7 @@ Scenarios (pick by user class on the command line):
                    (points_per_side from SAMSERVE_LOAD_POINTS_PER_SIDE, default 16; the official defaults otherwise)
 Images and prompts are generated and seeded (SAMSERVE_LOAD_SEED), nothing is downloaded. Every call is reported
 to Locust's request events: name per RPC and scenario, response size, failures with their gRPC status code.
-TLS, mutual TLS and the API key come from the client settings, SAMSERVE_CLIENT_* (README "Security"), e.g.
+TLS, mutual TLS and the API key come from the client settings, SAMSERVE_CLIENT_* (docs/security.md), e.g.
 SAMSERVE_CLIENT_CA_FILE=ca.pem SAMSERVE_CLIENT_TOKEN=sk-... locust -f bench/locustfile.py ...
 """
 
@@ -18,9 +18,7 @@ import io
 import itertools
 import os
 import random
-import sys
 import time
-from pathlib import Path
 
 import grpc.experimental.gevent as grpc_gevent
 
@@ -30,12 +28,10 @@ import grpc  # noqa: E402
 from locust import User, between, events, task  # noqa: E402
 from PIL import Image  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: tests.support
-
-from samserve.api import pb, pb_grpc  # noqa: E402
-from samserve.settings import ClientSettings  # noqa: E402
-from samserve.tls import client_channel  # noqa: E402
-from tests.support.images import synthetic_image  # noqa: E402
+from samserve.core.api import pb, pb_grpc  # noqa: E402
+from samserve.core.settings import ClientSettings  # noqa: E402
+from samserve.security.tls import client_channel  # noqa: E402
+from samserve_dev.images import synthetic_image  # noqa: E402
 
 SEED = int(os.environ.get("SAMSERVE_LOAD_SEED", "0"))
 HEIGHT = int(os.environ.get("SAMSERVE_LOAD_HEIGHT", "480"))

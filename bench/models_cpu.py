@@ -16,13 +16,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the repository root: tests.support
-
-from common import (  # noqa: E402
+from bench.common import (
     WORK,
     Scene,
     ServedEmbeddings,
@@ -36,12 +31,11 @@ from common import (  # noqa: E402
     triton_client,
     write_results,
 )
-
-from samserve import processing, segmentation  # noqa: E402
-from samserve.settings import TransportName  # noqa: E402
-from samserve_build import cpu_choice  # noqa: E402
-from samserve_build.targets import SERVING_TARGETS, ServingTarget, ServingTargetName  # noqa: E402
-from tests.support import local_stack  # noqa: E402
+from samserve.core.settings import TransportName
+from samserve.vision import processing, segmentation
+from samserve_build import cpu_choice
+from samserve_build.targets import SERVING_TARGETS, ServingTarget, ServingTargetName
+from samserve_dev import local_stack
 
 ENCODER_TARGET = 0.5
 BF16_ENCODER_TARGET = 0.25

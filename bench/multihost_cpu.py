@@ -1,6 +1,6 @@
 """What an embedding shared between pods costs over a network: two pods and a Redis host in network namespaces.
 
-The set-up of tests/integration/test_multihost.py (tests/support/netns.py: namespaces on a bridge; each host runs
+The set-up of tests/integration/test_multihost.py (tools/samserve_dev/netns.py: namespaces on a bridge; each host runs
 Triton + a gateway with the shared-memory transport, or redis-server; a user-space relay at each host adds the link
 delay each way, as ``tc netem`` would where the kernel has it), with vit_b (seeded random weights: a 256 x 64 x 64
 embedding, 2 MiB in fp16 as the cache stores it). Run as root.
@@ -15,14 +15,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
-
-from common import (  # noqa: E402
+from bench.common import (
     WORK,
     add_image_arguments,
     add_output_argument,
@@ -42,10 +38,10 @@ IMAGES = 24
 def measure(model_dir: Path, delay_ms: float, args: argparse.Namespace) -> dict[str, object]:
     import redis
 
-    from samserve.client import PromptSpec, SamServeClient
-    from tests.support.images import synthetic_image
-    from tests.support.netns import Network
-    from tests.support.triton_stats import encoder_count
+    from samserve.client.typed_client import PromptSpec, SamServeClient
+    from samserve_dev.images import synthetic_image
+    from samserve_dev.netns import Network
+    from samserve_dev.triton_stats import encoder_count
 
     prompt = [PromptSpec(points=[(0.5 * args.width, 0.4 * args.height)], labels=[1])]
     with Network(WORK / f"multihost-{delay_ms:g}ms", delay_ms / 1e3) as network:
@@ -86,7 +82,7 @@ def main() -> None:
     add_image_arguments(parser)
     add_output_argument(parser)
     args = parser.parse_args()
-    from tests.support.netns import check_namespaces
+    from samserve_dev.netns import check_namespaces
 
     check_namespaces()
     _, model_dir, meta = vit_b_model()

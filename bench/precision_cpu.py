@@ -1,7 +1,7 @@
 """The mixed-precision graphs (``samserve_build.precision``) against the fp32 graphs, in ONNX Runtime on this CPU.
 
 The figures of tests/integration/test_mixed_precision.py, with the same images, prompts, scenes and limits
-(from samserve_build.graph_quality and tests/support/mixed_precision.py):
+(from samserve_build.graph_quality and tools/samserve_dev/mixed_precision.py):
 
 * vit_b, seeded random weights (seed 0): every prompt's masks of the fp16 graphs against those of the fp32 graphs
   (44 prompts on a synthetic image: points, point pairs, boxes; masks upscaled and thresholded as the service
@@ -25,21 +25,17 @@ import argparse
 import dataclasses
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the repository root: tests
+from amg_cpu import scenes_model
 
-from amg_cpu import scenes_model  # noqa: E402
-from common import WORK, add_output_argument, environment, print_table, vit_b_model, write_results  # noqa: E402
-
-from samserve import model_spec  # noqa: E402
-from samserve_build import cpu_choice, graph_quality, precision  # noqa: E402
-from samserve_build.precision import Precision  # noqa: E402
-from samserve_build.targets import SERVING_TARGETS, ServingTargetName  # noqa: E402
-from tests.support import mixed_precision  # noqa: E402
+from bench.common import WORK, add_output_argument, environment, print_table, vit_b_model, write_results
+from samserve.core import model_spec
+from samserve_build import cpu_choice, graph_quality, precision
+from samserve_build.precision import Precision
+from samserve_build.targets import SERVING_TARGETS, ServingTargetName
+from samserve_dev import mixed_precision
 
 CPU_ONNXRUNTIME, REDUCED = ServingTargetName.CPU_ONNXRUNTIME, ServingTargetName.CPU_OPENVINO_BF16
 METRICS = ("miou_point_top", "miou_box")

@@ -10,15 +10,11 @@ tests/integration/test_quality.py.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import add_output_argument, environment, write_results  # noqa: E402
-
-from samserve_build import evaluation  # noqa: E402
-from samserve_build.settings import SCENES_CHECKPOINT  # noqa: E402
+from bench.common import add_output_argument, environment, write_results
+from samserve_build import evaluation
+from samserve_build.settings import SCENES_CHECKPOINT
 
 
 def main() -> None:

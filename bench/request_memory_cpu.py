@@ -20,26 +20,22 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import io
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the repository root: tests.support
+import cv2
+import grpc
+import numpy as np
+from amg_cpu import CARD_THRESHOLDS, scenes_model
+from PIL import Image
 
-import cv2  # noqa: E402
-import grpc  # noqa: E402
-import numpy as np  # noqa: E402
-from amg_cpu import CARD_THRESHOLDS, scenes_model  # noqa: E402
-from common import WORK, add_output_argument, environment, print_table, write_results  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from samserve.api import pb, pb_grpc  # noqa: E402
-from samserve.settings import GatewaySettings  # noqa: E402
-from samserve.tls import client_channel  # noqa: E402
-from tests.support import local_stack  # noqa: E402
-from tests.support.images import synthetic_image  # noqa: E402
+from bench.common import WORK, add_output_argument, environment, print_table, write_results
+from samserve.core.api import pb, pb_grpc
+from samserve.core.settings import GatewaySettings
+from samserve.security.tls import client_channel
+from samserve_dev import local_stack
+from samserve_dev.images import synthetic_image
 
 TARGET_BYTES = 1_000_000_000
 

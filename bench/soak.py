@@ -1,6 +1,6 @@
 """Chaos soak: two gateways sharing Redis, one Triton, a fixed-rate client load, faults on a schedule.
 
-The load (see tests/support/soak.py): interactive clicks by image_id on a working set of embedded images (NOT_FOUND
+The load (see tools/samserve_dev/soak.py): interactive clicks by image_id on a working set of embedded images (NOT_FOUND
 -> the bytes sent again), clicks with the image bytes, Embed, clicks on images never sent before; a round-robin
 client over both gateways that retries UNAVAILABLE (the default service config), plus a probe without retries
 that shows what the retries hid. Every answer is compared with the answer of a fault-free gateway. Faults, in
@@ -16,23 +16,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the repository root: tests.support
-
-import matplotlib  # noqa: E402
+import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from common import WORK, add_output_argument, environment, print_table, shown_path, write_results  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from samserve import model_spec, service_config  # noqa: E402
-from tests.support import soak  # noqa: E402
+from bench.common import WORK, add_output_argument, environment, print_table, shown_path, write_results
+from samserve.core import model_spec, service_config
+from samserve_dev import soak
 
 
 def scenes_model(root: Path) -> Path:

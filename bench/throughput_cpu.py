@@ -17,21 +17,19 @@ import argparse
 import asyncio
 import dataclasses
 import io
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the repository root: tests.support
-
-import grpc  # noqa: E402
-import matplotlib  # noqa: E402
+import grpc
+import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from common import (  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from PIL import Image
+
+from bench.common import (
     WORK,
     add_output_argument,
     environment,
@@ -41,14 +39,12 @@ from common import (  # noqa: E402
     vit_b_model,
     write_results,
 )
-from PIL import Image  # noqa: E402
-
-from samserve import processing  # noqa: E402
-from samserve.api import pb, pb_grpc  # noqa: E402
-from samserve.redis_server import RedisServer  # noqa: E402
-from samserve.triton_models import TritonSam  # noqa: E402
-from tests.support import local_stack  # noqa: E402
-from tests.support.images import synthetic_image  # noqa: E402
+from samserve.core.api import pb, pb_grpc
+from samserve.launch.redis_server import RedisServer
+from samserve.triton.models import TritonSam
+from samserve.vision import processing
+from samserve_dev import local_stack
+from samserve_dev.images import synthetic_image
 
 LEVELS = (1, 2, 4, 8, 16, 32)
 RATIO_TARGET, TAIL_TARGET = 0.8, 3.0

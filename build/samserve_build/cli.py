@@ -21,7 +21,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from samserve import model_spec
+from samserve.core import model_spec
 from samserve_build import architectures, export, repository, workdir
 from samserve_build.settings import BuildSettings
 from samserve_build.targets import SERVING_TARGETS, ServingTarget, ServingTargetName

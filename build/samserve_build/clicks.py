@@ -10,7 +10,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from samserve import model_spec
+from samserve.core import model_spec
 from samserve_build import scenes
 
 

@@ -3,7 +3,7 @@ measured calibration.
 
 A target of :data:`samserve_build.targets.CPU_TARGETS` is a candidate when this CPU has one of its
 ``native_flags`` (bf16 needs AVX-512-bf16 or AMX: emulated bf16 was 8x slower on an AVX2-only EPYC). Each candidate
-loads both models as Triton would (:func:`samserve.triton_backend.create_runner` with its rendered config's
+loads both models as Triton would (:func:`samserve.backends.python_model.create_runner` with its rendered config's
 parameters) and is timed on the exported model itself: the encoder on one image, the decoder on one 2-point prompt.
 The encoder and the decoder are chosen separately (the encoder runs once per image, the decoder once per prompt, and
 the fastest of each may come from different runtimes): the fastest of each wins, and a tie within :data:`MARGIN`
@@ -18,17 +18,18 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import json
 import logging
 import os
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from samserve import model_spec
+from samserve.core import model_spec
 from samserve_build.targets import CPU_TARGETS, SERVING_TARGETS, ServingTarget, ServingTargetName, composed
+from samserve_build.timing import time_calls
 
 LOG = logging.getLogger(__name__)
 CACHE_FILE = "cpu-choice.json"
@@ -41,26 +42,46 @@ FLAGS_OF_INTEREST = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16"
 
 @dataclasses.dataclass(frozen=True)
 class Cpu:
-    """This machine's CPU as the choice depends on it."""
+    """This machine's CPU: what ``auto``'s choice depends on, and what every results file records (bench/common.py).
+    Read from /proc/cpuinfo (x86: ``vendor_id``, ``cpu family``, ``model``, ``stepping``, ``model name``)."""
 
     model: str
+    """The marketing name (``model name``), e.g. "AMD EPYC 9R14 96-Core Processor"."""
     flags: tuple[str, ...]
     """The flags of :data:`FLAGS_OF_INTEREST` it has."""
     cores: int
+    vendor: str = "unknown"
+    """``vendor_id``: GenuineIntel, AuthenticAMD."""
+    family: int | None = None
+    model_number: int | None = None
+    """``model``: with the family, names the microarchitecture (AMD family 25 model 17: Zen 4)."""
+    stepping: int | None = None
 
     @classmethod
     def detect(cls, cpuinfo: Path = Path("/proc/cpuinfo")) -> Cpu:
-        model, flags = "unknown", set()
+        fields: dict[str, str] = {}
         try:
             for line in cpuinfo.read_text().splitlines():
+                if not line.strip():
+                    break  # the first processor describes them all
                 key, _, value = line.partition(":")
-                if key.strip() == "model name":
-                    model = value.strip()
-                elif key.strip() == "flags":
-                    flags = set(value.split())
+                fields.setdefault(key.strip(), value.strip())
         except OSError:
             pass
-        return cls(model, tuple(flag for flag in FLAGS_OF_INTEREST if flag in flags), os.cpu_count() or 1)
+        flags = set(fields.get("flags", "").split())
+
+        def number(key: str) -> int | None:
+            value = fields.get(key, "")
+            return int(value) if value.isdigit() else None
+
+        return cls(fields.get("model name", "unknown"), tuple(flag for flag in FLAGS_OF_INTEREST if flag in flags),
+                   os.cpu_count() or 1, fields.get("vendor_id", "unknown"), number("cpu family"), number("model"),
+                   number("stepping"))
+
+    def record(self) -> dict[str, object]:
+        """The CPU as results files record it."""
+        return {"model": self.model, "vendor": self.vendor, "family": self.family, "model_number": self.model_number,
+                "stepping": self.stepping, "cores": self.cores, "flags": list(self.flags)}
 
 
 def candidates(cpu: Cpu) -> list[ServingTargetName]:
@@ -85,19 +106,9 @@ def runtime_parameters(target: ServingTargetName, model: str) -> dict[str, str]:
     return {**parameters, **serving.parameters.get(model, {})}
 
 
-def _median_ms(run: Callable[[Mapping[str, np.ndarray]], object], feeds: Mapping[str, np.ndarray], runs: int) -> float:
-    run(feeds)  # warm-up: compilation caches, memory arenas
-    samples = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        run(feeds)
-        samples.append((time.perf_counter() - start) * 1000)
-    return float(np.median(samples))
-
-
 def measure(target: ServingTargetName, model_dir: Path) -> Timing:
     """Time ``target``'s runners on the exported model in ``model_dir`` (one image, one 2-point prompt)."""
-    from samserve import triton_backend
+    from samserve.backends import python_model
     from samserve_build import export
 
     meta = model_spec.ModelMetadata.read(model_dir)
@@ -108,10 +119,11 @@ def measure(target: ServingTargetName, model_dir: Path) -> Timing:
     times = {}
     for model, model_file in SERVING_TARGETS[target].model_files.items():
         parameters = runtime_parameters(target, model)
-        runner = triton_backend.create_runner(parameters.get("runtime", "onnxruntime"), model_dir / model_file, model,
+        runner = python_model.create_runner(parameters.get("runtime", "onnxruntime"), model_dir / model_file, model,
                                               parameters, meta, 0)
         try:
-            times[model] = _median_ms(runner.run, feeds[model], runs[model])
+            feed = feeds[model]
+            times[model] = 1000 * float(np.median(time_calls(functools.partial(runner.run, feed), runs[model])))
         finally:
             runner.close()
     return Timing(times[model_spec.ENCODER_MODEL], times[model_spec.DECODER_MODEL])

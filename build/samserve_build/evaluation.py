@@ -32,8 +32,8 @@ from segment_anything import SamPredictor
 from segment_anything.modeling import Sam
 from tqdm import tqdm
 
-from samserve import model_spec
-from samserve.client import PromptSpec, SamServeClient
+from samserve.client.typed_client import PromptSpec, SamServeClient
+from samserve.core import model_spec
 from samserve_build import architectures, clicks, scenes
 
 QUALITY_TARGETS = {

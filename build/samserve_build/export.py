@@ -1,6 +1,6 @@
 """Export SAM's image encoder and prompt decoder to ONNX, check them against PyTorch, write metadata.
 
-Graphs (tensor names and layouts: :mod:`samserve.model_spec`):
+Graphs (tensor names and layouts: :mod:`samserve.core.model_spec`):
 
 * encoder: ``image`` uint8 B x S x S x 3 + ``input_size`` int64 B x 2 -> ``image_embeddings`` B x C x h x w.
   Normalization by pixel mean/std and zeroing of the padding (after normalization, as ``Sam.preprocess``) are
@@ -33,7 +33,8 @@ import torch
 from segment_anything.modeling import Sam
 from torch import nn
 
-from samserve import model_spec, onnx_backend
+from samserve.backends import onnx_runner
+from samserve.core import model_spec
 from samserve_build import architectures, workdir
 from samserve_build.graphs import DecoderGraph, EncoderGraph, NoMaskDecoderGraph, NoMaskReference
 
@@ -139,10 +140,10 @@ def check_graph(
     output_names: tuple[str, ...],
 ) -> dict[str, float]:
     """Run ``path`` in ONNX Runtime and ``module`` in PyTorch on each input set; raise if they disagree."""
-    session = onnx_backend.create_session(path)
+    session = onnx_runner.create_session(path)
     worst: dict[str, float] = {name: 0.0 for name in output_names}
     for feeds in inputs:
-        got = onnx_backend.run(session, feeds)
+        got = onnx_runner.run(session, feeds)
         with torch.no_grad():
             expected = module(*(torch.from_numpy(feeds[name]) for name in input_names))
         if isinstance(expected, torch.Tensor):

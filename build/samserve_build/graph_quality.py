@@ -18,8 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from samserve import model_spec, processing
-from samserve.triton_backend import OnnxRunner, Runner, create_runner
+from samserve.backends.python_model import OnnxRunner, Runner, create_runner
+from samserve.core import model_spec
+from samserve.vision import processing
 from samserve_build.precision import Precision, mixed_precision_file
 from samserve_build.targets import SERVING_TARGETS, ServingTargetName
 
@@ -51,8 +52,8 @@ def agreement_prompts(height: int, width: int, seed: int) -> list[processing.Pro
 
 class OnnxSam:
     """An exported encoder and decoder in the runners Triton's python backend uses
-    (:class:`samserve.triton_backend.Runner`), with the service's pre- and post-processing
-    (:mod:`samserve.processing`): images H x W x 3 uint8 RGB, prompts in original-image pixels."""
+    (:class:`samserve.backends.python_model.Runner`), with the service's pre- and post-processing
+    (:mod:`samserve.vision.processing`): images H x W x 3 uint8 RGB, prompts in original-image pixels."""
 
     def __init__(self, encoder: Runner, decoder: Runner, meta: model_spec.ModelMetadata):
         self.meta = meta

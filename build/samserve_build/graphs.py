@@ -1,5 +1,6 @@
 """The traced graphs: SAM's official modules wrapped as the tensors the service moves (layouts:
-:mod:`samserve.model_spec`). The exporter (:mod:`samserve_build.export`) traces them to ONNX and the gpu-torch runtime
+:mod:`samserve.core.model_spec`). The exporter (:mod:`samserve_build.export`) traces them to ONNX and the gpu-torch
+runtime
 (:mod:`samserve_build.torch_runtime`) runs them as they are, so both compute one function.
 
 This module imports only PyTorch, the official ``segment_anything`` and samserve modules that need neither ONNX nor
@@ -22,7 +23,7 @@ from segment_anything.modeling import Sam
 from segment_anything.modeling.transformer import Attention, TwoWayAttentionBlock
 from torch import nn
 
-from samserve_build import prompt_tokens
+from samserve_build import prompt_embedding
 
 
 class EncoderGraph(nn.Module):
@@ -50,7 +51,7 @@ class EncoderGraph(nn.Module):
 class DecoderGraph(nn.Module):
     """Prompt encoder + mask decoder for one embedding and N prompts; all mask tokens, no upscaling.
 
-    Point tokens are embedded by :func:`prompt_tokens.embed_point_tokens` (as the official ``SamOnnxModel``, which
+    Point tokens are embedded by :func:`prompt_embedding.embed_point_tokens` (as the official ``SamOnnxModel``, which
     equals ``PromptEncoder`` for points, padding and box corners); ``has_mask_input`` is per prompt.
     """
 
@@ -75,7 +76,8 @@ class DecoderGraph(nn.Module):
         masks, iou_predictions = self.mask_decoder.predict_masks(
             image_embeddings=image_embeddings,
             image_pe=self.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=prompt_tokens.embed_point_tokens(self.prompt_encoder, point_coords, point_labels),
+            sparse_prompt_embeddings=prompt_embedding.embed_point_tokens(self.prompt_encoder, point_coords,
+                                                                         point_labels),
             dense_prompt_embeddings=self._embed_masks(mask_input, has_mask_input),
         )
         return masks, iou_predictions
@@ -124,7 +126,7 @@ class NoMaskDecoderGraph(nn.Module):
     """Prompt encoder + mask decoder for one embedding and N prompts WITHOUT mask input; all mask tokens.
 
     Inputs: ``image_embeddings`` float32 1 x C x h x w, ``point_coords`` float32 N x P x 2 (x, y in resized-input
-    pixels), ``point_labels`` float32 N x P (:mod:`samserve.model_spec` labels). Outputs: ``low_res_masks`` float32
+    pixels), ``point_labels`` float32 N x P (:mod:`samserve.core.model_spec` labels). Outputs: ``low_res_masks`` float32
     N x M x 4h x 4w and ``iou_predictions`` float32 N x M, equal to :class:`DecoderGraph`'s with ``has_mask_input``
     = 0 for every prompt (:class:`NoMaskReference`).
 
@@ -193,7 +195,7 @@ class NoMaskDecoderGraph(nn.Module):
         N x M x 4h x 4w, iou_predictions N x M."""
         decoder = self.mask_decoder
         transformer = decoder.transformer
-        sparse = prompt_tokens.embed_point_tokens(self.prompt_encoder, point_coords, point_labels)  # N x P x C
+        sparse = prompt_embedding.embed_point_tokens(self.prompt_encoder, point_coords, point_labels)  # N x P x C
         output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)  # (1 + M) x C
         output_tokens = output_tokens.unsqueeze(0).expand(sparse.size(0), -1, -1)
         tokens = torch.cat((output_tokens, sparse), dim=1)  # N x T x C

@@ -30,7 +30,7 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from samserve import model_spec
+from samserve.core import model_spec
 from samserve_build import architectures, workdir
 from samserve_build.targets import DERIVED_FILES, ServingTarget, ServingTargetName, serving_target
 

@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
 
-from samserve.settings import StackSettings
+from samserve.core.settings import StackSettings
 from samserve_build.targets import ServingTargetName
 
 SCENES_CHECKPOINT = Path(str(importlib.resources.files("samserve_build.checkpoints") / "samserve_scenes_v1.pth"))
@@ -17,27 +17,31 @@ SCENES_CHECKPOINT = Path(str(importlib.resources.files("samserve_build.checkpoin
 
 class BuildSettings(StackSettings):
     model_variant: str = Field(
-        "scenes", description="scenes (the shipped model) | vit_h | vit_l | vit_b | tiny | custom"
+        "scenes", description="scenes (the shipped model trained here), vit_h, vit_l, vit_b (Meta's), tiny (tests) or "
+        "custom (architecture JSON beside the checkpoint); others stop the command with the allowed values"
     )
     checkpoint: Path | None = Field(
         None,
-        description="Meta-format checkpoint; unset = the shipped checkpoint for `scenes`, else seeded random weights",
+        description="checkpoint in Meta's format; unset = the shipped checkpoint for `scenes`, seeded random weights "
+                    "otherwise",
     )
     random_seed: int = Field(0, description="seed of the random weights used when no checkpoint is set")
     target: ServingTargetName = Field(
         ServingTargetName.AUTO,
-        validation_alias=AliasChoices("target", "SAMSERVE_TARGET", "SAMSERVE_SERVING_TARGET"),
-        description="how Triton runs the models (samserve_build.targets): auto (the fastest CPU target on this "
-                    "machine, calibrated once) | cpu-onnxruntime (fp32, exact parity) | cpu-openvino | "
-                    "cpu-openvino-bf16 | gpu-torch | gpu-tensorrt; SAMSERVE_TARGET (SAMSERVE_SERVING_TARGET, its "
-                    "older name, still works)",
+        validation_alias=AliasChoices("SAMSERVE_TARGET", "SAMSERVE_SERVING_TARGET"),  # never a bare TARGET
+        description="how Triton runs the models: auto (the fastest CPU target on this machine, calibrated once and "
+                    "cached in the workdir; docs/cpu-runtimes.md), cpu-onnxruntime (fp32, exact parity with the "
+                    "official code), cpu-openvino, cpu-openvino-bf16 (CPUs with AVX-512-bf16 or AMX), gpu-torch or "
+                    "gpu-tensorrt (docs/gpu.md); samserve_build.targets, templates in `model_repository/<target>/`; "
+                    "SAMSERVE_SERVING_TARGET, the older name, still works",
     )
 
     device: Literal["gpu", "cpu"] | None = Field(
         None, description="where Triton runs the models: unset = the target's own (GPU targets: gpu); cpu runs "
                           "gpu-torch's PyTorch modules on the CPU (trying it on a machine without a GPU)")
     tensorrt_major: int = Field(
-        10, description="gpu-tensorrt: the TensorRT major that builds the plans (10 for Triton 24.12; or 11)"
+        10, description="gpu-tensorrt: the TensorRT major that builds the plans (10 for Triton 24.12, or 11): the "
+        "trtexec flags differ"
     )
 
     @field_validator("model_variant")

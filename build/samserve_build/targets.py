@@ -3,7 +3,7 @@
 A target names its model-config templates (``model_repository/<name>/``) and, per Triton model, the file that goes
 into version 1 (the config's ``model_file`` parameter names the same file: a test checks they agree). That file is
 an exported graph, a graph derived from one (:data:`DERIVED_FILES`), or the checkpoint itself
-(:data:`samserve.model_spec.CHECKPOINT_FILE`). The gateway needs nothing of this: request layout, dtypes and sizes
+(:data:`samserve.core.model_spec.CHECKPOINT_FILE`). The gateway needs nothing of this: request layout, dtypes and sizes
 come from the served configs and metadata, and every target serves the same tensor names.
 
 | target | encoder | decoder |
@@ -25,7 +25,7 @@ import enum
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from samserve import model_spec
+from samserve.core import model_spec
 
 
 class ServingTargetName(enum.StrEnum):
@@ -53,7 +53,8 @@ def _write_batched_decoder(model_dir: Path, destination: Path, meta: model_spec.
 FP16_ENCODER_FILE = "encoder.fp16.onnx"
 """``samserve_build.precision.mixed_precision_file(ENCODER_FILE, FP16)``: the TensorRT encoder's source."""
 BATCHED_DECODER_FILE = "decoder.batched.onnx"
-"""``samserve_build.tensorrt.BATCHED_DECODER_FILE``: the TensorRT decoder's source."""
+"""The TensorRT decoder's source: the decoder graph with a prompt batch axis
+(:func:`samserve_build.tensorrt.write_batched_decoder`)."""
 
 DERIVED_FILES: dict[str, Callable[[Path, Path, model_spec.ModelMetadata], None]] = {
     FP16_ENCODER_FILE: _write_fp16_encoder,
@@ -66,7 +67,7 @@ Written once into the export folder (beside the graphs they come from) when a re
 def _write_engine_script(repository: Path, meta: model_spec.ModelMetadata, tensorrt_major: int) -> None:
     from samserve_build import tensorrt
 
-    tensorrt.write_script(repository, meta, FP16_ENCODER_FILE, tensorrt_major)
+    tensorrt.write_script(repository, meta, FP16_ENCODER_FILE, BATCHED_DECODER_FILE, tensorrt_major)
 
 
 NO_MASK_DECODER = {model_spec.DECODER_MODEL: (model_spec.DECODER_NO_MASK_FILE,)}

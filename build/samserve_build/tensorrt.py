@@ -1,7 +1,7 @@
 """TensorRT engines for the ``gpu-tensorrt`` serving target: the graphs TensorRT builds from, the ``trtexec``
 commands, and the record of each built plan.
 
-TensorRT's builder cannot be installed where this project is developed or tested (see DESIGN.md "GPU facts"), and
+TensorRT's builder cannot be installed where this project is developed or tested (docs/gpu.md), and
 a plan runs only on the GPU architecture and TensorRT version that built it. So ``samserve-build repository
 --target gpu-tensorrt`` renders a repository holding the ONNX sources and a script, ``build_engines.sh``, that a
 machine with ``trtexec`` and the serving GPU runs (the chart's ``tensorrtEngines`` Job, in NVIDIA's TensorRT
@@ -17,11 +17,11 @@ For each model the script
 3. builds ``<version>/model_cc<major><minor>.plan`` from the model's ONNX source with the profiles below and a
    timing cache shared by both builds (repeated builds take minutes less),
 4. records the plan (GPU name, compute capability, TensorRT version) in the model's config as the parameter
-   ``samserve_engine_cc<major><minor>`` (:class:`samserve.model_spec.EngineRecord`). The config's
+   ``samserve_engine_cc<major><minor>`` (:class:`samserve.core.model_spec.EngineRecord`). The config's
    ``cc_model_filenames`` already maps each compute capability to the plan of that name, so one repository serves
    a mixed fleet once the Job ran on each GPU kind.
 
-Sources (tensor names: :mod:`samserve.model_spec`, unchanged, so the gateway does not know which target runs):
+Sources (tensor names: :mod:`samserve.core.model_spec`, unchanged, so the gateway does not know which target runs):
 
 * encoder: the mixed-precision graph (:mod:`samserve_build.precision`, fp16 with LayerNorm, Softmax and the neck
   in fp32): TensorRT 11 builds only strongly typed networks, so precision lives in the graph, never in flags.
@@ -49,8 +49,7 @@ from google.protobuf import text_format
 from onnx import TensorProto, helper
 from tritonclient.grpc import model_config_pb2
 
-from samserve import model_spec
-from samserve_build.targets import BATCHED_DECODER_FILE
+from samserve.core import model_spec
 
 LOG = logging.getLogger(__name__)
 
@@ -109,8 +108,10 @@ class EngineSpec:
         return [f"--minShapes={joined(0)}", f"--optShapes={joined(1)}", f"--maxShapes={joined(2)}"]
 
 
-def engine_specs(meta: model_spec.ModelMetadata, encoder_source: str) -> tuple[EngineSpec, EngineSpec]:
-    """The encoder's and decoder's plans for a model of ``meta``'s sizes (S, C x h x w, 4h x 4w)."""
+def engine_specs(meta: model_spec.ModelMetadata, encoder_source: str,
+                 decoder_source: str) -> tuple[EngineSpec, EngineSpec]:
+    """The encoder's and decoder's plans for a model of ``meta``'s sizes (S, C x h x w, 4h x 4w), built from the
+    graphs named ``encoder_source`` and ``decoder_source`` (the serving target's files)."""
     size = meta.image_size
     channels, height, width = meta.embedding_shape
     low_res = meta.low_res_mask_size
@@ -123,7 +124,7 @@ def engine_specs(meta: model_spec.ModelMetadata, encoder_source: str) -> tuple[E
         model_spec.ENC_INPUT_SIZE: ((1, 2), (MAX_ENCODER_BATCH, 2), (MAX_ENCODER_BATCH, 2)),
     })
     prompts = ((1, 1), (OPT_PROMPTS, OPT_POINT_TOKENS), (MAX_PROMPTS, MAX_POINT_TOKENS))
-    decoder = EngineSpec(model_spec.DECODER_MODEL, BATCHED_DECODER_FILE, {
+    decoder = EngineSpec(model_spec.DECODER_MODEL, decoder_source, {
         model_spec.DEC_EMBEDDING: ((1, channels, height, width),) * 3,
         model_spec.DEC_POINT_COORDS: tuple((1, n, p, 2) for n, p in prompts),
         model_spec.DEC_POINT_LABELS: tuple((1, n, p) for n, p in prompts),
@@ -221,7 +222,7 @@ def write_batched_decoder(source: Path, destination: Path, meta: model_spec.Mode
 
 _RECORD_FORMAT = ('{\\\\"compute_capability\\\\": \\\\"%s\\\\", \\\\"gpu_name\\\\": \\\\"%s\\\\", '
                   '\\\\"plan\\\\": \\\\"%s\\\\", \\\\"tensorrt_version\\\\": \\\\"%s\\\\"}')
-"""printf format (single-quoted in bash) of an :class:`~samserve.model_spec.EngineRecord` inside a pbtxt string."""
+"""printf format (single-quoted in bash) of an :class:`~samserve.core.model_spec.EngineRecord` inside a pbtxt string."""
 
 
 def _shell_word(argument: str) -> str:
@@ -233,7 +234,8 @@ def _config_path(model: str) -> str:
     return f'"$repo/{model}/config.pbtxt"'
 
 
-def build_script(meta: model_spec.ModelMetadata, encoder_source: str, tensorrt_major: int) -> str:
+def build_script(meta: model_spec.ModelMetadata, encoder_source: str, decoder_source: str,
+                 tensorrt_major: int) -> str:
     """``build_engines.sh`` for a repository of ``meta``'s model: run it on the GPU that will serve, with
     ``trtexec`` on the PATH (or ``TRTEXEC=/path/to/trtexec``); it takes the repository as its only argument
     (default: its own folder)."""
@@ -273,7 +275,7 @@ def build_script(meta: model_spec.ModelMetadata, encoder_source: str, tensorrt_m
         f'cache="$repo/{TIMING_CACHE_FILE}"',
         'echo "building TensorRT $tensorrt plans for $gpu (compute capability $cc) in $repo"',
     ]
-    for spec in engine_specs(meta, encoder_source):
+    for spec in engine_specs(meta, encoder_source, decoder_source):
         version_dir = f'"$repo/{spec.model}/1"'
         command = trtexec_command(spec, f"$repo/{spec.model}/1", "$plan", release, "$cache", trtexec="$trtexec")
         rendered = " ".join(_shell_word(part) for part in command)
@@ -291,10 +293,10 @@ def build_script(meta: model_spec.ModelMetadata, encoder_source: str, tensorrt_m
     return "\n".join(lines) + "\n"
 
 
-def write_script(repository: Path, meta: model_spec.ModelMetadata, encoder_source: str,
+def write_script(repository: Path, meta: model_spec.ModelMetadata, encoder_source: str, decoder_source: str,
                  tensorrt_major: int) -> Path:
     path = Path(repository) / SCRIPT_FILE
-    path.write_text(build_script(meta, encoder_source, tensorrt_major))
+    path.write_text(build_script(meta, encoder_source, decoder_source, tensorrt_major))
     path.chmod(0o755)
     return path
 

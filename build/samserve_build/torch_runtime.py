@@ -3,7 +3,7 @@
 The modules run are exactly those the exporter traces (:class:`samserve_build.graphs.EncoderGraph` and
 :class:`~samserve_build.graphs.DecoderGraph`), built from the Meta-format checkpoint in the version folder with the
 architecture recorded in the metadata, so every target computes the same function of the same tensors
-(layouts: :mod:`samserve.model_spec`). On top of the official code:
+(layouts: :mod:`samserve.core.model_spec`). On top of the official code:
 
 * reduced precision by autocast (:data:`AUTOCAST`): bf16 (the default on GPUs: fp32's range, no overflow in
   ViT-H's LayerNorm) or fp16; autocast keeps LayerNorm, Softmax and the reductions in fp32 either way. ``fp32``
@@ -14,7 +14,7 @@ architecture recorded in the metadata, so every target computes the same functio
 * a batched encoder: Triton's dynamic batching stacks requests into one B x S x S x 3 run.
 
 CUDA graphs for the decoder are not used: the decoder's prompt count varies per call (a graph per shape), and no GPU
-was available to measure whether they pay (README "GPU").
+was available to measure whether they pay (docs/gpu.md).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - PyTorch's own convention
 from segment_anything.modeling.image_encoder import Attention, get_rel_pos
 
-from samserve import model_spec
+from samserve.core import model_spec
 from samserve_build import architectures
 from samserve_build.graphs import DecoderGraph, EncoderGraph
 
@@ -117,7 +117,7 @@ class TorchSam:
 
 
 class TorchRunner:
-    """:class:`samserve.triton_backend.Runner` of one Triton model on :class:`TorchSam`."""
+    """:class:`samserve.backends.python_model.Runner` of one Triton model on :class:`TorchSam`."""
 
     def __init__(self, sam: TorchSam, model: str) -> None:
         self.sam = sam

@@ -36,8 +36,8 @@ from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 from tqdm import tqdm
 
-from samserve import model_spec
-from samserve_build import architectures, clicks, evaluation, prompt_tokens, scenes
+from samserve.core import model_spec
+from samserve_build import architectures, clicks, evaluation, prompt_embedding, scenes
 
 LOG = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ def decode(sam: Sam, embedding: torch.Tensor, coords: torch.Tensor, labels: torc
     """One image's prompts -> (K x 4 x 4h x 4w low-res logits of all mask tokens, K x 4 predicted IoU).
 
     ``embedding`` is 1 x C x h x w; ``mask_input`` K x 1 x 4h x 4w logits or None."""
-    sparse = prompt_tokens.embed_point_tokens(sam.prompt_encoder, coords, labels)
+    sparse = prompt_embedding.embed_point_tokens(sam.prompt_encoder, coords, labels)
     if mask_input is None:
         h, w = sam.prompt_encoder.image_embedding_size
         dense = sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(coords.shape[0], -1, h, w)

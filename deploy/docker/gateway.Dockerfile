@@ -51,9 +51,12 @@ COPY --from=prepare-venv /opt/samserve /opt/samserve
 USER 65532:65532
 ENTRYPOINT ["/opt/samserve/bin/samserve-build", "prepare"]
 
-# Locust workers and master (bench/locustfile.py comes from a ConfigMap): the bench extra's locust.
+# Locust workers and master (bench/locustfile.py comes from a ConfigMap): the bench extra's locust, and the project's
+# dev package (tools/samserve_dev: the locustfile's seeded images).
 FROM wheel AS loadtest-venv
+COPY tools tools
 RUN /opt/samserve/bin/python -m pip install --disable-pip-version-check -q "locust>=2.30"
+RUN /opt/samserve/bin/python -m pip install --disable-pip-version-check -q ./tools
 
 FROM python:${PYTHON_VERSION}-slim-bookworm AS loadtest
 ENV PATH=/opt/samserve/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1

@@ -21,7 +21,7 @@ RUN python -m venv /opt/samserve
 RUN /opt/samserve/bin/python -m pip install --disable-pip-version-check -q "/dist/samserve-${SAMSERVE_VERSION}-py3-none-any.whl[models]"
 # The --backend-directory (backends/python/: the backend library and this Python's stub) and bin/tritonserver: links
 # into the venv, at paths that name no Python version.
-RUN /opt/samserve/bin/python -c "from samserve.triton_server import prepare_server_dir; prepare_server_dir('/opt/triton')"
+RUN /opt/samserve/bin/python -c "from samserve.launch.triton_server import prepare_server_dir; prepare_server_dir('/opt/triton')"
 
 FROM python:${PYTHON_VERSION}-slim-bookworm
 ARG PYTHON_VERSION

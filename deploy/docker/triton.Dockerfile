@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # Triton for GPU nodes: NVIDIA's Triton release image plus what the serving target's python-backend models import
-# (the samserve wheel: samserve.triton_backend; ONNX Runtime and OpenVINO for the cpu-* targets; PyTorch for gpu-torch). Built from the repository root:
+# (the samserve wheel: samserve.backends.python_model; ONNX Runtime and OpenVINO for the cpu-* targets; PyTorch for gpu-torch). Built from the repository root:
 #   docker build -f deploy/docker/triton.Dockerfile -t REGISTRY/samserve-triton:0.1.0-24.12 .
 # TRITON_RELEASE is the one pin of NVIDIA's release: the chart's values.yaml `tritonRelease` (Triton and the
 # TensorRT engine Job's container) must equal it (tests/deploy checks). 24.12 is the first release on Ubuntu 24.04

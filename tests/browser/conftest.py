@@ -15,9 +15,9 @@ import pytest
 
 from samserve_build import export
 from samserve_build.settings import SCENES_CHECKPOINT
-from tests.support.browser import CHROMIUM, WEB_STATIC, launch_chromium
-from tests.support.local_stack import GatewayProcess
-from tests.support.served_models import ExportedModel, ServedModel, serve
+from samserve_dev.browser import CHROMIUM, WEB_STATIC, launch_chromium
+from samserve_dev.local_stack import GatewayProcess
+from samserve_dev.served_models import ExportedModel, ServedModel, serve
 
 HERE = Path(__file__).parent
 # Exporting the shipped model traces the official modules (as in tests/integration/conftest.py).

@@ -17,10 +17,10 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from samserve import api_keys
-from samserve.api import pb, pb_grpc
+from samserve.core.api import pb, pb_grpc
+from samserve.security import key_file
 from samserve_build import scenes
-from tests.support.browser import (
+from samserve_dev.browser import (
     DEMO_SCENE,
     DEMO_SCENE_INDEX,
     DEMO_SCENE_SIZE,
@@ -33,7 +33,7 @@ from tests.support.browser import (
     upload,
     wait_state,
 )
-from tests.support.local_stack import GatewayProcess
+from samserve_dev.local_stack import GatewayProcess
 
 MIN_IOU = 0.99
 SCORE_TOLERANCE = 1e-3
@@ -333,7 +333,7 @@ def test_clicked_mask_downloads(page, stub, object_points, tmp_path: Path) -> No
 def test_a_bearer_token_from_the_page(browser, browser_triton, tmp_path: Path, object_points) -> None:
     """With auth on, the page is refused (401, said on the page) until its token is given; then it works."""
     keys = tmp_path / "keys.json"
-    _, token = api_keys.add_key(keys, "browser")
+    _, token = key_file.add_key(keys, "browser")
     with GatewayProcess(browser_triton.url, None, tmp_path, auth="api-keys", api_keys_file=keys,
                         client_decoder_dir=browser_triton.model.directory) as gateway:
         context = browser.new_context()

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import yaml
 
+from samserve_dev.wheel_steps import BUILD_WHEEL, INSTALL_WHEEL, MAKE_VENV
 from tests.deploy.conftest import CHART, REPO, run, tool
-from tests.support.wheel_steps import BUILD_WHEEL, INSTALL_WHEEL, MAKE_VENV
 
 DOCKER = REPO / "deploy" / "docker"
 DOCKERFILES = sorted(DOCKER.glob("*.Dockerfile"))
@@ -70,12 +70,14 @@ def step_kind(argv: list[str]) -> str | None:
             return "install the wheel into the venv (test_wheel: INSTALL_WHEEL; extras as pyproject declares them)"
         if not wheels and extras and all(e in declared for e in extras):
             return "an extra's requirement as pyproject declares it"
+    if args[:len(INSTALL_WHEEL)] == INSTALL_WHEEL and args[len(INSTALL_WHEEL):] == ["./tools"]:
+        return "the dev package (tools/, as `make setup` installs it; tests/e2e imports it in the loadtest image)"
     if args[:len(INSTALL_WHEEL)] == INSTALL_WHEEL and args[len(INSTALL_WHEEL):] == build_requires:
         return "pyproject's build requirements (what `make setup` installs before test_wheel builds)"
     if argv[:3] == ["apt-get", "update", "&&"] and "python3-venv" in argv:
         return "Ubuntu's venv module for NVIDIA's base (a Debian package; the e2e tier cannot pull that base)"
     if args[:1] == ["-c"] and "prepare_server_dir(" in args[1]:
-        return "the backend folder (samserve.triton_server.prepare_server_dir; tests/e2e runs the image)"
+        return "the backend folder (samserve.launch.triton_server.prepare_server_dir; tests/e2e runs the image)"
     return None
 
 

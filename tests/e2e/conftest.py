@@ -1,12 +1,12 @@
 """The e2e tier (``make e2e``, run by ``.ci/run`` after ``make test``): what platform teams run, run for real.
 
 - ``test_images.py``: the gateway, triton-cpu, prepare and loadtest images built by a real OCI engine (podman with
-  runc, tests/support/containers.py) on local stand-ins for their registry bases; sizes and build times go to
+  runc, tools/samserve_dev/containers.py) on local stand-ins for their registry bases; sizes and build times go to
   bench/results/images_cpu.json.
 - ``test_gpu_python_layer.py``: what the GPU Triton image adds to NVIDIA's base (which cannot be pulled here),
   installed into clean venvs outside the checkout, one per ``SAMSERVE_EXTRAS`` value, and run on the tiny model.
 - ``test_pods.py``: the chart's cpu profile rendered and its pods started from those images by ``podman kube play``
-  (tests/support/kube_play.py), then called as clients would: probes, gRPC, HTTP, the page, Locust, a pod killed
+  (tools/samserve_dev/kube_play.py), then called as clients would: probes, gRPC, HTTP, the page, Locust, a pod killed
   under load; cold start and the load figures go to bench/results/pods_cpu.json.
 
 Every test here is marked ``e2e``. Where the engine cannot start (not root, podman missing or refusing), the tier
@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import containers
-from tests.support.containers import IMAGES, BuiltImage, engine_unavailable, podman
-from tests.support.results import write_e2e_results
+from bench.common import write_e2e_results
+from samserve_dev import containers
+from samserve_dev.containers import IMAGES, BuiltImage, engine_unavailable, podman
 
 HERE = Path(__file__).parent
 BUILD_TIMEOUT_S = 2400

@@ -1,6 +1,7 @@
-"""Run inside a clean venv that holds exactly what the GPU Triton image installs (tests/e2e/test_gpu_python_layer.py):
-import every entry of ``samserve.triton_backend.RUNTIMES``, then load each model of each given repository as Triton's
-python backend does (``initialize`` with the config as Triton passes it) and run its runner once.
+"""Run inside a clean venv that holds exactly what the GPU Triton image installs
+(tests/e2e/test_gpu_python_layer.py): import every entry of ``samserve.backends.python_model.RUNTIMES``, then
+load each model of each given repository as Triton's python backend does (``initialize`` with the config as
+Triton passes it) and run its runner once.
 
 Usage: ``python python_layer_check.py OUT.json TARGET=REPOSITORY ...``. Writes, per runtime, whether it imported
 (or the error), and per target and model the output shapes, their digests and the encoder output itself (.npy beside
@@ -18,7 +19,8 @@ import numpy as np
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
-from samserve import model_spec, triton_backend
+from samserve.backends import python_model
+from samserve.core import model_spec
 
 
 def config_json(model_dir: Path) -> str:
@@ -27,7 +29,7 @@ def config_json(model_dir: Path) -> str:
     return json_format.MessageToJson(config, preserving_proto_field_name=True)
 
 
-def load(model_class: type, repository: Path, name: str) -> triton_backend._TritonModel:
+def load(model_class: type, repository: Path, name: str) -> python_model._TritonModel:
     model = model_class()
     model.initialize({"model_config": config_json(repository / name), "model_repository": str(repository / name),
                       "model_version": "1", "model_instance_device_id": "0"})
@@ -35,8 +37,8 @@ def load(model_class: type, repository: Path, name: str) -> triton_backend._Trit
 
 
 def run_target(repository: Path) -> tuple[dict[str, object], np.ndarray]:
-    encoder = load(triton_backend.EncoderModel, repository, model_spec.ENCODER_MODEL)
-    decoder = load(triton_backend.DecoderModel, repository, model_spec.DECODER_MODEL)
+    encoder = load(python_model.EncoderModel, repository, model_spec.ENCODER_MODEL)
+    decoder = load(python_model.DecoderModel, repository, model_spec.DECODER_MODEL)
     meta = encoder.metadata
     size = meta.image_size
     rng = np.random.default_rng(0)
@@ -72,7 +74,7 @@ def load_runtime_name(repository: Path, name: str) -> str:
 def main() -> None:
     out = Path(sys.argv[1])
     report: dict[str, object] = {"python": sys.version.split()[0], "imports": {}, "targets": {}}
-    for runtime, entry in triton_backend.RUNTIMES.items():
+    for runtime, entry in python_model.RUNTIMES.items():
         module = entry.split(":")[0]
         try:
             importlib.import_module(module)

@@ -1,7 +1,8 @@
 """The GPU Triton image's Python layer (deploy/docker/triton.Dockerfile). Its base, NVIDIA's Triton release image,
 cannot be pulled here, so what the image adds on top of it is tested instead: for each ``SAMSERVE_EXTRAS`` value,
 a clean venv outside the checkout gets exactly what the Dockerfile's install step names (read from the file), then
-imports every entry of ``samserve.triton_backend.RUNTIMES`` and loads each target's models the way Triton's python
+imports every entry of ``samserve.backends.python_model.RUNTIMES`` and loads each target's models the way Triton's
+python
 backend does, on the tiny model (gpu-torch on the CPU). The venv's Python is this machine's (3.11), not the
 image's (3.12)."""
 
@@ -17,9 +18,9 @@ import numpy as np
 import pytest
 
 from samserve_build.repository import write_repository
+from samserve_dev.served_models import export_random
+from samserve_dev.wheel_steps import INSTALL_WHEEL, MAKE_VENV, build_wheel, clean_env
 from tests.deploy.test_images import instructions
-from tests.support.served_models import export_random
-from tests.support.wheel_steps import INSTALL_WHEEL, MAKE_VENV, build_wheel, clean_env
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "deploy" / "docker" / "triton.Dockerfile"

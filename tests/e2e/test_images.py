@@ -5,7 +5,7 @@ engine's layer cache answered in that run)."""
 
 from __future__ import annotations
 
-from tests.support.containers import podman
+from samserve_dev.containers import podman
 
 LOCKED_DOWN = ("run", "--rm", "--pull=never", "--read-only", "--cap-drop=all", "--user", "65532:65532",
                "--network", "none", "--security-opt", "no-new-privileges")
@@ -18,7 +18,8 @@ def run_locked_down(tag: str, *command: str, entrypoint: str | None = None) -> s
 
 def test_gateway_image_holds_the_service_and_the_page(built_images):
     out = run_locked_down(built_images["gateway"].tag, "-c", (
-        "import importlib.resources as r, os, samserve.server, samserve.http_api, samserve.api\n"
+        "import importlib.resources as r, os\n"
+        "import samserve.core.api, samserve.transport.grpc_server, samserve.transport.http.app\n"
         "page = r.files('samserve') / 'web_static'\n"
         "print(os.getuid(), sorted(p.name for p in page.iterdir()))"), entrypoint="/opt/samserve/bin/python")
     uid, _, files = out.strip().partition(" ")
@@ -49,6 +50,11 @@ def test_prepare_image_runs_its_entry_point(built_images):
 
 def test_loadtest_image_runs_locust(built_images):
     assert run_locked_down(built_images["loadtest"].tag, "--version").strip().startswith("locust ")
+    # The chart's locustfile imports its seeded images from the dev package the image installs.
+    out = run_locked_down(built_images["loadtest"].tag, "-c", (
+        "from samserve_dev.images import synthetic_image\n"
+        "print(synthetic_image(4, 6, 0).shape)"), entrypoint="/opt/samserve/bin/python")
+    assert out.strip() == "(4, 6, 3)"
 
 
 def test_final_images_run_as_65532_without_root_paths_to_write(built_images):

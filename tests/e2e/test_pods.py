@@ -1,5 +1,5 @@
 """The chart's cpu profile, rendered by helm and its pods started from the e2e images by ``podman kube play``
-(tests/support/kube_play.py says what is translated and why): Redis, then both Triton pods at once (each with its
+(tools/samserve_dev/kube_play.py says what is translated and why): Redis, then both Triton pods at once (each with its
 gateway sidecar, and its prepare init container exporting the shipped model into the shared claim, so the two
 prepares race as they would on a ReadWriteMany volume). Then clients use them as they would in a cluster:
 
@@ -31,11 +31,11 @@ import httpx
 import numpy as np
 import pytest
 
-from samserve.client import PromptSpec, SamServeClient
-from samserve.settings import ClientSettings
+from bench.common import write_e2e_results
+from samserve.client.typed_client import PromptSpec, SamServeClient
+from samserve.core.settings import ClientSettings
 from samserve_build import scenes
-from tests.deploy.conftest import CHART, NAMESPACE, PROFILES_DIR, RELEASE, tool
-from tests.support.browser import (
+from samserve_dev.browser import (
     DEMO_SCENE,
     DEMO_SCENE_INDEX,
     DEMO_SCENE_SIZE,
@@ -45,12 +45,12 @@ from tests.support.browser import (
     launch_chromium,
     wait_state,
 )
-from tests.support.containers import REDIS_IMAGE, ensure_base, podman
-from tests.support.kube_play import Cluster, PlannedPod, probe
-from tests.support.local_stack import free_port
-from tests.support.locust import run_headless
-from tests.support.polling import wait_until
-from tests.support.results import write_e2e_results
+from samserve_dev.containers import REDIS_IMAGE, ensure_base, podman
+from samserve_dev.kube_play import Cluster, PlannedPod, probe
+from samserve_dev.local_stack import free_port
+from samserve_dev.locust import run_headless
+from samserve_dev.polling import wait_until
+from tests.deploy.conftest import CHART, NAMESPACE, PROFILES_DIR, RELEASE, tool
 
 IMAGE = DEMO_SCENE.read_bytes()
 """The page's demo scene (a held-out scene of the shipped model's generator): its objects give the prompts."""

@@ -11,13 +11,13 @@ from pathlib import Path
 import grpc
 import pytest
 
-from samserve.api import SERVICE_NAME, pb
-from samserve.redis_server import RedisServer
+from samserve.core.api import SERVICE_NAME, pb
+from samserve.launch.redis_server import RedisServer
+from samserve_dev.local_stack import GatewayProcess
+from samserve_dev.served_models import ServedModel
 from tests.fuzz.harness import SEED_IMAGE_HW, FuzzTarget
 from tests.fuzz.strategies import corpus_path
 from tests.integration.conftest import TRACER_WARNINGS, redis_server, tiny_model, tiny_triton  # noqa: F401
-from tests.support.local_stack import GatewayProcess
-from tests.support.served_models import ServedModel
 
 HERE = Path(__file__).parent
 REPLAY_FIRST = "test_replay.py"

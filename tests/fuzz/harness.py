@@ -24,8 +24,8 @@ from google.protobuf.message import Message
 from hypothesis import HealthCheck, seed, settings
 from hypothesis.database import DirectoryBasedExampleDatabase
 
-from samserve.api import SERVICE_NAME, pb
-from tests.support.local_stack import GatewayProcess
+from samserve.core.api import SERVICE_NAME, pb
+from samserve_dev.local_stack import GatewayProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 STATE = ROOT / ".samserve"  # git-ignored: hypothesis's example database and the failing requests live here

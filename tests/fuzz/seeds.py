@@ -11,10 +11,10 @@ import io
 
 from PIL import Image
 
-from samserve.api import pb
+from samserve.core.api import pb
+from samserve_dev.images import png_bytes, synthetic_image
 from tests.fuzz.harness import CORPUS, SEED_IMAGE_HW
 from tests.fuzz.strategies import EXIF_ORIENTATION, _pixels
-from tests.support.images import png_bytes, synthetic_image
 
 
 def _encode(mode: str, fmt: str, height: int = 24, width: int = 32, **options: object) -> bytes:

@@ -17,9 +17,9 @@ import numpy as np
 from hypothesis import strategies as st
 from PIL import Image
 
-from samserve.api import pb
+from samserve.core.api import pb
+from samserve_dev.images import synthetic_image
 from tests.fuzz.harness import CORPUS, SEED_IMAGE_HW
-from tests.support.images import synthetic_image
 
 INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
 FLOAT32_MAX = float(np.finfo(np.float32).max)

@@ -14,8 +14,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
-from samserve.api import pb
-from samserve.settings import GatewaySettings
+from samserve.core.api import pb
+from samserve.core.settings import GatewaySettings
 from tests.fuzz.harness import PEAK_RSS_BOUND_BYTES, FuzzTarget, fuzz_settings, run_for
 from tests.fuzz.strategies import image_bytes
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from samserve.api import pb
+from samserve.core.api import pb
 from tests.fuzz.harness import CORPUS, METHODS, REGRESSIONS, FuzzTarget, saved_requests
 
 IMAGES = sorted(p for p in CORPUS.iterdir() if p.is_file() and p.suffix != ".bin")

@@ -4,7 +4,7 @@ Triton server per model, a real Redis, real gateway processes. Every test under 
 
 Gateways: ``gateway`` / ``scenes_gateway`` are one process per test module, for tests that neither stop them nor
 read their log or count their metrics (each such test sends images no other test sent, see
-``tests.support.images.new_image``); tests that do any of that, need an empty tier 1 or other settings, start
+``samserve_dev.images.new_image``); tests that do any of that, need an empty tier 1 or other settings, start
 their own with ``gateway_factory`` (per test) or ``module_gateway_factory`` (per module)."""
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from samserve.redis_server import RedisServer
-from samserve.settings import ClientSettings
+from samserve.core.settings import ClientSettings
+from samserve.launch.redis_server import RedisServer
 from samserve_build import export
 from samserve_build.settings import SCENES_CHECKPOINT
-from tests.support.local_stack import GatewayProcess, free_port
-from tests.support.served_models import ExportedModel, ServedModel, export_random, serve
+from samserve_dev.local_stack import GatewayProcess, free_port
+from samserve_dev.served_models import ExportedModel, ServedModel, export_random, serve
 
 HERE = Path(__file__).parent
 # The exporter traces the official modules; pyproject cannot name this category (resolving it imports torch in

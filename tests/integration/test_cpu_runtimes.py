@@ -21,15 +21,15 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from samserve import model_spec
-from samserve.client import PromptSpec, SamServeClient
-from samserve.triton_models import TritonSam
+from samserve.client.typed_client import PromptSpec, SamServeClient
+from samserve.core import model_spec
+from samserve.triton.models import TritonSam
 from samserve_build import cpu_choice, export, graph_quality
 from samserve_build.targets import SERVING_TARGETS, ServingTargetName, composed
-from tests.support.images import png_bytes, synthetic_image
-from tests.support.local_stack import serve_locally
-from tests.support.mixed_precision import vit_b_inputs
-from tests.support.served_models import TRITON_START_TIMEOUT_S, ServedModel
+from samserve_dev.images import png_bytes, synthetic_image
+from samserve_dev.local_stack import serve_locally
+from samserve_dev.mixed_precision import vit_b_inputs
+from samserve_dev.served_models import TRITON_START_TIMEOUT_S, ServedModel
 
 BF16 = ServingTargetName.CPU_OPENVINO_BF16
 NATIVE_BF16 = bool(set(SERVING_TARGETS[BF16].native_flags) & set(cpu_choice.Cpu.detect().flags))
@@ -60,7 +60,7 @@ def test_openvino_fp32_computes_the_tensors_of_onnx_runtime(tiny_model) -> None:
 
 
 def _embed(url: str, image: np.ndarray) -> tuple[model_spec.ModelMetadata, np.ndarray]:
-    from samserve.processing import prepare_image
+    from samserve.vision.processing import prepare_image
 
     async def run() -> tuple[model_spec.ModelMetadata, np.ndarray]:
         triton = TritonSam(url, "grpc")

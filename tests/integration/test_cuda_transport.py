@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc.aio as grpcclient
 
-from samserve import transports
+from samserve.triton import transports
 
 
 class FakeCudaShm:

@@ -9,7 +9,8 @@ import onnx
 import pytest
 import torch
 
-from samserve import model_spec, onnx_backend
+from samserve.backends import onnx_runner
+from samserve.core import model_spec
 from samserve_build import architectures, export, graphs, repository
 from samserve_build.cli import main as build_cli
 
@@ -28,8 +29,8 @@ def test_tiny_export_metadata_is_measured_from_the_model(tiny_model):
 
 
 def test_graphs_have_the_contract_names_and_dynamic_axes(tiny_model):
-    encoder = onnx_backend.create_session(tiny_model.directory / model_spec.ENCODER_FILE)
-    decoder = onnx_backend.create_session(tiny_model.directory / model_spec.DECODER_FILE)
+    encoder = onnx_runner.create_session(tiny_model.directory / model_spec.ENCODER_FILE)
+    decoder = onnx_runner.create_session(tiny_model.directory / model_spec.DECODER_FILE)
     assert [i.name for i in encoder.get_inputs()] == list(model_spec.ENCODER_INPUTS)
     assert [o.name for o in encoder.get_outputs()] == list(model_spec.ENCODER_OUTPUTS)
     assert [i.name for i in decoder.get_inputs()] == list(model_spec.DECODER_INPUTS)
@@ -38,9 +39,9 @@ def test_graphs_have_the_contract_names_and_dynamic_axes(tiny_model):
     assert all(isinstance(d, str) for d in decoder.get_inputs()[1].shape[:2])  # dynamic prompts and tokens
     # Batches of 3 images and of 7 prompts x 5 tokens run.
     rng = np.random.default_rng(1)
-    out = onnx_backend.run(encoder, export.encoder_inputs(tiny_model.metadata, 3, rng))
+    out = onnx_runner.run(encoder, export.encoder_inputs(tiny_model.metadata, 3, rng))
     assert out[model_spec.ENC_EMBEDDING].shape == (3, *tiny_model.metadata.embedding_shape)
-    out = onnx_backend.run(decoder, export.decoder_inputs(tiny_model.metadata, 7, 5, rng))
+    out = onnx_runner.run(decoder, export.decoder_inputs(tiny_model.metadata, 7, 5, rng))
     assert out[model_spec.DEC_LOW_RES_MASKS].shape == (7, 4, 64, 64)
     assert out[model_spec.DEC_IOU_PREDICTIONS].shape == (7, 4)
 
@@ -48,7 +49,7 @@ def test_graphs_have_the_contract_names_and_dynamic_axes(tiny_model):
 def test_padding_is_zero_after_normalization_like_sam_preprocess(tiny_model):
     """The encoder graph must equal Sam.preprocess + image_encoder (padding = 0 in normalized space)."""
     sam = architectures.load_sam("tiny", tiny_model.checkpoint)
-    session = onnx_backend.create_session(tiny_model.directory / model_spec.ENCODER_FILE)
+    session = onnx_runner.create_session(tiny_model.directory / model_spec.ENCODER_FILE)
     rng = np.random.default_rng(2)
     h, w = 256, 100
     image = np.zeros((1, 256, 256, 3), np.uint8)
@@ -56,7 +57,7 @@ def test_padding_is_zero_after_normalization_like_sam_preprocess(tiny_model):
     with torch.no_grad():
         resized = torch.from_numpy(image[0, :h, :w]).permute(2, 0, 1)[None].float()
         expected = sam.image_encoder(sam.preprocess(resized)).numpy()
-    got = onnx_backend.run(session, {model_spec.ENC_IMAGE: image, model_spec.ENC_INPUT_SIZE: np.array([[h, w]])})
+    got = onnx_runner.run(session, {model_spec.ENC_IMAGE: image, model_spec.ENC_INPUT_SIZE: np.array([[h, w]])})
     assert export.relative_error(got[model_spec.ENC_EMBEDDING], expected) < 1e-4
 
 

@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from samserve import model_spec
-from samserve.api import SERVICE_NAME, pb
-from samserve.client import PromptSpec, SamServeClient
-from samserve.redis_server import RedisServer
-from tests.support.images import new_image, png_bytes, synthetic_image
-from tests.support.local_stack import free_port
-from tests.support.metrics import sample, scrape
-from tests.support.polling import wait_until
-from tests.support.triton_stats import encoder_count
+from samserve.client.typed_client import PromptSpec, SamServeClient
+from samserve.core import model_spec
+from samserve.core.api import SERVICE_NAME, pb
+from samserve.launch.redis_server import RedisServer
+from samserve_dev.images import new_image, png_bytes, synthetic_image
+from samserve_dev.local_stack import free_port
+from samserve_dev.metrics import sample, scrape
+from samserve_dev.polling import wait_until
+from samserve_dev.triton_stats import encoder_count
 
 
 def test_segment_with_bytes_equals_segment_by_id_and_both_encodings(gateway):
@@ -313,7 +313,7 @@ def test_redis_cluster_tier_two_and_single_flight(gateway_factory, tiny_triton, 
 def test_triton_restart_unavailable_then_recovers_from_redis(gateway_factory, tiny_model, redis_server, tmp_path):
     """Triton goes away (UNAVAILABLE, NOT_SERVING) and comes back: tier 1's shared-memory regions are gone with
     it, so the gateway starts tier 1 afresh and serves the image again from Redis without re-encoding."""
-    from samserve import triton_server
+    from samserve.launch import triton_server
     from samserve_build.repository import write_repository
 
     repo = write_repository(tiny_model.directory, tmp_path / "repo")
@@ -367,7 +367,7 @@ def test_a_crashed_holders_lock_expires(gateway, tiny_triton, redis_server):
 
 
 def test_redis_launcher_refuses_a_port_that_something_answers_on(redis_server, tmp_path):
-    from samserve.redis_server import RedisStartError
+    from samserve.launch.redis_server import RedisStartError
 
     with pytest.raises(RedisStartError, match="already answers"):
         RedisServer(redis_server.port, tmp_path).start()

@@ -23,15 +23,15 @@ import pytest
 import torch
 from segment_anything import SamAutomaticMaskGenerator
 
-from samserve.api import pb
-from samserve.client import SamServeClient
+from samserve.client.typed_client import SamServeClient
+from samserve.core.api import pb
 from samserve_build import architectures, scenes
 from samserve_build.settings import SCENES_CHECKPOINT
-from tests.support.amg_reference import match
-from tests.support.images import new_image, png_bytes, synthetic_image
-from tests.support.metrics import sample, scrape
-from tests.support.polling import wait_until, wait_until_stable
-from tests.support.triton_stats import decoder_count, encoder_count
+from samserve_dev.amg_reference import match
+from samserve_dev.images import new_image, png_bytes, synthetic_image
+from samserve_dev.metrics import sample, scrape
+from samserve_dev.polling import wait_until, wait_until_stable
+from samserve_dev.triton_stats import decoder_count, encoder_count
 
 HW = (240, 320)
 LOWERED = dict(points_per_side=16, pred_iou_thresh=0.02, stability_score_thresh=0.0, box_nms_thresh=1.0,
@@ -214,7 +214,7 @@ def test_concurrent_calls_on_one_image_encode_once(gateway, tiny_triton):
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "samserve.cli", "generate-masks", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "samserve.cli.main", "generate-masks", *args], capture_output=True,
                           text=True, timeout=300)
 
 

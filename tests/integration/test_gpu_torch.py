@@ -11,12 +11,12 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from samserve.client import PromptSpec, SamServeClient
-from samserve.processing import DecoderBatch, prepare_image
-from samserve.triton_models import TritonSam
-from tests.support.images import png_bytes, synthetic_image
-from tests.support.local_stack import serve_locally
-from tests.support.served_models import TRITON_START_TIMEOUT_S, ServedModel
+from samserve.client.typed_client import PromptSpec, SamServeClient
+from samserve.triton.models import TritonSam
+from samserve.vision.processing import DecoderBatch, prepare_image
+from samserve_dev.images import png_bytes, synthetic_image
+from samserve_dev.local_stack import serve_locally
+from samserve_dev.served_models import TRITON_START_TIMEOUT_S, ServedModel
 
 PROMPTS = [PromptSpec(points=[(80, 60)], labels=[1]), PromptSpec(box=(10, 10, 120, 90), multimask_output=False),
            PromptSpec(points=[(30, 40), (100, 70)], labels=[1, 0])]

@@ -15,12 +15,13 @@ import httpx
 import pytest
 from google.protobuf import json_format, message
 
-from samserve.api import METHOD_NAMES, pb, pb_grpc
-from samserve.http_api import HTTP_STATUS, http_routes
-from samserve.tls import client_channel
-from tests.support.images import new_image
-from tests.support.local_stack import GatewayProcess
-from tests.support.metrics import sample, scrape
+from samserve.core.api import METHOD_NAMES, pb, pb_grpc
+from samserve.security.tls import client_channel
+from samserve.transport.http.routes import http_routes
+from samserve.transport.http.transcoding import HTTP_STATUS
+from samserve_dev.images import new_image
+from samserve_dev.local_stack import GatewayProcess
+from samserve_dev.metrics import sample, scrape
 
 SAMSERVE = str(Path(sys.executable).parent / "samserve")
 FG, BG = pb.POINT_LABEL_FOREGROUND, pb.POINT_LABEL_BACKGROUND

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support.locust import run_headless
+from samserve_dev.locust import run_headless
 
 EXPECTED_CALL = {"MixedUser": "Segment hot (image_id)", "EverythingUser": "GenerateMasks (image_id)"}
 

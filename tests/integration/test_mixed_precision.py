@@ -20,10 +20,11 @@ import numpy as np
 import onnx
 import pytest
 
-from samserve import model_spec, onnx_backend
+from samserve.backends import onnx_runner
+from samserve.core import model_spec
 from samserve_build import export, graph_quality, precision
-from samserve_build.precision import Precision
-from tests.support.mixed_precision import linked_export, vit_b_inputs
+from samserve_build.precision import Precision, graph_io
+from samserve_dev.mixed_precision import linked_export, vit_b_inputs
 
 FP32_ALWAYS = ("LayerNormalization", "Softmax", "ReduceMean", "Pow", "Sqrt")
 NECK = "/image_encoder/neck/"
@@ -146,8 +147,8 @@ def test_small_graph_edge_cases(tmp_path) -> None:
     assert types["p"] == types["small"] == types["shared"] == TensorProto.FLOAT
     assert types["shared__fp16"] == TensorProto.FLOAT16
     feeds = {"x": rng.standard_normal((3, 8)).astype(np.float32)}
-    expected = onnx_backend.run(onnx_backend.create_session(source), feeds)
-    got = onnx_backend.run(onnx_backend.create_session(report.destination), feeds)
+    expected = onnx_runner.run(onnx_runner.create_session(source), feeds)
+    got = onnx_runner.run(onnx_runner.create_session(report.destination), feeds)
     for name in ("y", "relu"):
         assert got[name].dtype == np.float32
         np.testing.assert_allclose(got[name], expected[name], rtol=5e-3, atol=5e-3)
@@ -160,9 +161,9 @@ def test_mixed_graphs_run_close_to_fp32(tiny_mixed, tiny_model) -> None:
     rng = np.random.default_rng(5)
     for graph_file, feeds in ((model_spec.ENCODER_FILE, export.encoder_inputs(meta, 2, rng)),
                               (model_spec.DECODER_FILE, export.decoder_inputs(meta, 3, 2, rng))):
-        reference = onnx_backend.run(onnx_backend.create_session(folder / graph_file), feeds)
+        reference = onnx_runner.run(onnx_runner.create_session(folder / graph_file), feeds)
         mixed_file = folder / precision.mixed_precision_file(graph_file, Precision.FP16)
-        mixed = onnx_backend.run(onnx_backend.create_session(mixed_file), feeds)
+        mixed = onnx_runner.run(onnx_runner.create_session(mixed_file), feeds)
         for name, expected in reference.items():
             assert mixed[name].dtype == np.float32 and mixed[name].shape == expected.shape
             assert np.isfinite(mixed[name]).all()
@@ -178,14 +179,14 @@ def test_external_data_in_and_out(tiny_model, tmp_path, monkeypatch) -> None:
                     size_threshold=1024)
     single = precision.write_mixed_precision(tiny_model.directory / model_spec.ENCODER_FILE,
                                              tmp_path / "single.fp16.onnx")
-    monkeypatch.setattr(precision, "EXTERNAL_DATA_THRESHOLD_BYTES", 0)
+    monkeypatch.setattr(graph_io, "EXTERNAL_DATA_THRESHOLD_BYTES", 0)  # where write_mixed_precision reads it
     split = precision.write_mixed_precision(source, tmp_path / "encoder.fp16.onnx")
     data = tmp_path / "encoder.fp16.onnx.data"
     assert split.external_data and not single.external_data and data.stat().st_size > split.destination.stat().st_size
     assert split.destination_bytes == split.destination.stat().st_size + data.stat().st_size
     assert split.source_bytes == source.stat().st_size + (tmp_path / "encoder.onnx.data").stat().st_size
     feeds = export.encoder_inputs(tiny_model.metadata, 1, np.random.default_rng(1))
-    outputs = [onnx_backend.run(onnx_backend.create_session(path), feeds)[model_spec.ENC_EMBEDDING]
+    outputs = [onnx_runner.run(onnx_runner.create_session(path), feeds)[model_spec.ENC_EMBEDDING]
                for path in (single.destination, split.destination)]
     np.testing.assert_array_equal(*outputs)
 

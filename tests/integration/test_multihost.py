@@ -1,7 +1,7 @@
 """Several hosts for real: two "pods" (each a network namespace running Triton and a gateway with the
 shared-memory transport, as the chart's sidecar pod does) and a Redis host, joined by veth pairs on a bridge, with
 DELAY_S added each way on every connection between hosts (a user-space relay: this kernel has no netem, see
-tests/support/delay_relay.py). The test process is the client host, on the bridge. Root only.
+tools/samserve_dev/delay_relay.py). The test process is the client host, on the bridge. Root only.
 
 Shows: an image embedded through pod A is answered by pod B with no encoder run (Triton's statistics on B); what a
 tier-2 (Redis) fetch costs over the delayed link; a pod lost under load (its processes killed; or its host gone
@@ -27,16 +27,16 @@ import grpc
 import pytest
 import redis
 
-from samserve.api import pb, pb_grpc
-from samserve.client import PromptSpec, SamServeClient
-from samserve.tls import client_channel
-from tests.support import netns_host
-from tests.support.images import new_image
-from tests.support.local_stack import GatewayProcess
-from tests.support.netns import Host, NamespacesUnavailable, Network, check_namespaces
-from tests.support.polling import wait_until
-from tests.support.served_models import ExportedModel
-from tests.support.triton_stats import decoder_count, encoder_count
+from samserve.client.typed_client import PromptSpec, SamServeClient
+from samserve.core.api import pb, pb_grpc
+from samserve.security.tls import client_channel
+from samserve_dev import netns_host
+from samserve_dev.images import new_image
+from samserve_dev.local_stack import GatewayProcess
+from samserve_dev.netns import Host, NamespacesUnavailable, Network, check_namespaces
+from samserve_dev.polling import wait_until
+from samserve_dev.served_models import ExportedModel
+from samserve_dev.triton_stats import decoder_count, encoder_count
 
 DELAY_S = 0.001
 """Added each way between two hosts: a round trip between hosts costs at least 2 ms more than on one host."""
@@ -241,7 +241,7 @@ def test_the_gateways_triton_channel_spreads_over_a_name_and_reaches_a_triton_ad
 def test_a_pod_lost_under_load_costs_no_call(network: Network, victim: str, unplug: bool) -> None:
     """``process-killed``: pod A's processes die, its address refuses connections (calls in flight end at once).
     ``host-lost``: pod C dies and its address goes silent (no reset reaches the client): the client's keepalive
-    (samserve.service_config) notices within 10 + 5 s. Either way every call is answered, through pod B."""
+    (samserve.core.service_config) notices within 10 + 5 s. Either way every call is answered, through pod B."""
     pods = [network.hosts[victim], network.hosts["b"]]
     with SamServeClient(",".join(pod.gateway_target for pod in pods), timeout_s=60) as client:
         image_id = client.embed(new_image()).image_id

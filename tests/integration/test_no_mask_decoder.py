@@ -17,12 +17,13 @@ import pytest
 import torch
 from segment_anything import SamPredictor
 
-from samserve import model_spec, onnx_backend
-from samserve.triton_backend import DecoderModel
+from samserve.backends import onnx_runner
+from samserve.backends.python_model import DecoderModel
+from samserve.core import model_spec
 from samserve_build import architectures, export, graphs
 from samserve_build.evaluation import iou
-from tests.support.images import synthetic_image
-from tests.support.served_models import ExportedModel
+from samserve_dev.images import synthetic_image
+from samserve_dev.served_models import ExportedModel
 
 RELATIVE_ERROR_MAX = 1e-4
 MASK_IOU_MIN = 0.999
@@ -40,7 +41,7 @@ def sam(tiny_model: ExportedModel):
 
 @pytest.fixture(scope="module")
 def no_mask_session(tiny_model: ExportedModel):
-    return onnx_backend.create_session(tiny_model.directory / model_spec.DECODER_NO_MASK_FILE, intra_op_threads=2)
+    return onnx_runner.create_session(tiny_model.directory / model_spec.DECODER_NO_MASK_FILE, intra_op_threads=2)
 
 
 def assert_masks_match(got_masks: np.ndarray, got_iou: np.ndarray, masks: np.ndarray, ious: np.ndarray,
@@ -84,7 +85,7 @@ def test_no_mask_graph_equals_the_decoder_graph_without_mask_input(tiny_model, s
     """Random tokens of every label kind (padding and box corners included) anywhere in the prompt."""
     meta = tiny_model.metadata
     feeds = export.no_mask_decoder_inputs(meta, prompts, points, np.random.default_rng(prompts * 10 + points))
-    got = onnx_backend.run(no_mask_session, feeds)
+    got = onnx_runner.run(no_mask_session, feeds)
     with torch.no_grad():
         masks, ious = graphs.DecoderGraph(sam).eval()(
             *(torch.from_numpy(feeds[name]) for name in model_spec.NO_MASK_DECODER_INPUTS),
@@ -181,7 +182,7 @@ def test_no_mask_graph_equals_the_official_predictor(tiny_model, sam, predictor,
         coords = boxes.reshape(prompts, 2, 2).astype(np.float32)
         labels = np.tile(np.array([[model_spec.LABEL_BOX_TOP_LEFT, model_spec.LABEL_BOX_BOTTOM_RIGHT]], np.float32),
                          (prompts, 1))
-    got = onnx_backend.run(no_mask_session, {
+    got = onnx_runner.run(no_mask_session, {
         model_spec.DEC_EMBEDDING: predictor.features.numpy(),
         model_spec.DEC_POINT_COORDS: coords,
         model_spec.DEC_POINT_LABELS: labels,

@@ -14,11 +14,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-from samserve.client import PromptSpec, SamServeClient
-from tests.support.images import new_image
-from tests.support.local_stack import free_port
-from tests.support.metrics import sample, scrape
-from tests.support.polling import wait_until
+from samserve.client.typed_client import PromptSpec, SamServeClient
+from samserve_dev.images import new_image
+from samserve_dev.local_stack import free_port
+from samserve_dev.metrics import sample, scrape
+from samserve_dev.polling import wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

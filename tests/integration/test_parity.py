@@ -1,5 +1,6 @@
 """Parity: the same seeded weights through the official ``SamPredictor`` and through the service as it runs: a real
-``samserve gateway`` process (with the session's Redis) called over gRPC with :class:`samserve.client.SamServeClient`.
+``samserve gateway`` process (with the session's Redis) called over gRPC with
+:class:`samserve.client.typed_client.SamServeClient`.
 Each image's PNG bytes are sent once with Embed (decode, resize, Triton encoder, the cache's fp16 round trip, tier 1
 and Redis), then every prompt is a Segment by ``image_id`` (Triton decoder, post-processing, RLE over the wire);
 the refinement round feeds back the low-res logits that the gateway returned. Binarized masks IoU >=
@@ -20,17 +21,17 @@ import redis
 import torch
 from segment_anything import SamPredictor
 
-from samserve import processing, segmentation
-from samserve.cache import EmbeddingCodec
-from samserve.client import Masks, PromptSpec, SamServeClient
-from samserve.redis_server import RedisServer
-from samserve.triton_models import TritonSam
+from samserve.cache.codec import EmbeddingCodec
+from samserve.client.typed_client import Masks, PromptSpec, SamServeClient
+from samserve.launch.redis_server import RedisServer
+from samserve.triton.models import TritonSam
+from samserve.vision import processing, segmentation
 from samserve_build import architectures
 from samserve_build.evaluation import iou
-from tests.support.images import png_bytes, synthetic_image
-from tests.support.local_stack import GatewayProcess
-from tests.support.prompts import prompt_for, prompt_spec
-from tests.support.served_models import ServedModel
+from samserve_dev.images import png_bytes, synthetic_image
+from samserve_dev.local_stack import GatewayProcess
+from samserve_dev.prompts import prompt_for, prompt_spec
+from samserve_dev.served_models import ServedModel
 
 MASK_IOU_MIN = 0.99
 SCORE_DIFF_MAX = 1e-3

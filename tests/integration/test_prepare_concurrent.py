@@ -10,11 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from samserve import model_spec, onnx_backend
+from samserve.backends import onnx_runner
+from samserve.core import model_spec
 from samserve_build import repository, workdir
 from samserve_build.cli import PREPARE_LOCK
 from samserve_build.targets import SERVING_TARGETS, ServingTargetName
-from tests.support.polling import wait_until
+from samserve_dev.polling import wait_until
 
 LEFTOVER_MARKERS = (".staging-", ".partial", ".link-", ".old-")
 
@@ -64,7 +65,7 @@ def test_two_prepares_at_once_export_once_and_leave_one_whole_repository(tmp_pat
         assert config.max_batch_size > 0
         assert model_spec.ModelMetadata.from_json(
             config.parameters[model_spec.METADATA_PARAMETER].string_value).weights_sha256 == meta.weights_sha256
-        onnx_backend.create_session(repo / model_name / "1" / model_file)
+        onnx_runner.create_session(repo / model_name / "1" / model_file)
     recorded = (version / repository.RENDER_MANIFEST).read_text()
     assert repository.render_manifest(version) == json.loads(recorded)  # nothing changed or missing since
 

@@ -21,11 +21,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from samserve import model_spec
-from samserve.client import SamServeClient
+from samserve.client.typed_client import SamServeClient
+from samserve.core import model_spec
 from samserve_build import architectures, evaluation, scenes
 from samserve_build.settings import SCENES_CHECKPOINT
-from tests.support.served_models import ExportedModel, serve
+from samserve_dev.served_models import ExportedModel, serve
 
 SCENES = range(50)
 TOLERANCE = 0.01

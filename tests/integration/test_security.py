@@ -25,20 +25,20 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from samserve.api import SERVICE_NAME, pb, pb_grpc
-from samserve.client import PromptSpec, SamServeClient
-from samserve.interceptors import STATUS_DETAILS_HEADER
-from samserve.redis_server import RedisServer, RedisTls
-from samserve.settings import ClientSettings
-from samserve.tls import client_channel
-from tests.support.certificates import Certificate, issue, make_ca, presented_certificate
-from tests.support.images import new_image
-from tests.support.jwts import new_key, token, write_jwks
-from tests.support.local_stack import free_port
-from tests.support.locust import run_headless
-from tests.support.metrics import sample, scrape
-from tests.support.polling import wait_until
-from tests.support.sockets import is_loopback, listening
+from samserve.client.typed_client import PromptSpec, SamServeClient
+from samserve.core.api import SERVICE_NAME, pb, pb_grpc
+from samserve.core.settings import ClientSettings
+from samserve.launch.redis_server import RedisServer, RedisTls
+from samserve.security.tls import client_channel
+from samserve.transport.status import STATUS_DETAILS_HEADER
+from samserve_dev.certificates import Certificate, issue, make_ca, presented_certificate
+from samserve_dev.images import new_image
+from samserve_dev.jwts import new_key, token, write_jwks
+from samserve_dev.local_stack import free_port
+from samserve_dev.locust import run_headless
+from samserve_dev.metrics import sample, scrape
+from samserve_dev.polling import wait_until
+from samserve_dev.sockets import is_loopback, listening
 
 SAMSERVE = str(Path(sys.executable).parent / "samserve")
 

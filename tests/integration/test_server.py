@@ -6,22 +6,28 @@ waited for, and that a full encode queue refuses at once."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 
-from samserve.api import pb, pb_grpc
-from samserve.interceptors import REQUEST_ID_HEADER, STATUS_DETAILS_HEADER
-from samserve.server import Gateway, create_server
-from samserve.settings import GatewaySettings
-from samserve.triton_models import TritonSam
-from tests.support.images import new_image, png_bytes, synthetic_image
-from tests.support.metrics import local_samples
-from tests.support.metrics import sample as strict_sample
-from tests.support.polling import wait_until_async, wait_until_stable
-from tests.support.triton_stats import decoder_count, encoder_count
+from samserve.cli import serve
+from samserve.core import model_spec
+from samserve.core.api import pb, pb_grpc
+from samserve.core.settings import GatewaySettings, StackSettings
+from samserve.launch import redis_server
+from samserve.transport.call_context import REQUEST_ID_HEADER
+from samserve.transport.grpc_server import Gateway, create_server
+from samserve.transport.status import STATUS_DETAILS_HEADER
+from samserve.triton.models import TritonSam
+from samserve_dev.images import new_image, png_bytes, synthetic_image
+from samserve_dev.metrics import local_samples
+from samserve_dev.metrics import sample as strict_sample
+from samserve_dev.polling import wait_until_async, wait_until_stable
+from samserve_dev.triton_stats import decoder_count, encoder_count
 
 
 def png(height: int, width: int, seed: int) -> bytes:
@@ -270,3 +276,48 @@ def test_an_http_client_that_disconnects_while_queued_drops_its_encode(in_proces
 
     runner.run(scenario())
     assert wait_until_stable(lambda: encoder_count(tiny_triton.url), "encoder calls") == encodes
+
+
+def test_up_binds_triton_and_redis_to_loopback_by_default(tmp_path, monkeypatch):
+    """What `samserve up` passes to its launchers with default settings (fakes stand in for the processes)."""
+    launched: dict[str, dict[str, object]] = {}
+
+    class Stop(Exception):
+        pass
+
+    real_redis_host = inspect.signature(redis_server.RedisServer).parameters["host"].default
+
+    class FakeRedis:
+        def __init__(self, port: int, workdir: Path, **kwargs: object) -> None:
+            launched["redis"] = {"host": kwargs.get("host", real_redis_host), "port": port}
+            self.url = f"redis://127.0.0.1:{port}/0"
+
+        def start(self) -> FakeRedis:
+            return self
+
+        def stop(self) -> None:
+            pass
+
+    class FakeTriton:
+        def __init__(self, **kwargs: object) -> None:
+            launched["triton"] = kwargs
+
+        def start(self) -> None:
+            raise Stop
+
+        def stop(self) -> None:
+            pass
+
+    monkeypatch.setattr(serve, "RedisServer", FakeRedis)
+    monkeypatch.setattr(serve, "redis_binary", lambda: "/usr/bin/redis-server")
+    monkeypatch.setattr(serve, "TritonServer", FakeTriton)
+    for name in ("SAMSERVE_TRITON_HOST", "SAMSERVE_REDIS_URL", "SAMSERVE_GATEWAY_HOST"):
+        monkeypatch.delenv(name, raising=False)
+    stack = StackSettings(workdir=tmp_path, auth="off")  # type: ignore[arg-type]
+    (stack.repository / model_spec.ENCODER_MODEL).mkdir(parents=True)
+    (stack.repository / model_spec.ENCODER_MODEL / "config.pbtxt").write_text("")
+    with pytest.raises(Stop):
+        serve.up(stack)
+    assert launched["triton"]["host"] == "127.0.0.1"
+    assert launched["redis"]["host"] == "127.0.0.1"
+    assert stack.gateway_host == "127.0.0.1"

@@ -1,7 +1,7 @@
 """The chaos soak, 60-second version (bench/soak.py runs the same code for 10 minutes and writes the figures).
 
 Two gateways sharing a Redis, one Triton (the tiny model), a fixed-rate load whose every answer is compared with the
-fault-free answer, and the faults of tests/support/soak.py on a schedule. Asserts the issue's targets: 0 wrong
+fault-free answer, and the faults of tools/samserve_dev/soak.py on a schedule. Asserts the issue's targets: 0 wrong
 answers; 0 failed calls through the Redis faults and the rolling restart (clients retry UNAVAILABLE); only
 UNAVAILABLE around the Triton restart and full service within 30 s of Triton ready; the memory-limited gateway
 stays up under several ~60-megapixel images at once, each answered or refused with RESOURCE_EXHAUSTED."""
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support import soak
-from tests.support.served_models import ExportedModel
+from samserve_dev import soak
+from samserve_dev.served_models import ExportedModel
 
 DURATION_S = 60.0
 

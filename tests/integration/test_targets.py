@@ -16,12 +16,13 @@ import pytest
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
-from samserve import model_spec, onnx_backend
-from samserve.triton_models import ModelMismatchError, check_engines
+from samserve.backends import onnx_runner
+from samserve.core import model_spec
+from samserve.triton.models import ModelMismatchError, check_engines
 from samserve_build import architectures, export, repository, tensorrt
 from samserve_build.targets import BATCHED_DECODER_FILE, SERVING_TARGETS
-from tests.support.local_stack import serve_repository
-from tests.support.polling import wait_until
+from samserve_dev.local_stack import serve_repository
+from samserve_dev.polling import wait_until
 
 CONTRACT = {
     model_spec.ENCODER_MODEL: (model_spec.ENCODER_INPUTS, model_spec.ENCODER_OUTPUTS),
@@ -107,13 +108,13 @@ def test_tensorrt_configs_state_the_exact_dims_of_the_graphs_the_plans_come_from
 
 def test_the_batched_decoder_computes_exactly_what_the_decoder_does(tiny_model, tmp_path):
     out = repository.write_repository(tiny_model.directory, tmp_path / "repo", "gpu-tensorrt")
-    batched = onnx_backend.create_session(out / model_spec.DECODER_MODEL / "1" / BATCHED_DECODER_FILE)
-    plain = onnx_backend.create_session(tiny_model.directory / model_spec.DECODER_FILE)
+    batched = onnx_runner.create_session(out / model_spec.DECODER_MODEL / "1" / BATCHED_DECODER_FILE)
+    plain = onnx_runner.create_session(tiny_model.directory / model_spec.DECODER_FILE)
     rng = np.random.default_rng(0)
     for prompts, tokens in ((1, 1), (5, 3)):
         feeds = export.decoder_inputs(tiny_model.metadata, prompts, tokens, rng)
-        expected = onnx_backend.run(plain, feeds)
-        got = onnx_backend.run(batched, {name: value if name == model_spec.DEC_EMBEDDING else value[None]
+        expected = onnx_runner.run(plain, feeds)
+        got = onnx_runner.run(batched, {name: value if name == model_spec.DEC_EMBEDDING else value[None]
                                          for name, value in feeds.items()})
         for name in model_spec.DECODER_OUTPUTS:
             assert got[name].shape == (1, *expected[name].shape)

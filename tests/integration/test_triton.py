@@ -17,14 +17,17 @@ import tritonclient.grpc.aio as aioclient
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from samserve import model_spec, onnx_backend, processing, segmentation, triton_server
-from samserve.errors import Internal, Unavailable
-from samserve.triton_models import ModelLayout, TritonSam
+from samserve.backends import onnx_runner
+from samserve.core import model_spec
+from samserve.core.errors import Internal, Unavailable
+from samserve.launch import triton_server
+from samserve.triton.models import ModelLayout, TritonSam
+from samserve.vision import processing, segmentation
 from samserve_build import repository
-from tests.support.images import synthetic_image
-from tests.support.local_stack import free_port
-from tests.support.polling import wait_until
-from tests.support.sockets import children, is_loopback, listening
+from samserve_dev.images import synthetic_image
+from samserve_dev.local_stack import free_port
+from samserve_dev.polling import wait_until
+from samserve_dev.sockets import children, is_loopback, listening
 
 
 def test_served_metadata_equals_exported(tiny_triton, event_loop_runner):
@@ -68,11 +71,11 @@ def test_a_bad_request_fails_alone_inside_a_dynamic_batch(tiny_triton, event_loo
     assert isinstance(error, InferenceServerException)
     assert error.status() == "StatusCode.INVALID_ARGUMENT"
     assert "input_size must lie in" in error.message()
-    session = onnx_backend.create_session(tiny_triton.model.directory / model_spec.ENCODER_FILE)
+    session = onnx_runner.create_session(tiny_triton.model.directory / model_spec.ENCODER_FILE)
     for i, (item, result) in enumerate(zip(prepared, results, strict=True)):
         if i == bad_index:
             continue
-        expected = onnx_backend.run(session, {
+        expected = onnx_runner.run(session, {
             model_spec.ENC_IMAGE: item.padded[None], model_spec.ENC_INPUT_SIZE: np.asarray([item.input_size]),
         })[model_spec.ENC_EMBEDDING]
         np.testing.assert_allclose(result.as_numpy(model_spec.ENC_EMBEDDING), expected, rtol=1e-5, atol=1e-6)

@@ -3,8 +3,8 @@ install it with its dependencies into a fresh virtual environment outside the ch
 environment's `samserve gateway` (cwd outside the checkout, no PYTHONPATH) against a real Triton server; answer
 Embed and Segment over a real gRPC channel.
 
-Self-contained on purpose: it relies on the `tiny_triton` fixture, `samserve.client` and the SAMSERVE_*
-environment variables only. Its pip and venv commands come from tests/support/wheel_steps.py, which the container
+Self-contained on purpose: it relies on the `tiny_triton` fixture, `samserve.client.typed_client` and the SAMSERVE_*
+environment variables only. Its pip and venv commands come from tools/samserve_dev/wheel_steps.py, which the container
 images' RUN steps repeat (deploy/docker/, checked by tests/deploy/test_images.py).
 """
 
@@ -27,8 +27,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
-from samserve.client import PromptSpec, SamServeClient
-from tests.support.wheel_steps import BUILD_WHEEL, INSTALL_WHEEL, MAKE_VENV, clean_env, copy_sources
+from samserve.client.typed_client import PromptSpec, SamServeClient
+from samserve_dev.wheel_steps import BUILD_WHEEL, INSTALL_WHEEL, MAKE_VENV, clean_env, copy_sources
 
 REPO = Path(__file__).resolve().parents[2]
 SERVICE_NAME = "samserve.v1.SegmentAnything"
@@ -105,7 +105,7 @@ def test_wheel_installs_and_serves_outside_the_checkout(tiny_triton, tmp_path):
 
     # The installed package, not the checkout: samserve and its stubs live in the venv; no grpcio-tools there.
     probe = run([str(venv / "bin" / "python"), "-c", (
-        "import importlib.util, json, samserve, samserve.api as api\n"
+        "import importlib.util, json, samserve, samserve.core.api as api\n"
         "print(json.dumps({'samserve': samserve.__file__, 'pb': api.pb.__file__, 'pb_grpc': api.pb_grpc.__file__,"
         " 'grpc_tools': importlib.util.find_spec('grpc_tools') is not None}))")], cwd=outside, timeout_s=120)
     where = json.loads(probe.strip().splitlines()[-1])

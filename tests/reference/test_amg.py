@@ -1,4 +1,4 @@
-"""Segment everything, algorithm level: samserve.amg against the official code.
+"""Segment everything, algorithm level: samserve.vision.amg against the official code.
 
 The building blocks (grids, crop boxes, boxes of masks, NMS, edge filter, small regions) against the official
 functions on the same inputs; then the whole generator against the official ``SamAutomaticMaskGenerator`` with
@@ -17,10 +17,11 @@ import torch
 from segment_anything.utils import amg as official
 from torchvision.ops import batched_nms
 
-from samserve import amg, mask_encoding, model_spec, processing
-from samserve.embedding import EmbeddedImage, Embedding, Staged
+from samserve.core import model_spec
+from samserve.core.embedding import EmbeddedImage, Embedding, Staged
+from samserve.vision import amg, mask_encoding, processing
 from samserve_build import architectures
-from tests.support.amg_reference import SceneDecoder, match, official_generate
+from samserve_dev.amg_reference import SceneDecoder, match, official_generate
 
 IMAGE_SIZE, LOW_RES = 256, 64
 META = model_spec.ModelMetadata(

@@ -10,8 +10,8 @@ from segment_anything.utils.amg import calculate_stability_score
 from segment_anything.utils.transforms import ResizeLongestSide
 from torch.nn import functional as F
 
-from samserve import processing
-from tests.support.images import synthetic_image
+from samserve.vision import processing
+from samserve_dev.images import synthetic_image
 
 SIZES = [(37, 53), (53, 37), (480, 640), (600, 338), (1, 1500), (1024, 1024), (777, 1001)]
 

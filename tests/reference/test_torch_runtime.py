@@ -35,7 +35,7 @@ def test_sdpa_attention_computes_the_official_attention():
 def test_the_gpu_benchmark_runs_on_the_cpu(tmp_path):
     """bench/gpu.py --device cpu (tiny model): every part runs and writes its figures; masks are compared, never
     0 against 0, and the fp32 runtime equals the official code."""
-    subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--device", "cpu", "--repeats", "2",
+    subprocess.run([sys.executable, "-m", "bench.gpu", "--device", "cpu", "--repeats", "2",
                     "--points-per-side", "8", "--iou-images", "2", "--out", str(tmp_path)], check=True, cwd=ROOT,
                    capture_output=True)
     result = json.loads((tmp_path / "gpu_cpu.json").read_text())

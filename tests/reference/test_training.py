@@ -11,7 +11,7 @@ import pytest
 import torch
 from segment_anything import SamPredictor
 
-from samserve_build import architectures, clicks, evaluation, prompt_tokens, scenes, training
+from samserve_build import architectures, clicks, evaluation, prompt_embedding, scenes, training
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def tiny_sam():
     return architectures.build_sam(architectures.ARCHITECTURES["tiny"]).eval()
 
 
-def test_prompt_tokens_equal_the_official_prompt_encoder(tiny_sam) -> None:
+def test_prompt_embedding_equals_the_official_prompt_encoder(tiny_sam) -> None:
     encoder = tiny_sam.prompt_encoder
     torch.manual_seed(0)
     for weight in (encoder.not_a_point_embed.weight, *(e.weight for e in encoder.point_embeddings)):
@@ -28,7 +28,7 @@ def test_prompt_tokens_equal_the_official_prompt_encoder(tiny_sam) -> None:
     with torch.no_grad():
         official, _ = encoder(points=(point, torch.tensor([[1]])), boxes=None, masks=None)   # point + padding token
         point_and_padding = torch.tensor([[[30.0, 40.0], [0.0, 0.0]]])
-        ours = prompt_tokens.embed_point_tokens(encoder, point_and_padding, torch.tensor([[1.0, -1.0]]))
+        ours = prompt_embedding.embed_point_tokens(encoder, point_and_padding, torch.tensor([[1.0, -1.0]]))
         assert torch.allclose(ours, official, atol=1e-6)
         box = torch.tensor([[10.0, 20.0, 90.0, 70.0]])
         clicks = torch.tensor([[[50.0, 50.0], [12.0, 22.0]]])
@@ -37,7 +37,7 @@ def test_prompt_tokens_equal_the_official_prompt_encoder(tiny_sam) -> None:
         for x, y, label in ((50.0, 50.0, 1.0), (12.0, 22.0, 0.0)):
             coords, labels = training.insert_point(coords, labels, (x, y, label))
         assert labels.tolist() == [[1.0, 0.0, 2.0, 3.0]]
-        assert torch.allclose(prompt_tokens.embed_point_tokens(encoder, coords, labels), official, atol=1e-6)
+        assert torch.allclose(prompt_embedding.embed_point_tokens(encoder, coords, labels), official, atol=1e-6)
 
 
 def test_decode_equals_the_official_predictor(tiny_sam) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from samserve import amg
+from samserve.vision import amg
 
 
 @pytest.mark.parametrize("field, kwargs", [

@@ -13,20 +13,15 @@ from types import SimpleNamespace
 import grpc
 import pytest
 
-from samserve import api_keys
-from samserve.api import SERVICE_NAME
-from samserve.api_keys import KeyFileError, KeyRing, add_key, hash_token, read_key_file, revoke_key
-from samserve.credentials import Credentials
-from samserve.errors import PermissionDenied, Unauthenticated
-from samserve.interceptors import (
-    AuthInterceptor,
-    QuotaInterceptor,
-    RequestIdLogFilter,
-    interceptors,
-    request_id,
-    status_code,
-    tenant,
-)
+from samserve.core.api import SERVICE_NAME
+from samserve.core.errors import PermissionDenied, Unauthenticated
+from samserve.security import policy
+from samserve.security.api_keys import KeyRing
+from samserve.security.credentials import Credentials
+from samserve.security.key_file import KeyFileError, add_key, hash_token, read_key_file, revoke_key
+from samserve.transport.call_context import RequestIdLogFilter, request_id, tenant
+from samserve.transport.interceptors import AuthInterceptor, QuotaInterceptor, interceptors
+from samserve.transport.status import status_code
 
 
 def bearer(token: str) -> tuple[tuple[str, str], ...]:
@@ -57,7 +52,7 @@ def test_the_file_holds_hashes_never_tokens(tmp_path):
 
 
 def test_the_methods_are_the_services_rpcs():
-    assert api_keys.METHODS == {"Embed", "Segment", "GenerateMasks", "GetEmbedding", "GetModel", "GetDecoder"}
+    assert policy.METHODS == {"Embed", "Segment", "GenerateMasks", "GetEmbedding", "GetModel", "GetDecoder"}
 
 
 def test_a_valid_token_names_its_tenant(ring):

@@ -2,17 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-_SPEC = importlib.util.spec_from_file_location(
-    "bench_common", Path(__file__).resolve().parents[2] / "bench" / "common.py")
-assert _SPEC is not None and _SPEC.loader is not None
-common = sys.modules.setdefault("bench_common", importlib.util.module_from_spec(_SPEC))
-_SPEC.loader.exec_module(common)  # bench/common.py imports only the standard library and numpy at module level
+from bench import common  # imports only the standard library and numpy at module level
 
 
 def test_rotated_orders_rotate_by_one_each_round():

@@ -9,12 +9,12 @@ import threading
 import numpy as np
 import pytest
 
-from samserve import processing
-from samserve.api import pb
-from samserve.convert import ResponseBudget, mask_encoder
-from samserve.embedder import DecodeBudget
-from samserve.errors import ResourceExhausted
-from samserve.segmentation import PixelBudget
+from samserve.cache.embedder import DecodeBudget
+from samserve.core.api import pb
+from samserve.core.errors import ResourceExhausted
+from samserve.transport.convert import ResponseBudget, mask_encoder
+from samserve.vision import processing
+from samserve.vision.segmentation import PixelBudget
 
 
 def test_decodes_wait_for_pixels_and_an_oversized_one_runs_alone():

@@ -9,11 +9,13 @@ import logging
 import numpy as np
 import pytest
 
-from samserve import metrics
-from samserve.cache import CorruptRecord, EmbeddingCache, EmbeddingCodec, FailureLog, Missing
-from samserve.embedder import EncodeLimiter
-from samserve.embedding import EmbeddedImage, Embedding, Staged
-from samserve.errors import ResourceExhausted
+from samserve.cache.codec import CorruptRecord, EmbeddingCodec
+from samserve.cache.embedder import EncodeLimiter
+from samserve.cache.embedding_cache import EmbeddingCache, Missing
+from samserve.cache.redis_tier import FailureLog
+from samserve.core import metrics
+from samserve.core.embedding import EmbeddedImage, Embedding, Staged
+from samserve.core.errors import ResourceExhausted
 
 
 def embedding(seed: int = 0, shape=(8, 4, 4)) -> Embedding:
@@ -168,7 +170,7 @@ def test_a_waiter_with_the_bytes_encodes_when_the_holder_had_only_the_id():
 
 def test_failure_log_counts_everything_but_logs_once_per_interval(caplog):
     log = FailureLog(interval_s=3600)
-    with caplog.at_level(logging.WARNING, logger="samserve.cache"):
+    with caplog.at_level(logging.WARNING, logger="samserve.cache.redis_tier"):
         for _ in range(5):
             log.record("GET", ConnectionError("down"))
     assert log.count == 5

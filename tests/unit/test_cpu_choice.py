@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from samserve import model_spec
+from samserve.core import model_spec
 from samserve_build import cpu_choice
 from samserve_build.targets import CPU_TARGETS, SERVING_TARGETS, ServingTargetName
 

@@ -16,9 +16,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Match, Route
 
-from samserve import openapi
-from samserve.api import METHOD_NAMES
-from samserve.http_api import HTTP_STATUS, HttpError, HttpRoute, build_request, error_response, http_routes
+from samserve.core.api import METHOD_NAMES
+from samserve.transport.http import openapi
+from samserve.transport.http.routes import HttpRoute, http_routes
+from samserve.transport.http.transcoding import HTTP_STATUS, HttpError, build_request, error_response
 
 ROUTES = http_routes()
 

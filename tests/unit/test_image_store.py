@@ -10,14 +10,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-from samserve import images, metrics
-from samserve.cache import EmbeddingCache
-from samserve.embedder import DecodeBudget, EncodeLimiter, ImageEmbedder, ImageRef
-from samserve.embedding import Embedding
-from samserve.errors import NotFound
-from samserve.image_store import KEY_PREFIX, ImageStore
-from samserve.processing import PreparedImage
-from tests.support.images import png_bytes, synthetic_image
+from samserve.cache.embedder import DecodeBudget, EncodeLimiter, ImageEmbedder, ImageRef
+from samserve.cache.embedding_cache import EmbeddingCache
+from samserve.cache.image_store import KEY_PREFIX, ImageStore
+from samserve.core import metrics
+from samserve.core.embedding import Embedding
+from samserve.core.errors import NotFound
+from samserve.vision import images
+from samserve.vision.processing import PreparedImage
+from samserve_dev.images import png_bytes, synthetic_image
 from tests.unit.test_cache import FakeStager
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from samserve import images
+from samserve.vision import images
 
 
 @pytest.mark.parametrize("mode", ["RGB", "L", "LA", "P", "RGBA", "CMYK", "1", "I;16", "I", "F", "YCbCr"])

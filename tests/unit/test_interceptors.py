@@ -6,8 +6,7 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 
-from samserve.amg import InvalidParameters
-from samserve.errors import (
+from samserve.core.errors import (
     DeadlineExceeded,
     Internal,
     InvalidArgument,
@@ -16,7 +15,9 @@ from samserve.errors import (
     SamServeError,
     Unavailable,
 )
-from samserve.interceptors import MESSAGES, STATUS_CODES, request_id, status_code, status_details
+from samserve.transport.call_context import request_id
+from samserve.transport.status import MESSAGES, STATUS_CODES, status_code, status_details
+from samserve.vision.amg import InvalidParameters
 
 
 @pytest.mark.parametrize("error, code", [

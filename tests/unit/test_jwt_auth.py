@@ -13,11 +13,12 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from samserve.api_keys import KeyRing, add_key
-from samserve.credentials import Credentials
-from samserve.errors import PermissionDenied, Unauthenticated
-from samserve.jwt_auth import JwksFileError, JwtVerifier
-from tests.support.jwts import new_key, token, write_jwks
+from samserve.core.errors import PermissionDenied, Unauthenticated
+from samserve.security.api_keys import KeyRing
+from samserve.security.credentials import Credentials
+from samserve.security.jwt import JwksFileError, JwtVerifier
+from samserve.security.key_file import add_key
+from samserve_dev.jwts import new_key, token, write_jwks
 
 
 def bearer(value: str) -> tuple[tuple[str, str], ...]:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as coco_mask
 
-from samserve import mask_encoding
+from samserve.vision import mask_encoding
 
 SIZES = [(1, 1), (1, 7), (7, 1), (3, 5), (17, 33), (480, 640), (768, 1024), (5, 1500), (1500, 3)]
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from samserve import model_spec
+from samserve.core import model_spec
 
 
 def test_metadata_of_a_newer_exporter_is_read_unless_its_major_version_is_newer():

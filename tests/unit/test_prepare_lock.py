@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from samserve_build import workdir
-from tests.support.polling import wait_until
+from samserve_dev.polling import wait_until
 
 
 def _staged(parent: Path, text: str) -> Path:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from samserve import processing
+from samserve.vision import processing
 
 
 def test_prepare_image_rejects_non_rgb():
@@ -17,20 +17,20 @@ def test_prepare_image_rejects_non_rgb():
         processing.prepare_image(np.zeros((10, 10, 3), np.float32), 64)
 
 
-def test_prompt_tokens_layout():
+def test_point_inputs_layout():
     original, resized = (100, 200), (512, 1024)
     # Points only: a padding point (0, 0) with label -1 is appended, as PromptEncoder does without a box.
-    coords, labels = processing.prompt_tokens(
+    coords, labels = processing.point_inputs(
         processing.Prompt(points=np.array([[10, 20], [30, 40]]), labels=np.array([1, 0])), original, resized
     )
     np.testing.assert_array_equal(labels, [1, 0, -1])
     np.testing.assert_allclose(coords, [[51.2, 102.4], [153.6, 204.8], [0, 0]], rtol=1e-6)
     # Box only: two corners, labels 2 and 3, no padding point.
-    coords, labels = processing.prompt_tokens(processing.Prompt(box=np.array([10, 20, 30, 40])), original, resized)
+    coords, labels = processing.point_inputs(processing.Prompt(box=np.array([10, 20, 30, 40])), original, resized)
     np.testing.assert_array_equal(labels, [2, 3])
     np.testing.assert_allclose(coords, [[51.2, 102.4], [153.6, 204.8]], rtol=1e-6)
     # Points and a box: points first, then the corners.
-    _, labels = processing.prompt_tokens(
+    _, labels = processing.point_inputs(
         processing.Prompt(points=np.array([[1, 1]]), labels=np.array([1]), box=np.array([0, 0, 5, 5])),
         original, resized,
     )
@@ -170,8 +170,8 @@ def test_postprocess_plane_equals_the_previous_path():
     """segmentation's per-plane post-processing (scratch mask or not) against the previous numerics."""
     from types import SimpleNamespace
 
-    from samserve import segmentation
-    from samserve.embedding import EmbeddedImage, Embedding, Staged
+    from samserve.core.embedding import EmbeddedImage, Embedding, Staged
+    from samserve.vision import segmentation
 
     meta = SimpleNamespace(image_size=1024, mask_threshold=0.0)
     for original in [(768, 1024), (480, 640)]:
@@ -183,6 +183,6 @@ def test_postprocess_plane_equals_the_previous_path():
             np.testing.assert_array_equal(mask, expected > 0.0)
             want = processing.stability_score(expected, 0.0, 1.0, float("nan"))
             assert np.float32(score).tobytes() == want.tobytes()
-            scratch = segmentation.threshold_plane(plane, image, meta, scratch_mask=True)
+            scratch = segmentation.threshold_logits(plane, image, meta, scratch_mask=True)
             np.testing.assert_array_equal(scratch.mask, mask)
             assert scratch.area == int((expected > 0.0).sum())

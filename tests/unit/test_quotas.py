@@ -12,11 +12,14 @@ import pytest
 from google.rpc import error_details_pb2
 from pydantic import ValidationError
 
-from samserve import amg, metrics, quotas
-from samserve.api_keys import KeyFileError, KeyRing, add_key, read_key_file, set_limits
-from samserve.interceptors import status_details
-from samserve.quotas import Limit, QuotaExceeded, Quotas, TenantLimits, TokenBucket
-from samserve.settings import AuthMode, CacheScope, GatewaySettings
+from samserve.core import metrics
+from samserve.core.settings import AuthMode, CacheScope, GatewaySettings
+from samserve.security import quotas
+from samserve.security.api_keys import KeyRing
+from samserve.security.key_file import KeyFileError, add_key, read_key_file, set_limits
+from samserve.security.quotas import Limit, QuotaExceeded, Quotas, TenantLimits, TokenBucket
+from samserve.transport.status import status_details
+from samserve.vision import amg
 
 
 class Clock:

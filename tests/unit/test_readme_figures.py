@@ -1,4 +1,7 @@
-"""The README's benchmark figures are the ones in bench/results (the JSON is the source; the README copies it)."""
+"""The benchmark figures the docs quote are the ones in bench/results (the JSON is the source; docs/*.md copy it).
+
+Each figure is checked in the page that quotes it (the README links to docs/; the figures moved there with their
+sections)."""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-README = (ROOT / "README.md").read_text()
+DOCS = ROOT / "docs"
 
 
 def results(name: str) -> dict:
@@ -24,9 +27,14 @@ def models_rows() -> list[str]:
         f"| decoder (`predict`, 1 point, multimask vs Triton decoder + postprocessing) | "
         f"{r['official_predict']['median_ms']:.1f} ms | "
         f"{r['triton_decoder_plus_postprocessing']['median_ms']:.1f} ms | {ratios['decoder_path']:.2f} |",
-        f"{r['triton_decoder_bare']['median_ms']:.1f} ms vs "
-        f"{r['triton_decoder_bare_embedding_inline_grpc']['median_ms']:.1f} ms per bare decoder call",
     ]
+
+
+def transport_rows() -> list[str]:
+    """The embedding transports: shared memory vs inline gRPC per bare decoder call (models_cpu.json)."""
+    r = results("models_cpu.json")["results"]
+    return [f"{r['triton_decoder_bare']['median_ms']:.1f} ms vs "
+            f"{r['triton_decoder_bare_embedding_inline_grpc']['median_ms']:.1f} ms per bare decoder call"]
 
 
 def gateway_rows() -> list[str]:
@@ -211,10 +219,18 @@ def deploy_rows() -> list[str]:
     return rows
 
 
-@pytest.mark.parametrize(
-    "rows", [deploy_rows, models_rows, precision_rows, gateway_rows, throughput_rows, amg_rows, backends_rows,
-             cpu_target_rows, quality_rows, export_rows, request_memory_rows, soak_rows, browser_rows, multihost_rows],
-    ids=lambda f: f.__name__)
-def test_readme_quotes_the_results_files(rows):
-    missing = [row for row in rows() if row not in README.replace("\n", " ")]
-    assert not missing, f"README figures differ from bench/results; copy these: {missing}"
+# The page each figure lives in, and the rows it must quote.
+PAGES = [
+    ("deploy.md", deploy_rows), ("benchmarks.md", models_rows), ("models.md", transport_rows),
+    ("gpu.md", precision_rows), ("benchmarks.md", gateway_rows), ("observability.md", throughput_rows),
+    ("benchmarks.md", amg_rows), ("cpu-runtimes.md", backends_rows), ("cpu-runtimes.md", cpu_target_rows),
+    ("models.md", quality_rows), ("models.md", export_rows), ("security.md", request_memory_rows),
+    ("reliability.md", soak_rows), ("http.md", browser_rows), ("deploy.md", multihost_rows),
+]
+
+
+@pytest.mark.parametrize(("page", "rows"), PAGES, ids=[f"{page}:{rows.__name__}" for page, rows in PAGES])
+def test_docs_quote_the_results_files(page, rows):
+    text = (DOCS / page).read_text().replace("\n", " ")
+    missing = [row for row in rows() if row not in text]
+    assert not missing, f"docs/{page}: figures differ from bench/results; copy these: {missing}"

@@ -1,6 +1,6 @@
 """The serving runtimes import without the exporter's dependencies: the GPU Triton image installs the wheel's ``gpu``
 extra (PyTorch, segment-anything), ONNX Runtime and OpenVINO, but not ``onnx``. Each model's runtime module
-(``samserve.triton_backend.RUNTIMES``) must import there, so each check runs in a fresh interpreter in which
+(``samserve.backends.python_model.RUNTIMES``) must import there, so each check runs in a fresh interpreter in which
 ``import onnx`` fails as it does in that image (this tier itself never imports torch)."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ def _run(body: str) -> subprocess.CompletedProcess[str]:
 def test_every_runtime_module_imports_without_onnx():
     result = _run("""
         import importlib
-        from samserve.triton_backend import RUNTIMES
+        from samserve.backends.python_model import RUNTIMES
 
         modules = ["samserve_build.graphs", "samserve_build.torch_runtime"]
         for entry in RUNTIMES.values():

@@ -1,26 +1,23 @@
 """The security settings checked at start-up (load_security), the certificate files' reload decisions
-(ServerCertificates.fetch), the client channel's argument checks, and what `samserve up` binds Triton and Redis to.
-Certificates are made by the openssl CLI (tests.support.certificates)."""
+(ServerCertificates.fetch), and the client channel's argument checks (what `samserve up` binds Triton and Redis to is in
+tests/integration/test_server.py: its module imports the whole server).
+Certificates are made by the openssl CLI (samserve_dev.certificates)."""
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import shutil
 import subprocess
-import sys
-import types
 from pathlib import Path
 
 import pytest
 
-from samserve import cli, model_spec, redis_server
-from samserve.api_keys import add_key
-from samserve.security import SecurityConfigError, load_security
-from samserve.settings import GatewaySettings, StackSettings
-from samserve.tls import ServerCertificates, TlsConfigError, client_channel
-from tests.support.certificates import OPENSSL, Certificate, issue, make_ca
+from samserve.core.settings import GatewaySettings
+from samserve.security.key_file import add_key
+from samserve.security.loader import SecurityConfigError, load_security
+from samserve.security.tls import ServerCertificates, TlsConfigError, client_channel
+from samserve_dev.certificates import OPENSSL, Certificate, issue, make_ca
 
 
 @pytest.fixture(scope="module")
@@ -113,50 +110,3 @@ def test_client_channel_checks_its_files(pki, tmp_path):
     with pytest.raises(TlsConfigError, match="TLS CA file"):
         client_channel("127.0.0.1:1", ca_file=tmp_path / "absent.pem")
     client_channel("127.0.0.1:1", ca_file=pki["ca"].cert, token="sk-0.x").close()
-
-
-def test_up_binds_triton_and_redis_to_loopback_by_default(tmp_path, monkeypatch):
-    """What `samserve up` passes to its launchers with default settings (fakes stand in for the processes)."""
-    launched: dict[str, dict[str, object]] = {}
-
-    class Stop(Exception):
-        pass
-
-    real_redis_host = inspect.signature(redis_server.RedisServer).parameters["host"].default
-
-    class FakeRedis:
-        def __init__(self, port: int, workdir: Path, **kwargs: object) -> None:
-            launched["redis"] = {"host": kwargs.get("host", real_redis_host), "port": port}
-            self.url = f"redis://127.0.0.1:{port}/0"
-
-        def start(self) -> FakeRedis:
-            return self
-
-        def stop(self) -> None:
-            pass
-
-    class FakeTriton:
-        def __init__(self, **kwargs: object) -> None:
-            launched["triton"] = kwargs
-
-        def start(self) -> None:
-            raise Stop
-
-        def stop(self) -> None:
-            pass
-
-    redis_module = types.SimpleNamespace(RedisServer=FakeRedis, RedisStartError=RuntimeError,
-                                         redis_binary=lambda: "/usr/bin/redis-server")
-    triton_module = types.SimpleNamespace(TritonServer=FakeTriton, TritonStartError=RuntimeError)
-    monkeypatch.setitem(sys.modules, "samserve.redis_server", redis_module)
-    monkeypatch.setitem(sys.modules, "samserve.triton_server", triton_module)
-    for name in ("SAMSERVE_TRITON_HOST", "SAMSERVE_REDIS_URL", "SAMSERVE_GATEWAY_HOST"):
-        monkeypatch.delenv(name, raising=False)
-    stack = StackSettings(workdir=tmp_path, auth="off")  # type: ignore[arg-type]
-    (stack.repository / model_spec.ENCODER_MODEL).mkdir(parents=True)
-    (stack.repository / model_spec.ENCODER_MODEL / "config.pbtxt").write_text("")
-    with pytest.raises(Stop):
-        cli.up(stack)
-    assert launched["triton"]["host"] == "127.0.0.1"
-    assert launched["redis"]["host"] == "127.0.0.1"
-    assert stack.gateway_host == "127.0.0.1"

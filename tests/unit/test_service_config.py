@@ -14,11 +14,11 @@ from concurrent import futures
 import grpc
 import pytest
 
-from samserve import service_config
-from samserve.api import SERVICE_NAME, pb
-from samserve.settings import ClientSettings, GatewaySettings
-from samserve.tls import client_channel
-from tests.support.polling import wait_until, wait_until_async
+from samserve.core import service_config
+from samserve.core.api import SERVICE_NAME, pb
+from samserve.core.settings import ClientSettings, GatewaySettings
+from samserve.security.tls import client_channel
+from samserve_dev.polling import wait_until, wait_until_async
 
 
 def test_every_rpc_of_the_service_retries_unavailable_with_bounded_exponential_backoff():
@@ -90,8 +90,8 @@ def test_grpc_accepts_the_config_on_a_real_channel():
 
 
 def test_every_client_call_names_its_image_for_consistent_hashing():
-    from samserve import images
-    from samserve.client import IMAGE_ID_HEADER, routing_metadata
+    from samserve.client.typed_client import IMAGE_ID_HEADER, routing_metadata
+    from samserve.vision import images
 
     assert routing_metadata("abc123") == ((IMAGE_ID_HEADER, "abc123"),)
     assert routing_metadata(b"\x89PNG...") == ((IMAGE_ID_HEADER, images.image_id(b"\x89PNG...")),)

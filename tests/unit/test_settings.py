@@ -1,34 +1,66 @@
-"""The settings: every knob documented in the README, choices validated when a command reads them."""
+"""The settings: every knob documented in docs/settings.md (generated from the Field descriptions, checked current
+here), choices validated when a command reads them."""
 
 from __future__ import annotations
 
+import difflib
 import re
-from pathlib import Path
+import subprocess
+import sys
 
 import pytest
-from pydantic import ValidationError
+from pydantic import Field, ValidationError
 
-from samserve.settings import AuthMode, ClientSettings, GatewaySettings, StackSettings, TransportName
+from samserve.core.settings import AuthMode, ClientSettings, GatewaySettings, StackSettings, TransportName
 from samserve_build.settings import BuildSettings
+from samserve_dev import settings_doc
 
-README = Path(__file__).resolve().parents[2] / "README.md"
-
-
-def documented() -> set[str]:
-    """Variables named in the README's settings table (``SAMSERVE_A`` / ``_B`` rows name two)."""
-    names = set()
-    for row in re.findall(r"^\| (`SAMSERVE_[^|]+)\|", README.read_text(), re.M):
-        first, *more = re.findall(r"`([A-Z0-9_]+)`", row)
-        names.add(first)
-        prefix = first.rsplit("_", 2)[0] if first.endswith("_PORT") else first.rsplit("_", 1)[0]
-        names.update(prefix + suffix for suffix in more)
-    return names
+REGENERATE = "run python -m samserve_dev.settings_doc"
 
 
-def test_every_setting_is_documented_in_the_readme():
+def test_docs_settings_md_is_what_the_generator_renders():
+    rendered = settings_doc.render()
+    current = settings_doc.DOC.read_text(encoding="utf-8") if settings_doc.DOC.exists() else ""
+    if current != rendered:
+        diff = difflib.unified_diff(current.splitlines(), rendered.splitlines(), "docs/settings.md", "rendered",
+                                    lineterm="", n=0)
+        pytest.fail(f"docs/settings.md is not what the settings' Field descriptions render: {REGENERATE}\n"
+                    + "\n".join(list(diff)[:40]))
+
+
+def test_every_setting_has_a_row_in_docs_settings_md():
     fields = {f"SAMSERVE_{name.upper()}" for name in BuildSettings.model_fields}
     fields |= {f"SAMSERVE_CLIENT_{name.upper()}" for name in ClientSettings.model_fields}
-    assert fields - documented() == set()
+    rows = re.findall(r"^\| `(SAMSERVE_[A-Z0-9_]+)`", settings_doc.render(), re.M)
+    assert sorted(rows) == sorted(fields)  # each once, under the class that defines it
+
+
+def test_a_setting_without_a_description_fails_the_rendering():
+    class Undocumented(GatewaySettings):
+        new_knob: int = Field(3)
+
+    section = settings_doc.Section("Test", Undocumented, "tests", "tests", settings_doc.GATEWAY)
+    with pytest.raises(settings_doc.UndocumentedSetting, match="Undocumented.new_knob has no description"):
+        settings_doc.render_section(section)
+
+
+def test_check_exits_1_with_the_command_when_the_file_differs(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(settings_doc, "ROOT", tmp_path)
+    monkeypatch.setattr(settings_doc, "DOC", tmp_path / "docs" / "settings.md")
+    assert settings_doc.main(["--check"]) == 1  # missing
+    assert REGENERATE in capsys.readouterr().err
+    assert settings_doc.main([]) == 0
+    assert settings_doc.main(["--check"]) == 0
+    settings_doc.DOC.write_text(settings_doc.DOC.read_text() + "edited by hand\n")
+    assert settings_doc.main(["--check"]) == 1
+    assert REGENERATE in capsys.readouterr().err
+
+
+def test_the_settings_and_the_generator_import_neither_torch_nor_triton():
+    code = ("import sys, samserve_dev.settings_doc; "
+            "print(sorted({m.partition('.')[0] for m in sys.modules} & {'torch', 'tritonclient', 'segment_anything'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_the_gateway_reads_only_what_it_needs():

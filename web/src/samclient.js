@@ -4,7 +4,7 @@
  * The gateway embeds an image once (the heavy encoder, server-side) and hands out the embedding
  * (`GET /v1/images/{id}/embedding`) and its decoder (`GET /v1/model` -> `decoder.url`). {@link MaskDecoder} then
  * turns clicks and boxes into masks in milliseconds, mirroring the server's post-processing exactly
- * (service/samserve/processing.py): point scaling to the resized image, the padding point, box corners after
+ * (service/samserve/vision/processing.py): point scaling to the resized image, the padding point, box corners after
  * the points, token selection (token 0 single-mask, tokens 1..M-1 multimask), bilinear upscaling with half-pixel
  * centres to S x S, the crop to the resized image, bilinear to the original size, threshold at the model's
  * mask threshold.
@@ -17,7 +17,7 @@
 
 import * as ort from "onnxruntime-web/wasm";
 
-/** Point labels of the decoder graph (service/samserve/model_spec.py). */
+/** Point labels of the decoder graph (service/samserve/core/model_spec.py). */
 export const LABEL = Object.freeze({ PADDING: -1, BACKGROUND: 0, FOREGROUND: 1, BOX_TOP_LEFT: 2, BOX_BOTTOM_RIGHT: 3 });
 
 /**
@@ -238,7 +238,7 @@ export function binarize(logits, threshold) {
  */
 
 /**
- * The decoder's point tokens for one prompt, as processing.prompt_tokens: points (scaled to the resized image)
+ * The decoder's point tokens for one prompt, as processing.point_inputs: points (scaled to the resized image)
  * first, then the two box corners (labels 2, 3); without a box one padding point (0, 0) with label -1. The
  * coordinates are first rounded to float32, the wire type of the API's Point and Box, so that the same
  * prompt sent to the server decodes to the same tokens.

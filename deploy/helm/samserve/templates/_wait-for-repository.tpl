@@ -1,6 +1,6 @@
 {{/* wait-for-repository, Triton's init container where the repository comes from elsewhere (the prepare Job, the
 engine Job): run by the prepare image's Python, it returns once both models' configs exist and, with
---tensorrt-version, each records a plan (samserve.model_spec.EngineRecord) of that TensorRT version (and of
+--tensorrt-version, each records a plan (samserve.core.model_spec.EngineRecord) of that TensorRT version (and of
 --compute-capability when given) whose file is there. --once checks once (exit 1: not ready); tests/deploy runs the
 rendered script so against folders of configs. */}}
 {{- define "samserve.waitForRepositoryScript" -}}
@@ -10,7 +10,7 @@ import sys
 import time
 
 from google.protobuf import text_format
-from samserve import model_spec
+from samserve.core import model_spec
 from tritonclient.grpc import model_config_pb2
 
 

@@ -1,3 +1,3 @@
-"""Triton python-backend entry point for the SAM decoder (python-backend targets); the logic lives in samserve.triton_backend."""
+"""Triton python-backend entry point for the SAM decoder (python-backend targets); the logic lives in samserve.backends.python_model."""
 
-from samserve.triton_backend import DecoderModel as TritonPythonModel  # noqa: F401
+from samserve.backends.python_model import DecoderModel as TritonPythonModel  # noqa: F401

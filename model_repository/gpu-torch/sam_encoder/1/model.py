@@ -1,3 +1,3 @@
-"""Triton python-backend entry point for the SAM encoder (python-backend targets); the logic lives in samserve.triton_backend."""
+"""Triton python-backend entry point for the SAM encoder (python-backend targets); the logic lives in samserve.backends.python_model."""
 
-from samserve.triton_backend import EncoderModel as TritonPythonModel  # noqa: F401
+from samserve.backends.python_model import EncoderModel as TritonPythonModel  # noqa: F401

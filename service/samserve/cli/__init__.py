@@ -1,0 +1,1 @@
+"""The ``samserve`` command: the local stack, key administration and client commands."""

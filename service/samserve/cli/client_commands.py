@@ -1,0 +1,140 @@
+"""The client commands: ``samserve segment`` (one image, an overlay PNG) and ``samserve generate-masks`` (the bulk
+job). TLS and the API key come from flags or SAMSERVE_CLIENT_* (docs/security.md); a refused call prints its status,
+never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import numpy as np
+from pydantic import ValidationError
+
+from samserve.client import bulk
+from samserve.client.typed_client import FOREGROUND, PromptSpec, SamServeClient
+from samserve.core.settings import ClientSettings, GatewaySettings
+from samserve.security.tls import TlsConfigError
+from samserve.vision import amg
+from samserve.vision.images import decode_image
+from samserve.vision.overlay import draw_overlay
+
+Command = Callable[[GatewaySettings, argparse.Namespace], int]
+
+
+def _reporting_errors(command: Command) -> Command:
+    """``command`` with the client settings read (SAMSERVE_CLIENT_*), the target defaulted from the gateway
+    settings, and a failed call or unusable TLS files printed as one line (exit 1)."""
+
+    @functools.wraps(command)
+    def run(settings: GatewaySettings, args: argparse.Namespace) -> int:
+        try:
+            args.client = ClientSettings()
+        except ValidationError as error:
+            print(f"samserve {args.command}: invalid SAMSERVE_CLIENT_* settings:\n{error}", file=sys.stderr)
+            return 2
+        args.target = args.target or settings.gateway_target
+        try:
+            return command(settings, args)
+        except grpc.RpcError as error:  # the status as the API defines it, not a traceback
+            print(f"samserve {args.command}: {error.code().name}: {error.details()}", file=sys.stderr)
+        except TlsConfigError as error:
+            print(f"samserve {args.command}: {error}", file=sys.stderr)
+        return 1
+
+    return run
+
+
+def _client(args: argparse.Namespace) -> SamServeClient:
+    """A client of ``args.target`` with the TLS and token flags over SAMSERVE_CLIENT_* (``args.client``)."""
+    given = {name: getattr(args, name) for name in ("tls", "ca_file", "cert_file", "key_file", "server_name")}
+    update = {name: value for name, value in given.items() if value}
+    if args.token_file:
+        update["token"] = Path(args.token_file).read_text().strip()
+    return SamServeClient(args.target, security=args.client.model_copy(update=update))
+
+
+def segment_command(settings: GatewaySettings, args: argparse.Namespace) -> int:
+    """Segment an image through the gateway; print the masks and write an overlay PNG."""
+    data = Path(args.image).read_bytes()
+    points, labels = [], []
+    for text in args.point or []:
+        parts = [float(v) for v in text.split(",")]
+        points.append((parts[0], parts[1]))
+        labels.append(int(parts[2]) if len(parts) > 2 else FOREGROUND)
+    box = None
+    if args.box:
+        x0, y0, x1, y1 = (float(v) for v in args.box.split(","))
+        box = (x0, y0, x1, y1)
+    prompt = PromptSpec(points=points, labels=labels, box=box, multimask_output=not args.single)
+    with _client(args) as client:
+        embedded = client.embed(data)
+        (answer,) = client.segment(embedded.image_id, [prompt])
+    print(f"image {embedded.image_id[:16]}... {embedded.width}x{embedded.height}, model {embedded.model_id}, "
+          f"cached={embedded.cached}")
+    for k, token in enumerate(answer.token_index):
+        print(f"mask token {token}: predicted IoU {answer.predicted_iou[k]:.3f}, stability "
+              f"{answer.stability_score[k]:.3f}, area {int(answer.masks[k].sum())} px")
+    if args.out:
+        best = int(np.argmax(answer.predicted_iou))
+        image = decode_image(data, max_pixels=1 << 31)
+        overlay = draw_overlay(image, answer.masks[best], points, [label == FOREGROUND for label in labels], box)
+        Path(args.out).write_bytes(overlay)
+        print(f"wrote {args.out} (mask token {answer.token_index[best]}, the highest predicted IoU)")
+    return 0
+
+
+def generate_masks_command(settings: GatewaySettings, args: argparse.Namespace) -> int:
+    """The bulk job (samserve.client.bulk): exit 0 when every image has its JSON, 1 when some failed."""
+    root, images = bulk.list_images(args.input)
+    params = bulk.params_from_args(vars(args), amg.SCALAR_PARAMETERS)
+    with _client(args) as client:
+        report = bulk.run_bulk(images, root, args.out, client, params, concurrency=args.concurrency,
+                               retry_failed=args.retry_failed, progress=not args.quiet, timeout_s=args.timeout)
+    print(report.summary())
+    return 1 if report.failures else 0
+
+
+def client_options() -> argparse.ArgumentParser:
+    """The flags of the client commands: the gateway address, TLS and the API key (over SAMSERVE_CLIENT_*)."""
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument("--target", default=None, help="gateway address (default from SAMSERVE_GATEWAY_*)")
+    options.add_argument("--tls", action="store_true", help="TLS (system CAs unless --tls-ca) [SAMSERVE_CLIENT_TLS]")
+    options.add_argument("--tls-ca", dest="ca_file", type=Path, help="CA of the gateway's certificate "
+                         "[SAMSERVE_CLIENT_CA_FILE]")
+    options.add_argument("--tls-cert", dest="cert_file", type=Path, help="client certificate, mutual TLS "
+                         "[SAMSERVE_CLIENT_CERT_FILE]")
+    options.add_argument("--tls-key", dest="key_file", type=Path, help="its key [SAMSERVE_CLIENT_KEY_FILE]")
+    options.add_argument("--tls-server-name", dest="server_name", help="name the gateway's certificate must "
+                         "carry, when not the target's host [SAMSERVE_CLIENT_SERVER_NAME]")
+    options.add_argument("--token-file", help="file holding the API key [SAMSERVE_CLIENT_TOKEN holds the key "
+                         "itself]")
+    return options
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    """Adds ``segment`` and ``generate-masks`` to the ``samserve`` parser."""
+    options = client_options()
+    p_segment = commands.add_parser("segment", parents=[options], help="segment an image through a running gateway")
+    p_segment.set_defaults(run=_reporting_errors(segment_command), settings=GatewaySettings)
+    p_segment.add_argument("image", type=Path)
+    p_segment.add_argument("--point", action="append", help="x,y[,label] in image pixels; label 1 fg (default), 0 bg")
+    p_segment.add_argument("--box", help="x0,y0,x1,y1 in image pixels")
+    p_segment.add_argument("--single", action="store_true", help="single-mask output instead of 3 masks")
+    p_segment.add_argument("--out", help="write an overlay PNG of the best mask and the prompt")
+    p_bulk = commands.add_parser("generate-masks", parents=[options],
+                                 help="segment everything in a folder or list of images")
+    p_bulk.set_defaults(run=_reporting_errors(generate_masks_command), settings=GatewaySettings)
+    p_bulk.add_argument("input", type=Path, help="a folder (searched recursively) or a text file of image paths")
+    p_bulk.add_argument("--out", type=Path, required=True, help="folder for one JSON per image (+ failures.json)")
+    p_bulk.add_argument("--concurrency", type=int, default=4, help="images in flight (default 4)")
+    p_bulk.add_argument("--retry-failed", action="store_true", help="also retry images rejected as invalid before")
+    p_bulk.add_argument("--timeout", type=float, default=None, help="seconds per image (default: the client's 600)")
+    p_bulk.add_argument("--quiet", action="store_true", help="no progress bar")
+    for name in amg.SCALAR_PARAMETERS:
+        default = getattr(amg.AmgParams(), name)
+        p_bulk.add_argument("--" + name.replace("_", "-"), type=float if isinstance(default, float) else int,
+                            default=None, help=f"official default {default:g}")

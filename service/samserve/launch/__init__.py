@@ -1,0 +1,1 @@
+"""Launchers of the real ``tritonserver`` and ``redis-server`` processes that ``samserve up`` and the tests run."""
