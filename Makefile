@@ -20,9 +20,11 @@ up: export SAMSERVE_AUTH ?= $(if $(SAMSERVE_API_KEYS_FILE),api-keys,off)
 up: setup prepare
 	$(BIN)/samserve up
 
-# The whole suite: lint and type checks first (seconds), then every test tier but e2e (see docs/testing.md).
+# The whole suite: lint and type checks first (seconds), then the unit tier in a process of its own (so its guard
+# runs: it fails if torch or Triton got imported), then every other tier but e2e (see docs/testing.md).
 test: setup lint
-	$(BIN)/python -m pytest --ignore=tests/e2e $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests/unit -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest --ignore=tests/e2e --ignore=tests/unit $(PYTEST_ARGS)
 
 # The e2e tier (tests/e2e, docs/deploy.md): the images built by a real engine (Debian's podman with runc, bases made
 # by mmdebstrap), the GPU image's Python layer in clean venvs, the chart's cpu profile played as pods and called.

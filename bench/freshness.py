@@ -4,8 +4,9 @@ Every results file records the commit it ran on (``environment.commit``; ``-dirt
 from that commit). :data:`MEASURES` says, per results file, which paths of the repository its figures depend on:
 the benchmark script, the shared benchmark plumbing, and the code it times. A file is
 
-* ``fresh`` when no commit after its own touched any of those paths,
-* ``stale`` when one did (the commits are listed), or when it ran on uncommitted changes (``-dirty``),
+* ``fresh`` when no commit after its own changed any of those paths in a way a figure can see: comments,
+  docstrings, type annotations and documentation (``.md``) do not count (:func:`figure_changes`),
+* ``stale`` when one did (the commits and files are listed), or when it ran on uncommitted changes (``-dirty``),
 * ``unknown`` when it records no commit, or one that is not in this repository's history.
 
 ``make bench-status`` prints the table and exits 1 when a file is not fresh; ``make bench`` regenerates them all.
@@ -13,6 +14,7 @@ the benchmark script, the shared benchmark plumbing, and the code it times. A fi
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 import subprocess
@@ -43,15 +45,16 @@ MEASURES: dict[str, tuple[str, ...]] = {
     "models_cpu.json": ("bench/models_cpu.py", *PLUMBING, *SERVING_PATH, *CPU_RUNTIMES),
     "gateway_cpu.json": ("bench/gateway_cpu.py", *PLUMBING, *SERVING_PATH),
     "throughput_cpu.json": ("bench/throughput_cpu.py", *PLUMBING, *SERVING_PATH),
-    "amg_cpu.json": ("bench/amg_cpu.py", *PLUMBING, *SERVING_PATH, "build/checkpoints/samserve_scenes_v1.pth"),
+    "amg_cpu.json": ("bench/amg_cpu.py", "bench/amg_figures.py", *PLUMBING, *SERVING_PATH,
+                     "build/checkpoints/samserve_scenes_v1.pth"),
     "export_cpu.json": ("bench/export_cpu.py", "bench/common.py", "build/samserve_build/export.py",
                         "build/samserve_build/graphs.py",
                         "build/samserve_build/architectures.py", "service/samserve/core/model_spec.py"),
     "request_memory_cpu.json": ("bench/request_memory_cpu.py", "bench/amg_cpu.py", *PLUMBING, *SERVING_PATH,
                                 "build/checkpoints/samserve_scenes_v1.pth"),
     "soak_cpu.json": ("bench/soak.py", *PLUMBING, *SERVING_PATH, "build/checkpoints/samserve_scenes_v1.pth"),
-    "browser_cpu.json": ("bench/browser_cpu.py", *PLUMBING, *SERVING_PATH, "web/src", "web/package-lock.json",
-                         "web/demo.png", "build/checkpoints/samserve_scenes_v1.pth"),
+    "browser_cpu.json": ("bench/browser_cpu.py", *PLUMBING, *SERVING_PATH, "web",
+                         "build/checkpoints/samserve_scenes_v1.pth"),
     "multihost_cpu.json": ("bench/multihost_cpu.py", *PLUMBING, *SERVING_PATH),
     "precision_cpu.json": ("bench/precision_cpu.py", "bench/amg_cpu.py", *PLUMBING, "build/samserve_build/precision",
                            "build/samserve_build/graph_quality.py", "build/samserve_build/export.py",
@@ -92,6 +95,72 @@ def recorded_commit(results: dict) -> str:
     return str(results.get("environment", {}).get("commit", ""))
 
 
+NO_FIGURE_SUFFIXES = (".md",)
+"""Files under a measured path that no figure depends on (documentation)."""
+
+
+def _strip_annotations_and_docstrings(tree: ast.AST) -> ast.AST:
+    """``tree`` without what cannot change a figure: docstrings, the annotations of function signatures and of
+    module-level and local variables (comments are not in the tree at all). Class-level annotations stay: they
+    are dataclass and pydantic fields."""
+
+    def strip_docstring(body: list[ast.stmt]) -> None:
+        if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+                and isinstance(body[0].value.value, str):
+            body[:] = body[1:] or [ast.Pass()]
+
+    def strip_body(body: list[ast.stmt], in_class: bool) -> list[ast.stmt]:
+        kept: list[ast.stmt] = []
+        for statement in body:
+            if isinstance(statement, ast.AnnAssign) and not in_class:
+                if statement.value is None:
+                    continue
+                statement = ast.Assign(targets=[statement.target], value=statement.value, lineno=0)
+            kept.append(statement)
+        return kept
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+            strip_docstring(node.body)
+            node.body = strip_body(node.body, isinstance(node, ast.ClassDef))
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            node.returns = None
+            for argument in (*node.args.posonlyargs, *node.args.args, *node.args.kwonlyargs,
+                             node.args.vararg, node.args.kwarg):
+                if argument is not None:
+                    argument.annotation = None
+    return tree
+
+
+def code_fingerprint(text: str) -> str | None:
+    """The Python source ``text`` as far as it can change a figure (:func:`_strip_annotations_and_docstrings`);
+    None when it does not parse."""
+    try:
+        return ast.dump(_strip_annotations_and_docstrings(ast.parse(text)), include_attributes=False)
+    except SyntaxError:
+        return None
+
+
+def figure_changes(root: Path, revision: str, paths: tuple[str, ...]) -> list[str]:
+    """The files under ``paths`` that changed from ``revision`` to HEAD in a way a figure can see: every added,
+    deleted or non-Python file (but documentation), and Python files whose code differs beyond comments,
+    docstrings and type annotations."""
+    diff = git(root, "diff", "--name-status", "--no-renames", revision, "HEAD", "--", *paths).stdout.splitlines()
+    changed = []
+    for line in diff:
+        status, _, name = line.partition("\t")
+        if name.endswith(NO_FIGURE_SUFFIXES):
+            continue
+        if status == "M" and name.endswith(".py"):
+            before = git(root, "show", f"{revision}:{name}").stdout
+            after = git(root, "show", f"HEAD:{name}").stdout
+            fingerprint = code_fingerprint(before)
+            if fingerprint is not None and fingerprint == code_fingerprint(after):
+                continue
+        changed.append(name)
+    return changed
+
+
 def check(root: Path, results_file: str, paths: tuple[str, ...]) -> Freshness:
     """The freshness of bench/results/``results_file`` in the repository at ``root`` against ``paths``."""
     location = root / RESULTS / results_file
@@ -103,10 +172,16 @@ def check(root: Path, results_file: str, paths: tuple[str, ...]) -> Freshness:
         return Freshness(results_file, "unknown", commit, "records no commit of this repository")
     if git(root, "merge-base", "--is-ancestor", revision, "HEAD").returncode != 0:
         return Freshness(results_file, "unknown", commit, "its commit is not an ancestor of HEAD")
-    later = git(root, "log", "--format=%h %s", f"{revision}..HEAD", "--", *paths).stdout.splitlines()
-    if later:
+    changed = figure_changes(root, revision, paths)
+    if changed:
+        later = git(root, "log", "--format=%h %s", f"{revision}..HEAD", "--", *changed).stdout.splitlines()
         return Freshness(results_file, "stale", commit,
-                         f"{len(later)} later commit(s) changed what it measures, newest: {later[0]}")
+                         f"{len(later)} later commit(s) changed what it measures ({', '.join(changed[:3])}"
+                         f"{', ...' if len(changed) > 3 else ''}), newest: {later[0] if later else '?'}")
+    exempt = git(root, "log", "--format=%h", f"{revision}..HEAD", "--", *paths).stdout.split()
+    if exempt:
+        return Freshness(results_file, "fresh", commit, f"{len(exempt)} later commit(s) changed only comments, "
+                         "docstrings, type annotations or docs in what it measures")
     if commit.endswith("-dirty"):
         return Freshness(results_file, "stale", commit, "measured on uncommitted changes")
     return Freshness(results_file, "fresh", commit, "no later commit changed what it measures")
@@ -116,12 +191,25 @@ def check_all(root: Path = REPO_ROOT) -> list[Freshness]:
     return [check(root, name, paths) for name, paths in MEASURES.items()]
 
 
+def remeasure_command(results_file: str) -> str:
+    """What re-measures ``results_file``: its benchmark module, or the test tier that writes it."""
+    source = MEASURES[results_file][0]
+    if source.startswith("bench/"):
+        return "python -m bench." + Path(source).stem
+    return "make e2e" if source.startswith("tests/e2e/") else source
+
+
 def main() -> int:
     report = check_all()
     width = max(len(item.results_file) for item in report)
     for item in report:
         print(f"{item.results_file:<{width}}  {item.state:<7}  {item.commit[:12] or '-':<12}  {item.why}")
-    return 0 if all(item.state == "fresh" for item in report) else 1
+    stale = [item.results_file for item in report if item.state != "fresh"]
+    if stale:
+        print("\nnot fresh; re-measure on an idle machine, on committed code (or `make bench` for all of them):")
+        for name in stale:
+            print(f"  {remeasure_command(name):<34}  # {name}")
+    return 0 if not stale else 1
 
 
 if __name__ == "__main__":

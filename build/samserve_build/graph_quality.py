@@ -86,6 +86,26 @@ class OnnxSam:
                                            parameters, meta, 0)
         return cls(runners[model_spec.ENCODER_MODEL], runners[model_spec.DECODER_MODEL], meta)
 
+    @classmethod
+    def bf16_as_gated(cls, model_dir: Path, threads: int = 0) -> tuple[OnnxSam, str]:
+        """``cpu-openvino-bf16`` as its mask gates judge it, on any CPU: (the graphs, how they compute). Where this
+        CPU has native bf16 (the target's ``native_flags``), OpenVINO's bf16 as served ("openvino"); elsewhere
+        OpenVINO would quietly compute fp32, so the encoder's bf16 arithmetic is emulated in ONNX Runtime
+        (:mod:`samserve_build.precision.emulation`, "emulated"), with the fp32 decoder the target serves."""
+        from samserve_build.cpu_choice import Cpu
+        from samserve_build.precision import emulation
+
+        target = ServingTargetName.CPU_OPENVINO_BF16
+        if set(SERVING_TARGETS[target].native_flags) & set(Cpu.detect().flags):
+            return cls.of_target(model_dir, target, threads), "openvino"
+        model_dir = Path(model_dir)
+        encoder = model_dir / emulation.emulation_file(model_spec.ENCODER_FILE)
+        if not encoder.exists():
+            emulation.write_bf16_emulation(model_dir / model_spec.ENCODER_FILE, encoder)
+        parameters = {"intra_op_threads": str(threads)}
+        return cls(OnnxRunner(encoder, parameters), OnnxRunner(model_dir / model_spec.DECODER_FILE, parameters),
+                   model_spec.ModelMetadata.read(model_dir)), "emulated"
+
     def embed(self, image: np.ndarray) -> tuple[np.ndarray, processing.PreparedImage]:
         """(float32 1 x C x h x w embedding, the prepared image)."""
         prepared = processing.prepare_image(image, self.meta.image_size)

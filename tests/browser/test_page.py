@@ -238,9 +238,9 @@ def test_box_choices_and_keyboard(page, stub, object_points) -> None:
     page.wait_for_function("window.samserveApp.prompt() === null")
 
 
-def test_hover_previews_the_mask(page, object_points) -> None:
-    """An image dropped on the page is embedded; hovering decodes in the browser and draws a preview; its latency
-    is logged."""
+def test_hover_previews_the_mask(page, stub, object_points) -> None:
+    """An image dropped on the page is embedded; hovering decodes in the browser and draws a preview that is the
+    server's best mask for that point (Segment, multimask, the highest predicted IoU); its latency is logged."""
     page.evaluate("""async () => {
         const blob = await (await fetch('demo.png')).blob();
         const transfer = new DataTransfer();
@@ -253,8 +253,15 @@ def test_hover_previews_the_mask(page, object_points) -> None:
     x, y = object_points[0]
     page.mouse.move(*screen_point(page, x, y))
     page.wait_for_function("window.samserveApp.counters().hoverDraws >= 1")
-    overlay = canvas_pixels(page, "#overlay-layer")
-    assert (overlay[..., 3] > 0).sum() > 50
+    preview = canvas_pixels(page, "#overlay-layer")[..., 3] > 0  # no prompt yet: no markers, only the preview
+    hovered = page.evaluate("window.samserveApp.latencyLog()")[-1]  # where the drawn preview was decoded
+    image_id = page.evaluate("window.samserveApp.image().imageId")
+    (server,) = _server_masks(stub, image_id, [{"points": [{"x": hovered["x"], "y": hovered["y"], "label": 1}],
+                                                "multimask": True}])
+    best = max(server, key=lambda mask: mask.predicted_iou)
+    expected = _decode_rle(best.rle)
+    assert expected.sum() > 50, "the server's mask is (nearly) empty: this compares nothing"
+    assert iou(preview, expected) >= MIN_IOU
     latencies = page.evaluate("window.samserveApp.latencies()")
     assert latencies and all(ms > 0 for ms in latencies)
 

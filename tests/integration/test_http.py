@@ -14,6 +14,7 @@ import grpc
 import httpx
 import pytest
 from google.protobuf import json_format, message
+from google.rpc import error_details_pb2, status_pb2
 
 from samserve.core.api import METHOD_NAMES, pb, pb_grpc
 from samserve.security.tls import client_channel
@@ -140,6 +141,9 @@ ERROR_CASES: dict[str, tuple[str, message.Message]] = {
     "too many decoder prompts": ("GenerateMasks", pb.GenerateMasksRequest(image_bytes=b"x", points_per_side=128,
                                                                            crop_n_layers=1)),
     "embedding of an unknown id": ("GetEmbedding", pb.GetEmbeddingRequest(image_id="e" * 64)),
+    "malformed image id": ("Segment", pb.SegmentRequest(image_id="../../etc/passwd", prompts=[
+        pb.Prompt(points=[pb.Point(x=1, y=1, label=FG)])])),
+    "embedding of a malformed id": ("GetEmbedding", pb.GetEmbeddingRequest(image_id="F" * 64)),
     "decoder of other weights": ("GetDecoder", pb.GetDecoderRequest(weights_sha256="0" * 64)),
 }
 
@@ -159,6 +163,41 @@ def test_every_grpc_error_has_its_http_twin(stub, http, case):
     body = response.json()
     assert body["code"] == code.value[0] and body["message"] == raised.value.details()
     assert response.headers["x-request-id"]
+
+
+@pytest.mark.parametrize("image_id", ["../../etc/passwd", "F" * 64, "f" * 63, "f" * 65, "not-hex-" * 8])
+def test_a_malformed_image_id_is_invalid_argument_naming_the_field(stub, http, image_id):
+    """Not 64 lowercase hex digits: never a cache lookup (NOT_FOUND would say "expired, send it again"), but
+    INVALID_ARGUMENT with a field violation on image_id, over gRPC and HTTP alike."""
+    request = pb.SegmentRequest(image_id=image_id, prompts=[pb.Prompt(points=[pb.Point(x=1, y=1, label=FG)])])
+    with pytest.raises(grpc.RpcError) as raised:
+        stub.Segment(request, timeout=60)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    status = status_pb2.Status.FromString(dict(raised.value.trailing_metadata())["grpc-status-details-bin"])
+    violations = [violation for detail in status.details if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR)
+                  for violation in _unpacked(detail, error_details_pb2.BadRequest).field_violations]
+    assert [violation.field for violation in violations] == ["image_id"]
+    response = _http_call(http, "Segment", request)
+    assert response.status_code == 400 and response.json()["message"] == raised.value.details()
+    assert any(v["field"] == "image_id" for d in response.json()["details"] for v in d.get("fieldViolations", []))
+
+
+def _unpacked(detail, kind):
+    unpacked = kind()
+    detail.Unpack(unpacked)
+    return unpacked
+
+
+@pytest.mark.parametrize("method", ["Segment", "Embed", "GetModel"])
+def test_a_method_a_route_does_not_serve_is_405_with_allow(http, method):
+    verb, path = _route(method, **({"image_id": "f" * 64} if method == "Segment" else {}))
+    other = "GET" if verb == "POST" else "POST"
+    response = http.request(other, path, content=b"{}")
+    assert response.status_code == 405, response.text
+    assert verb in response.headers["allow"].split(", ") and other not in response.headers["allow"]
+    assert response.json()["code"] == grpc.StatusCode.UNIMPLEMENTED.value[0] and other in response.json()["message"]
+    assert http.request("DELETE", path).status_code == 405
+    assert http.get("/v1/no-such-route").status_code == 404  # a path the API does not have stays 404
 
 
 def test_a_deadline_over_http_is_the_grpc_deadline(http):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import subprocess
 
 import numpy as np
@@ -222,3 +223,17 @@ def test_a_gateway_says_why_it_cannot_serve_what_triton_serves(tiny_model, tmp_p
         log = _gateway_log_once_not_serving(gateway_factory, triton.grpc_url, "Triton cannot serve the SAM models")
         line = next(line for line in log.splitlines() if "Triton cannot serve the SAM models" in line)
         assert "sam_decoder UNAVAILABLE" in line and "sam_encoder" not in line
+
+
+def test_a_gateway_refuses_an_encoder_and_a_decoder_of_different_models(tiny_model, tmp_path, gateway_factory):
+    """Triton serves both models, but the decoder's metadata names another model than the encoder's (a repository
+    assembled from two exports): the gateway never pairs them, health stays NOT_SERVING and the log names both."""
+    repo = repository.write_repository(tiny_model.directory, tmp_path / "mixed")
+    config = repo / model_spec.DECODER_MODEL / "config.pbtxt"
+    text = config.read_text()
+    mixed = re.sub(r'\\"model_id\\": \\"[^\\]*\\"', lambda _: '\\"model_id\\": \\"other:model\\"', text)
+    assert mixed != text and "other:model" in mixed
+    config.write_text(mixed)
+    with serve_repository(repo, tmp_path / "mixed-triton") as triton:
+        log = _gateway_log_once_not_serving(gateway_factory, triton.grpc_url, "and decoder other:model differ")
+        assert f"encoder {tiny_model.metadata.model_id} and decoder other:model differ" in log

@@ -68,3 +68,49 @@ def test_every_results_file_says_what_it_measures() -> None:
     assert results == set(freshness.MEASURES), "add the file to bench/freshness.MEASURES (or remove it)"
     missing = {path for paths in freshness.MEASURES.values() for path in paths if not (ROOT / path).exists()}
     assert not missing, f"MEASURES names paths that do not exist: {missing}"
+
+
+@pytest.mark.parametrize(("before", "after"), [
+    ("def f(x: int) -> int:\n    return x + 1\n", "def f(x: float) -> float:\n    return x + 1  # a comment\n"),
+    ("def f(x):\n    return x\n", 'def f(x):\n    """Now documented."""\n    return x\n'),
+    ("LIMIT = 3\n", "LIMIT: int = 3\n"),
+    ("def f():\n    y = []\n    return y\n", "def f():\n    y: list[int] = []\n    return y\n"),
+])
+def test_comments_docstrings_and_annotations_leave_results_fresh(repo: Path, before: str, after: str) -> None:
+    commit_file(repo, "code/measured.py", before)
+    record(repo, git(repo, "rev-parse", "HEAD"))
+    commit_file(repo, "code/measured.py", after)
+    commit_file(repo, "code/README.md", "docs beside the code")
+    checked = freshness.check(repo, "r.json", ("code",))
+    assert checked.state == "fresh" and "only comments" in checked.why
+
+
+@pytest.mark.parametrize(("before", "after"), [
+    ("def f(x):\n    return x + 1\n", "def f(x):\n    return x + 2\n"),
+    ("import dataclasses\n@dataclasses.dataclass\nclass C:\n    x: int\n",
+     "import dataclasses\n@dataclasses.dataclass\nclass C:\n    x: int\n    y: int = 0\n"),  # a new field
+    ("class S:\n    x: int = 1\n", "class S:\n    x: float = 1\n"),  # pydantic fields validate by annotation
+])
+def test_a_code_change_makes_results_stale(repo: Path, before: str, after: str) -> None:
+    commit_file(repo, "code/measured.py", before)
+    record(repo, git(repo, "rev-parse", "HEAD"))
+    commit_file(repo, "code/measured.py", after)
+    checked = freshness.check(repo, "r.json", ("code",))
+    assert checked.state == "stale" and "code/measured.py" in checked.why
+
+
+def test_every_benchmark_depends_on_the_bench_modules_it_imports() -> None:
+    """A benchmark's figures depend on the bench modules it imports (e.g. amg_cpu.py's amg_figures.py)."""
+    import ast
+
+    for name, paths in freshness.MEASURES.items():
+        script = ROOT / paths[0]
+        if not paths[0].startswith("bench/"):
+            continue
+        imported = set()
+        for node in ast.walk(ast.parse(script.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "bench":
+                imported |= {f"bench/{alias.name}.py" for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("bench."):
+                imported.add(node.module.replace(".", "/") + ".py")
+        assert imported <= set(paths), f"{name}: add {sorted(imported - set(paths))} to MEASURES"

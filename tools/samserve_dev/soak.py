@@ -681,6 +681,13 @@ def _rolling_no_failures(summary: dict, calls: list[Call]) -> tuple[bool, object
     return _ran(summary, "gateway_rolling_restart") and not failures, failures
 
 
+def _rolling_no_resends(summary: dict, calls: list[Call]) -> tuple[bool, object]:
+    """Image bytes re-sent after NOT_FOUND during and after the rolling restart: calls that "0 failed" counts as
+    answered, though the client had to send the image again because no tier held it."""
+    resent = summary["by_fault"].get("gateway_rolling_restart", {}).get("resent_after_not_found")
+    return _ran(summary, "gateway_rolling_restart") and resent == 0, resent
+
+
 def _triton_only_unavailable(summary: dict, calls: list[Call]) -> tuple[bool, object]:
     failures = _failures(summary, "triton_sigkill")
     return _ran(summary, "triton_sigkill") and set(failures) <= {"UNAVAILABLE"}, failures
@@ -729,6 +736,8 @@ TARGETS: dict[str, tuple[str, Target]] = {
                                      _redis_no_failures),
     "rolling_restart_no_failed_calls": ("0 failed calls during and after the rolling restart of a gateway",
                                         _rolling_no_failures),
+    "rolling_restart_no_resends": ("0 image re-sends after NOT_FOUND during and after the rolling restart",
+                                   _rolling_no_resends),
     "triton_restart_only_unavailable": ("during and after the Triton restart, failures are UNAVAILABLE only",
                                         _triton_only_unavailable),
     "triton_recovery_within_30s": (f"{RECOVERY_STREAK} consecutive successes within {TRITON_RECOVERY_TARGET_S:.0f} s"

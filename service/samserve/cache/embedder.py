@@ -96,6 +96,16 @@ class ImageRef:
         self._lock = asyncio.Lock()
 
     @classmethod
+    def from_id(cls, image_id: str, max_pixels: int, field: str = "image_id", scope: str = "") -> ImageRef:
+        """An image sent by reference: ``image_id`` must be what Embed returns (64 lowercase hex digits, the SHA-256
+        of the bytes); anything else is INVALID_ARGUMENT naming ``field``, never a cache lookup."""
+        if not images.IMAGE_ID.fullmatch(image_id):
+            shown = image_id if len(image_id) <= 80 else image_id[:77] + "..."
+            raise InvalidArgument(f"image_id {shown!r} is not an image id: 64 lowercase hex digits, as Embed returns",
+                                  field=field)
+        return cls(image_id, max_pixels=max_pixels, scope=scope)
+
+    @classmethod
     def from_bytes(cls, data: bytes, max_pixels: int, field: str = "image", scope: str = "") -> ImageRef:
         """An image sent by value; its id is the content address of the bytes. Empty bytes are INVALID_ARGUMENT."""
         if not data:

@@ -57,7 +57,7 @@ class SegmentAnythingServicer(pb_grpc.SegmentAnythingServicer):
             return ImageRef.from_bytes(request.image_bytes, self.settings.max_image_pixels, field="image_bytes",
                                        scope=self._scope())
         if which == "image_id":
-            return ImageRef(request.image_id, max_pixels=self.settings.max_image_pixels, scope=self._scope())
+            return ImageRef.from_id(request.image_id, self.settings.max_image_pixels, scope=self._scope())
         raise InvalidArgument("set image_bytes or image_id", field="image")
 
     def _check_mask_pixels(self, prompts: Any, original_hw: tuple[int, int], num_mask_tokens: int) -> None:

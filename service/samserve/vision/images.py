@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -15,6 +16,10 @@ BAND_PIXELS = 4_000_000
 """Pixels converted to the output array at a time: peak memory of a decode is Pillow's image (4 bytes per pixel)
 plus the result (3), not the several whole-image copies that ``np.asarray(image.convert("RGB"))`` makes (a 64 MP
 JPEG: +0.45 GB instead of +1.1 GB)."""
+
+
+IMAGE_ID = re.compile(r"[0-9a-f]{64}")
+"""What :func:`image_id` returns: the hex SHA-256 of the bytes."""
 
 
 def image_id(data: bytes) -> str:

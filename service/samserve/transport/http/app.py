@@ -24,7 +24,8 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.responses import JSONResponse, PlainTextResponse
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
@@ -33,8 +34,8 @@ from samserve.core.settings import GatewaySettings
 from samserve.security.tls import ServerCertificates
 from samserve.transport.call_context import REQUEST_ID_HEADER
 from samserve.transport.http import openapi
-from samserve.transport.http.routes import http_routes
-from samserve.transport.http.transcoding import TIMEOUT_HEADER, Transcoder
+from samserve.transport.http.routes import HttpRoute, http_routes
+from samserve.transport.http.transcoding import TIMEOUT_HEADER, Transcoder, error_response
 
 WEB_STATIC = Path(__file__).parents[2] / "web_static"  # samserve/web_static: package data
 """The built web page (``make web``: web/ bundled with onnxruntime-web); git-ignored."""
@@ -48,6 +49,7 @@ def create_app(channel: grpc.aio.Channel, max_request_bytes: int, cors_origins: 
         Route(route.template, transcoder.endpoint(route), methods=[route.verb], name=f"{route.method.name}:{i}")
         for i, route in enumerate(http_routes())
     ]
+    routes += method_not_allowed_routes(http_routes())
     document = openapi.document(http_routes())
     routes.append(Route("/openapi.json", lambda request: JSONResponse(document), methods=["GET"]))
     if (web_static / "index.html").exists():
@@ -62,6 +64,32 @@ def create_app(channel: grpc.aio.Channel, max_request_bytes: int, cors_origins: 
                                      expose_headers=[REQUEST_ID_HEADER, "retry-after"]))
     return Starlette(routes=routes, middleware=middleware)
 
+
+
+HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
+"""The methods a route answers 405 for when they are not its own (OPTIONS stays CORS's; HEAD follows GET)."""
+
+
+def method_not_allowed_routes(bindings: list[HttpRoute]) -> list[BaseRoute]:
+    """For each path of the API, the methods it does not serve: 405 with ``Allow`` naming those it does (without
+    these the page's catch-all mount would answer 404, as if the path did not exist)."""
+    allowed: dict[str, set[str]] = {}
+    for binding in bindings:
+        allowed.setdefault(binding.template, set()).add(binding.verb)
+    routes: list[BaseRoute] = []
+    for template, verbs in allowed.items():
+        allow = ", ".join(sorted(verbs | ({"HEAD"} if "GET" in verbs else set())))
+
+        async def refuse(request: Request, allow: str = allow) -> Response:
+            response = error_response(grpc.StatusCode.UNIMPLEMENTED, f"{request.method} is not allowed on "
+                                      f"{request.url.path}; allowed: {allow}",
+                                      request_id=request.headers.get(REQUEST_ID_HEADER), http_status=405)
+            response.headers["allow"] = allow
+            return response
+
+        others = [method for method in HTTP_METHODS if method not in verbs]
+        routes.append(Route(template, refuse, methods=others, name=f"405:{template}"))
+    return routes
 
 
 class _EmbeddedUvicorn(uvicorn.Server):
