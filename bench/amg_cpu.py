@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import IO, Any, Protocol
 
 from bench.amg_figures import IOU_MIN, PEAK_MEMORY_RATIO_TARGET, SPEEDUP_TARGET, parity, spread, targets_met
-from bench.common import WORK, add_output_argument, environment, print_table, vit_b_model, write_results
+from bench.common import REPO_ROOT, WORK, add_output_argument, environment, print_table, vit_b_model, write_results
 
 RESULTS_FILE = "amg_cpu.json"
 CARD_THRESHOLDS = {"pred_iou_thresh": 0.2, "stability_score_thresh": 0.5}
@@ -247,8 +247,8 @@ class Official:
 
     def __init__(self, model: str, args: argparse.Namespace) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, __file__, "--official-worker", model, *worker_arguments(args)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            [sys.executable, "-m", "bench.amg_cpu", "--official-worker", model, *worker_arguments(args)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT,
         )
         self.ready = self._answer()
 

@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import WORK, add_output_argument, environment, print_table, write_results
+from bench.common import REPO_ROOT, WORK, add_output_argument, environment, print_table, write_results
 
 VARIANTS = ("vit_b", "vit_h")
 SEED = 0
@@ -40,9 +40,9 @@ def worker(variant: str, out_dir: Path) -> None:
 def measure(variant: str) -> dict[str, object]:
     """Export ``variant`` in a child process; its time, peak memory, files and errors (the files are removed after)."""
     out_dir = WORK / "export" / variant
-    command = [sys.executable, __file__, "--worker", variant, "--worker-out", str(out_dir)]
+    command = [sys.executable, "-m", "bench.export_cpu", "--worker", variant, "--worker-out", str(out_dir)]
     started = time.perf_counter()
-    child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT)
     assert child.stdout is not None
     output = child.stdout.read()
     _, status, usage = os.wait4(child.pid, 0)
