@@ -288,7 +288,7 @@ class Ours:
     name = "ours"
 
     def __init__(self, client: Any, image: Any, pids: dict[str, list[int]]) -> None:
-        from gateway_cpu import png_with_tag
+        from bench.gateway_cpu import png_with_tag
 
         self.client, self.image, self.pids = client, image, pids
         self.png_with_tag = png_with_tag

@@ -45,7 +45,7 @@ MEASURES: dict[str, tuple[str, ...]] = {
     "models_cpu.json": ("bench/models_cpu.py", *PLUMBING, *SERVING_PATH, *CPU_RUNTIMES),
     "gateway_cpu.json": ("bench/gateway_cpu.py", *PLUMBING, *SERVING_PATH),
     "throughput_cpu.json": ("bench/throughput_cpu.py", *PLUMBING, *SERVING_PATH),
-    "amg_cpu.json": ("bench/amg_cpu.py", "bench/amg_figures.py", *PLUMBING, *SERVING_PATH,
+    "amg_cpu.json": ("bench/amg_cpu.py", "bench/amg_figures.py", "bench/gateway_cpu.py", *PLUMBING, *SERVING_PATH,
                      "build/checkpoints/samserve_scenes_v1.pth"),
     "export_cpu.json": ("bench/export_cpu.py", "bench/common.py", "build/samserve_build/export.py",
                         "build/samserve_build/graphs.py",

@@ -28,8 +28,7 @@ import shutil
 import time
 from pathlib import Path
 
-from amg_cpu import scenes_model
-
+from bench.amg_cpu import scenes_model
 from bench.common import WORK, add_output_argument, environment, print_table, vit_b_model, write_results
 from samserve.core import model_spec
 from samserve_build import cpu_choice, graph_quality, precision

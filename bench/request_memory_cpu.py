@@ -27,9 +27,9 @@ from pathlib import Path
 import cv2
 import grpc
 import numpy as np
-from amg_cpu import CARD_THRESHOLDS, scenes_model
 from PIL import Image
 
+from bench.amg_cpu import CARD_THRESHOLDS, scenes_model
 from bench.common import WORK, add_output_argument, environment, print_table, write_results
 from samserve.core.api import pb, pb_grpc
 from samserve.core.settings import GatewaySettings
