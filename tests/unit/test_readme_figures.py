@@ -458,6 +458,10 @@ def soak_figures() -> Figures:
         f"Targets, {verdict}: {targets['no_wrong_answers']['measured']} wrong answers; "
         f"{sum(sum(by_fault[f]['failures_by_code'].values()) for f in no_failure_faults)} failed calls through the "
         "Redis faults and the rolling restart"]
+    if "rolling_restart_no_resends" in targets:
+        resends = targets["rolling_restart_no_resends"]
+        rows["image re-sends after NOT_FOUND"] = [f"{resends['measured']} image re-sends after NOT_FOUND",
+                                                  f"({met(resends['met'])})"]
     triton = targets["triton_recovery_within_30s"]
     within = quoted(triton["target"], r"within (\d+ s)")
     rows["of Triton being ready"] = [f"within {within} of Triton being ready (at most "
