@@ -20,7 +20,9 @@ import openvino as ov
 import torch
 
 from bench.common import (
+    BY_CPU,
     WORK,
+    cpu_key,
     environment,
     interleaved_samples,
     print_table,
@@ -141,9 +143,17 @@ def main() -> None:
     print_table("vit_b graphs in-process, 2-core CPU (ms, median)",
                 ["runtime", "encoder", "decoder", f"decoder x{BATCH_PROMPTS}", "enc rel err", "dec rel err"], rows)
     print(f"auto picks the encoder of {choice.encoder} and the decoder of {choice.decoder}")
+    machine = {**environment(), "openvino": ov.__version__}
+    # This CPU's row of the cross-CPU table, kept next to the other CPUs' rows (docs/cpu-runtimes.md).
+    write_results(f"{cpu_key(machine['cpu'])}.json", {
+        "benchmark": "bench/backends_cpu.py", "environment": machine, "model": "vit_b, seeded random (seed 0)",
+        "median_ms": {name: {stage: r[stage]["median_ms"] for stage in ("encoder", "decoder") if stage in r}
+                      for name, r in runtimes.items()},
+        "auto": {"encoder": auto["encoder"], "decoder": auto["decoder"]},
+    }, BY_CPU)
     write_results("backends_cpu.json", {
         "benchmark": "bench/backends_cpu.py",
-        "environment": {**environment(), "openvino": ov.__version__},
+        "environment": machine,
         "model": {"variant": "vit_b", "weights": "seeded random (seed 0)"},
         "runtimes": runtimes,
         "unserved_decoders": list(UNSERVED_DECODERS),

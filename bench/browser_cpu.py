@@ -144,7 +144,8 @@ def main() -> None:
     print_table(f"hover-to-mask in chromium, shipped model, {image['width']}x{image['height']} demo scene (ms)",
                 ["span", "p50", "p90", "p99", "n"],
                 [[name, r["p50_ms"], r["p90_ms"], r["p99_ms"], r["n"]] for name, r in results.items()])
-    p50 = results["hover_to_drawn"]["p50_ms"]
+    # The figure and its target: the mask on screen, i.e. the first frame after it was drawn into the canvas.
+    p50 = results["hover_to_next_frame"]["p50_ms"]
     print_table("target", ["figure", "value", "target"], [["hover-to-mask p50, ms", p50, f"<= {HOVER_P50_TARGET_MS}"]])
     write_results("browser_cpu.json", {
         "benchmark": "bench/browser_cpu.py",
@@ -161,7 +162,7 @@ def main() -> None:
                      "hover_to_next_frame": "pointer event timestamp -> the next requestAnimationFrame after the draw",
                      "decode_and_upscale": "decoder run (onnxruntime-web) + upscaling the best mask to the image size"},
         "results": results,
-        "figures": {"hover_to_mask_p50_ms": p50, "hover_to_mask_p90_ms": results["hover_to_drawn"]["p90_ms"]},
+        "figures": {"hover_to_mask_p50_ms": p50, "hover_to_mask_p90_ms": results["hover_to_next_frame"]["p90_ms"]},
         "targets": {"hover_to_mask_p50_ms": HOVER_P50_TARGET_MS},
         "targets_met": {"hover_to_mask_p50_ms": p50 <= HOVER_P50_TARGET_MS},
         "screenshots": shots,

@@ -22,6 +22,11 @@ import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS = REPO_ROOT / "bench" / "results"
+BY_CPU = RESULTS / "cpus"
+"""One file per CPU a benchmark ran on (``<vendor>-<family>-<model>-<stepping>-<flags>.json``), kept across machines:
+the cross-CPU tables of docs/ are rendered from them."""
+STARTED = time.monotonic()
+"""When this benchmark process started: every results file records its run time (``environment.run_s``)."""
 WORK = REPO_ROOT / ".samserve" / "bench"
 
 warnings.filterwarnings("ignore")
@@ -77,10 +82,12 @@ def sampling_record(names: Sequence[str], repeats: int, warmup: int) -> dict[str
 
 
 def summary(samples: list[float]) -> dict[str, float]:
-    """Milliseconds: median, p90, p99, mean, n."""
+    """Milliseconds: median, p90, p99, mean, the spread (min, max), n."""
     ms = np.asarray(samples) * 1000.0
     return {
         "median_ms": float(np.median(ms)),
+        "min_ms": float(ms.min()),
+        "max_ms": float(ms.max()),
         "p90_ms": float(np.percentile(ms, 90)),
         "p99_ms": float(np.percentile(ms, 99)),
         "mean_ms": float(statistics.fmean(ms)),
@@ -94,6 +101,12 @@ def cpu() -> dict[str, object]:
     from samserve_build.cpu_choice import Cpu
 
     return Cpu.detect().record()
+
+
+def cpu_key(processor: Mapping[str, object]) -> str:
+    """The file name stem of a CPU in :data:`BY_CPU`: vendor, family, model, stepping and the flags that matter."""
+    flags = "+".join(processor["flags"]) or "noflags"  # type: ignore[arg-type]
+    return f"{processor['vendor']}-{processor['family']}-{processor['model_number']}-{processor['stepping']}-{flags}"
 
 
 def git_commit() -> str:
@@ -169,7 +182,10 @@ def shown_path(path: Path) -> str:
 
 
 def write_results(name: str, payload: dict, directory: Path = RESULTS) -> Path:
-    """``payload`` as indented JSON in ``directory``/``name``."""
+    """``payload`` as indented JSON in ``directory``/``name``; a benchmark's environment block gains ``run_s``, the
+    seconds this process ran (what ``make bench`` spends on it)."""
+    if isinstance(payload.get("environment"), dict) and "torch" in payload["environment"]:
+        payload["environment"]["run_s"] = round(time.monotonic() - STARTED, 1)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / name
     path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")

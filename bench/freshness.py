@@ -199,11 +199,33 @@ def remeasure_command(results_file: str) -> str:
     return "make e2e" if source.startswith("tests/e2e/") else source
 
 
+def run_times(root: Path) -> dict[str, float]:
+    """Seconds each benchmark's process ran when it wrote its results file (``environment.run_s``), by file."""
+    times = {}
+    for name in MEASURES:
+        location = root / RESULTS / name
+        if location.exists():
+            run_s = json.loads(location.read_text()).get("environment", {}).get("run_s")
+            if run_s is not None:
+                times[name] = float(run_s)
+    return times
+
+
+def print_run_times(root: Path) -> None:
+    """What each benchmark took when it last ran, and the sum: the time ``make bench`` spends on them."""
+    times = run_times(root)
+    if times:
+        print("\nrun time of each benchmark when it last ran: " + ", ".join(
+            f"{name.removesuffix('.json')} {seconds / 60:.1f}" for name, seconds in times.items())
+            + f" (minutes; {sum(times.values()) / 60:.1f} in all)")
+
+
 def main() -> int:
     report = check_all()
     width = max(len(item.results_file) for item in report)
     for item in report:
         print(f"{item.results_file:<{width}}  {item.state:<7}  {item.commit[:12] or '-':<12}  {item.why}")
+    print_run_times(REPO_ROOT)
     stale = [item.results_file for item in report if item.state != "fresh"]
     if stale:
         print("\nnot fresh; re-measure on an idle machine, on committed code (or `make bench` for all of them):")

@@ -157,7 +157,7 @@ def print_summary(result: soak.SoakResult) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--duration-s", type=float, default=600.0, help="length of the run (faults scale with it)")
+    parser.add_argument("--duration-s", type=float, default=240.0, help="length of the run (faults scale with it)")
     parser.add_argument("--rate", type=float, default=8.0, help="calls per second of the main load")
     parser.add_argument("--model", choices=sorted(MODELS), default="scenes")
     parser.add_argument("--big-images", type=int, default=4, help="~60-megapixel images sent at once")

@@ -91,6 +91,41 @@ def test_segment_by_id_re_embeds_from_the_kept_bytes_when_the_embedding_is_gone(
     assert sample(samples, "samserve_image_store_lookups_total", tier="l2", result="error") == 0
 
 
+def test_a_redis_restart_then_a_gateway_restart_needs_no_resend(gateway_factory, tiny_triton, tmp_path):
+    """Redis restarts empty while gateways serve from tier 1; a gateway that writes tier 1 back (marker check every
+    0.2 s) keeps its ids valid for a freshly started gateway, bytes and embedding both (no encoder run); the ids of
+    a gateway that does not write back (check off) are lost, which shows the restart did lose them."""
+    redis = RedisServer(free_port(), tmp_path / "redis").start()
+    keeper = gateway_factory(tiny_triton.url, redis.url, redis_refill_check_s=0.2)
+    forgetter = gateway_factory(tiny_triton.url, redis.url, redis_refill_check_s=0)
+    prompt = [PromptSpec(points=[(50, 50)], labels=[1])]
+    with SamServeClient(keeper.target) as client:
+        kept = client.embed(data := new_image()).image_id
+        (expected,) = client.segment(kept, prompt)
+    with SamServeClient(forgetter.target) as client:
+        lost = client.embed(new_image()).image_id
+    redis.stop()
+    redis.start()  # no persistence: it comes back empty
+    with redis.client() as store:
+        wait_until(lambda: store.get(f"samserve:img:{kept}"), lambda value: value == data, "the written-back bytes",
+                   timeout_s=20)
+        namespace = tiny_triton.model.metadata.cache_namespace
+        wait_until(lambda: store.exists(f"samserve:emb:{namespace}:{kept}"), bool, "the written-back embedding",
+                   timeout_s=20)
+    refilled = scrape(keeper.metrics_url)
+    assert sample(refilled, "samserve_tier2_refilled_total", kind="image") == 1
+    assert sample(refilled, "samserve_tier2_refilled_total", kind="embedding") == 1
+    restarted = gateway_factory(tiny_triton.url, redis.url)
+    before = encoder_count(tiny_triton.url)
+    with SamServeClient(restarted.target) as client:
+        (answer,) = client.segment(kept, prompt)
+        code, details = _code(lambda: client.segment(lost, prompt))
+    assert encoder_count(tiny_triton.url) == before  # the embedding itself came back from Redis
+    np.testing.assert_array_equal(answer.masks, expected.masks)
+    assert code == grpc.StatusCode.NOT_FOUND and "send the image bytes again" in details
+    redis.stop()
+
+
 def _concurrent_segments(targets: list[str], data: bytes, calls: int) -> list:
     barrier = threading.Barrier(calls)
 

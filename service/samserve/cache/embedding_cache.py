@@ -20,13 +20,15 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, Protocol
 
 from samserve.cache.codec import EmbeddingCodec
 from samserve.cache.redis_tier import FailureLog, RedisTier
+from samserve.cache.refill import Record
 from samserve.core import metrics
 from samserve.core.embedding import EmbeddedImage, Embedding
 
@@ -235,6 +237,12 @@ class EmbeddingCache:
 
     async def _unlock(self, lock_key: str, token: str) -> Any:
         return await self.redis.eval(self.UNLOCK_SCRIPT, 1, lock_key, token)
+
+    def records(self) -> Iterator[Record]:
+        """Tier 1 as tier-2 records (fp16, as :meth:`_l2_put` writes them), most recently used first
+        (:mod:`samserve.cache.refill` writes them back)."""
+        for key, entry in reversed(self._l1.items()):
+            yield "embedding", key, functools.partial(EmbeddingCodec.encode, entry.image.embedding)
 
     async def close(self) -> None:
         """Drop tier 1; entries still in use are released when their last lease ends."""

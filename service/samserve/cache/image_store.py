@@ -19,10 +19,12 @@ the
 from __future__ import annotations
 
 import collections
+from collections.abc import Iterator
 from typing import Any
 
 from samserve.cache.codec import CorruptRecord
 from samserve.cache.redis_tier import FailureLog, RedisTier
+from samserve.cache.refill import Record, constant
 from samserve.core import metrics
 from samserve.vision import images
 
@@ -116,6 +118,11 @@ class ImageStore:
         if data is not None:
             self._l1_put(cache_id, data)
         return data
+
+    def records(self) -> Iterator[Record]:
+        """Tier 1 as tier-2 records, most recently used first (:mod:`samserve.cache.refill` writes them back)."""
+        for cache_id, data in reversed(self._l1.items()):
+            yield "image", self.key(cache_id), constant(data)
 
     def close(self) -> None:
         """Drop tier 1."""

@@ -33,6 +33,8 @@ CACHE_L1_BYTES = Gauge("samserve_cache_l1_bytes", "Bytes of embeddings held in t
 IMAGE_STORE_LOOKUPS = Counter("samserve_image_store_lookups_total", "Image bytes store lookups (an image_id whose "
                               "embedding must be computed) by tier and result", ["tier", "result"])
 IMAGE_STORE_L1_BYTES = Gauge("samserve_image_store_l1_bytes", "Bytes of encoded images held in tier 1 (in process)")
+TIER2_REFILLED = Counter("samserve_tier2_refilled_total", "Tier-1 records written back to Redis after Redis lost "
+                         "its keys (samserve.cache.refill), by kind (image, embedding)", ["kind"])
 SINGLE_FLIGHT_WAITS = Counter("samserve_single_flight_waits_total",
                               "Requests that waited for another request's (or replica's) encode of the same image")
 ENCODES = Counter("samserve_encodes_total", "Encoder runs started by this gateway")

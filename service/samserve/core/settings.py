@@ -203,6 +203,10 @@ class GatewaySettings(BaseSettings):
     redis_timeout_s: float = Field(
         1.0, description="per Redis operation; slower counts as a failure (the request still succeeds)")
     redis_lock_ttl_s: float = Field(120.0, description="single-flight lock lifetime (a crashed holder's lock expires)")
+    redis_refill_check_s: float = Field(
+        2.0, ge=0, description="how often the gateway checks that Redis still holds its marker key; when Redis lost "
+        "its keys (a restart without persistence), tier 1's images and embeddings are written back, so ids stay "
+        "valid across a later gateway restart (one EXPIRE per check; 0 = never check)")
     failure_log_interval_s: float = Field(30.0, description="Redis failures are logged at most once per interval")
 
     @property

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 from grpc_health.v1 import health, health_pb2
@@ -16,6 +17,7 @@ from samserve import __version__
 from samserve.cache.embedder import DecodeBudget, EncodeLimiter, ImageEmbedder
 from samserve.cache.embedding_cache import EmbeddingCache
 from samserve.cache.image_store import ImageStore
+from samserve.cache.refill import Record, Tier2Refill
 from samserve.core import metrics, model_spec
 from samserve.core.api import SERVICE_NAME
 from samserve.core.errors import Unavailable
@@ -47,6 +49,8 @@ class ModelWatcher:
             settings.l1_image_bytes, settings.max_request_bytes, redis, ttl_s=settings.redis_ttl_s,
             redis_timeout_s=settings.redis_timeout_s, failure_log_interval_s=settings.failure_log_interval_s,
         )
+        self.refill = Tier2Refill(self.images.tier2, self._tier1_records, settings.redis_refill_check_s,
+                                  settings.redis_ttl_s)
         self._model: ServedModel | None = None
         self._ready = False
         self._task: asyncio.Task[None] | None = None
@@ -56,9 +60,16 @@ class ModelWatcher:
             raise Unavailable("Triton's SAM models are not ready")
         return self._model
 
+    def _tier1_records(self) -> Iterator[Record]:
+        """What tier 1 holds (image bytes, then the served model's embeddings), for the write-back to Redis."""
+        yield from self.images.records()
+        if self._model is not None:
+            yield from self._model.embedder.cache.records()
+
     async def start(self) -> None:
         await self._set_health(False)
         self._task = asyncio.create_task(self._watch(), name="watch-triton")
+        self.refill.start()
 
     async def _set_health(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -117,6 +128,7 @@ class ModelWatcher:
 
     async def close(self) -> None:
         """Stop watching and drop tier 1 (embeddings and image bytes)."""
+        await self.refill.close()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
