@@ -41,7 +41,7 @@ from samserve_build.targets import CPU_TARGETS, SERVING_TARGETS
 from samserve_dev import mixed_precision
 from samserve_dev.images import synthetic_image
 
-ENCODER_REPEATS, DECODER_REPEATS, BATCH_REPEATS = 5, 30, 8
+ENCODER_REPEATS, DECODER_REPEATS, BATCH_REPEATS = 3, 30, 5
 BATCH_PROMPTS = 16
 REFERENCE = "pytorch-official-modules"
 UNSERVED_DECODERS = ("openvino-bf16-decoder", "onnxruntime-int8-decoder")

@@ -19,6 +19,7 @@ from pycocotools import mask as mask_utils
 
 from samserve.core.api import pb, pb_grpc
 from samserve.security import key_file
+from samserve.vision import polygons
 from samserve_build import scenes
 from samserve_dev.browser import (
     DEMO_SCENE,
@@ -311,6 +312,17 @@ def test_segment_everything_and_downloads(page, stub, tmp_path: Path) -> None:
     union = np.logical_or.reduce([_decode_rle(m.rle) for m in server.masks])
     assert np.array_equal(png.any(axis=-1), union)
 
+    # COCO polygons of every mask, asked of GenerateMasks again: one per server mask, in its order
+    with page.expect_download() as download_info:
+        page.click("#download-polygons")
+    outlined = json.loads(Path(download_info.value.path()).read_text())["annotations"]
+    assert [a["area"] for a in outlined] == [int(m.area) for m in server.masks]
+    for annotation, reference in zip(outlined, server.masks, strict=True):
+        rings = [polygons.Ring(ring["points"], ring["role"], ring["parent"]) for ring in annotation["rings"]]
+        drawn = polygons.polygons_to_mask(polygons.PolygonSet(rings, 0, 0.0, *masks[0].shape), *masks[0].shape)
+        assert iou(drawn, _decode_rle(reference.rle)) == pytest.approx(annotation["polygon_iou"], abs=1e-6)
+        assert annotation["polygon_iou"] >= polygons.MIN_IOU
+
 
 def test_clicked_mask_downloads(page, stub, object_points, tmp_path: Path) -> None:
     """The COCO JSON and PNG of a clicked mask are the drawn mask (and so the server's)."""
@@ -335,6 +347,19 @@ def test_clicked_mask_downloads(page, stub, object_points, tmp_path: Path) -> No
         page.click("#download-png")
     png = np.asarray(Image.open(Path(download_info.value.path())).convert("L"))
     assert np.array_equal(png > 127, mask)
+
+    # COCO polygons, made by the server for the same prompt: they outline the drawn mask
+    with page.expect_download() as download_info:
+        page.click("#download-polygons")
+    assert download_info.value.suggested_filename.endswith(".polygons.coco.json")
+    (outlined,) = json.loads(Path(download_info.value.path()).read_text())["annotations"]
+    assert outlined["mask_token"] == current["token"] and outlined["area"] == int(reference.area)
+    rings = [polygons.Ring(ring["points"], ring["role"], ring["parent"]) for ring in outlined["rings"]]
+    assert outlined["segmentation"] == [ring.points for ring in rings if ring.role == "exterior"]
+    drawn = polygons.polygons_to_mask(polygons.PolygonSet(rings, 0, 0.0, *mask.shape), *mask.shape)
+    assert outlined["polygon_iou"] >= polygons.MIN_IOU
+    assert iou(drawn, _decode_rle(reference.rle)) == pytest.approx(outlined["polygon_iou"], abs=1e-6)
+    assert iou(drawn, mask) >= polygons.MIN_IOU * MIN_IOU
 
 
 def test_a_bearer_token_from_the_page(browser, browser_triton, tmp_path: Path, object_points) -> None:

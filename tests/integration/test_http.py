@@ -182,6 +182,30 @@ def test_a_malformed_image_id_is_invalid_argument_naming_the_field(stub, http, i
     assert any(v["field"] == "image_id" for d in response.json()["details"] for v in d.get("fieldViolations", []))
 
 
+@pytest.mark.parametrize("tolerance", [-0.5, float("nan"), float("inf"), 1e6])
+@pytest.mark.parametrize("method", ["Segment", "GenerateMasks"])
+def test_a_bad_polygon_tolerance_is_invalid_argument_naming_the_field(stub, http, method, tolerance):
+    """Negative, NaN, infinite or absurd: refused before any work, over gRPC and HTTP alike."""
+    image = new_image()
+    if method == "Segment":
+        request = pb.SegmentRequest(image_bytes=image, prompts=[pb.Prompt(points=[pb.Point(x=1, y=1, label=FG)])],
+                                    mask_encoding=pb.MASK_ENCODING_POLYGON, polygon_tolerance_px=tolerance)
+    else:
+        request = pb.GenerateMasksRequest(image_bytes=image, points_per_side=4,
+                                          mask_encoding=pb.MASK_ENCODING_POLYGON, polygon_tolerance_px=tolerance)
+    with pytest.raises(grpc.RpcError) as raised:
+        getattr(stub, method)(request, timeout=60)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    status = status_pb2.Status.FromString(dict(raised.value.trailing_metadata())["grpc-status-details-bin"])
+    violations = [violation for detail in status.details if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR)
+                  for violation in _unpacked(detail, error_details_pb2.BadRequest).field_violations]
+    assert [violation.field for violation in violations] == ["polygon_tolerance_px"]
+    response = _http_call(http, method, request)
+    assert response.status_code == 400 and response.json()["message"] == raised.value.details()
+    assert any(v["field"] == "polygon_tolerance_px" for d in response.json()["details"]
+               for v in d.get("fieldViolations", []))
+
+
 def _unpacked(detail, kind):
     unpacked = kind()
     detail.Unpack(unpacked)

@@ -12,7 +12,7 @@ import pytest
 from samserve.cache.embedder import DecodeBudget
 from samserve.core.api import pb
 from samserve.core.errors import ResourceExhausted
-from samserve.transport.convert import ResponseBudget, mask_encoder
+from samserve.transport.convert import MaskEncoding, ResponseBudget, mask_encoder
 from samserve.vision import processing
 from samserve.vision.segmentation import PixelBudget
 
@@ -73,16 +73,26 @@ def test_planes_in_flight_stay_within_the_pixel_budget():
 
 def test_an_answer_stops_at_its_byte_limit():
     noisy = np.random.default_rng(0).random((64, 64)) > 0.5
-    rle, png = mask_encoder(pb.MASK_ENCODING_RLE_AND_PNG, ResponseBudget(10**9))(noisy)
-    assert rle is not None and png
-    size = len(png) + len(rle["counts"])
+    both = MaskEncoding.of(pb.SegmentRequest(mask_encoding=pb.MASK_ENCODING_RLE_AND_PNG))
+    encoded = mask_encoder(both, ResponseBudget(10**9))(noisy)
+    assert encoded.rle is not None and encoded.png and encoded.polygons is None
+    size = len(encoded.png) + len(encoded.rle["counts"])
     budget = ResponseBudget(max_bytes=2 * size)
-    encode = mask_encoder(pb.MASK_ENCODING_RLE_AND_PNG, budget)
+    encode = mask_encoder(both, budget)
     encode(noisy)
     encode(noisy)
     with pytest.raises(ResourceExhausted, match="SAMSERVE_MAX_RESPONSE_BYTES") as refused:
         encode(noisy)
     assert refused.value.quota == "max_response_bytes" and budget.spent == 3 * size
+
+
+def test_polygons_are_charged_to_the_answer_budget_too():
+    noisy = np.random.default_rng(0).random((64, 64)) > 0.5
+    outlines = MaskEncoding.of(pb.SegmentRequest(mask_encoding=pb.MASK_ENCODING_POLYGON, polygon_tolerance_px=0))
+    encoded = mask_encoder(outlines, ResponseBudget(10**9))(noisy)
+    assert encoded.rle is None and not encoded.png and encoded.polygons.rings
+    with pytest.raises(ResourceExhausted, match="SAMSERVE_MAX_RESPONSE_BYTES"):
+        mask_encoder(outlines, ResponseBudget(encoded.polygons.ByteSize() - 1))(noisy)
 
 
 def test_a_segment_is_split_into_decoder_calls_of_bounded_size():

@@ -20,6 +20,7 @@ const ui = {
   progressText: $("progress-text"), undo: $("undo"), clear: $("clear"), choices: $("choices"),
   everything: $("everything"), pointsPerSide: $("points-per-side"), predIouThresh: $("pred-iou-thresh"),
   stabilityThresh: $("stability-thresh"), everythingInfo: $("everything-info"), downloadCoco: $("download-coco"),
+  downloadPolygons: $("download-polygons"),
   downloadPng: $("download-png"), token: $("token"), stage: $("stage"), placeholder: $("placeholder"),
   imageLayer: $("image-layer"), maskLayer: $("mask-layer"), overlay: $("overlay-layer"),
 };
@@ -548,6 +549,54 @@ function downloadCoco() {
   save(new Blob([text], { type: "application/json" }), `${baseName()}.coco.json`);
 }
 
+/**
+ * The shown masks as COCO polygons, made by the server (MASK_ENCODING_POLYGON, its default tolerance of 1 px):
+ * "segment everything" is asked again for polygons with the same parameters (its embeddings are cached), a clicked
+ * mask is asked of Segment with the current prompt. Each annotation's segmentation is its exterior rings (COCO has
+ * no holes); `rings` keeps every ring with its role ("interior" = a hole in ring `parent`).
+ */
+async function cocoPolygonDocument() {
+  const { imageId } = state.image;
+  let masks;
+  if (state.everything) {
+    const response = await state.client.generateMasks(imageId, {
+      ...everythingParameters(), maskEncoding: "MASK_ENCODING_POLYGON",
+    });
+    masks = (response.masks ?? []).map((record) => ({
+      polygons: record.polygons, extra: { area: Number(record.area), predicted_iou: record.predictedIou },
+    }));
+  } else {
+    const token = state.result.tokens[state.selected];
+    const response = await state.client.segment(imageId, [currentPrompt()], "MASK_ENCODING_POLYGON");
+    const mask = response.results[0].masks.find((m) => (m.tokenIndex ?? 0) === token);
+    masks = [{ polygons: mask.polygons, extra: { area: Number(mask.area), predicted_iou: mask.predictedIou,
+      mask_token: token } }];
+  }
+  const document = cocoDocument();
+  document.annotations = masks.map(({ polygons, extra }, i) => {
+    // protobuf JSON leaves out zeros: a hole of ring 0 has no "parent" field
+    const rings = (polygons?.rings ?? []).map((ring) => ({
+      points: ring.points, role: ring.role === "RING_ROLE_INTERIOR" ? "interior" : "exterior",
+      parent: ring.role === "RING_ROLE_INTERIOR" ? (ring.parent ?? 0) : null,
+    }));
+    return {
+      id: i + 1, image_id: 1, category_id: 1, iscrowd: 0,
+      segmentation: rings.filter((ring) => ring.role === "exterior").map((ring) => ring.points),
+      rings, polygon_iou: polygons?.iou ?? 0, ...extra,
+    };
+  });
+  return document;
+}
+
+async function downloadCocoPolygons() {
+  try {
+    const text = JSON.stringify(await cocoPolygonDocument());
+    save(new Blob([text], { type: "application/json" }), `${baseName()}.polygons.coco.json`);
+  } catch (error) {
+    fail(error);
+  }
+}
+
 /** PNG at the image's size: one mask white on black, or every mask in its colour on black. */
 async function downloadPng() {
   const { width, height } = state.image;
@@ -575,6 +624,7 @@ function updateButtons() {
   ui.clear.disabled = !ready || (!state.points.length && !state.box && !state.everything);
   ui.everything.disabled = !ready;
   ui.downloadCoco.disabled = !hasMasks;
+  ui.downloadPolygons.disabled = !hasMasks;
   ui.downloadPng.disabled = !hasMasks;
 }
 
@@ -714,6 +764,7 @@ ui.undo.addEventListener("click", undo);
 ui.clear.addEventListener("click", clearAll);
 ui.everything.addEventListener("click", segmentEverything);
 ui.downloadCoco.addEventListener("click", downloadCoco);
+ui.downloadPolygons.addEventListener("click", downloadCocoPolygons);
 ui.downloadPng.addEventListener("click", downloadPng);
 ui.token.value = state.client.token ?? "";
 function applyToken() {

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -15,10 +16,11 @@ import numpy as np
 from pydantic import ValidationError
 
 from samserve.client import bulk
-from samserve.client.typed_client import FOREGROUND, PromptSpec, SamServeClient
+from samserve.client.typed_client import FOREGROUND, Masks, PromptSpec, SamServeClient
+from samserve.core.api import pb
 from samserve.core.settings import ClientSettings, GatewaySettings
 from samserve.security.tls import TlsConfigError
-from samserve.vision import amg
+from samserve.vision import amg, polygons
 from samserve.vision.images import decode_image
 from samserve.vision.overlay import draw_overlay
 
@@ -70,14 +72,25 @@ def segment_command(settings: GatewaySettings, args: argparse.Namespace) -> int:
         x0, y0, x1, y1 = (float(v) for v in args.box.split(","))
         box = (x0, y0, x1, y1)
     prompt = PromptSpec(points=points, labels=labels, box=box, multimask_output=not args.single)
+    encoding = pb.MASK_ENCODING_POLYGON if args.polygon else pb.MASK_ENCODING_RLE
     with _client(args) as client:
         embedded = client.embed(data)
-        (answer,) = client.segment(embedded.image_id, [prompt])
+        (answer,) = client.segment(embedded.image_id, [prompt], encoding=encoding,
+                                   polygon_tolerance_px=args.polygon_tolerance)
     print(f"image {embedded.image_id[:16]}... {embedded.width}x{embedded.height}, model {embedded.model_id}, "
           f"cached={embedded.cached}")
     for k, token in enumerate(answer.token_index):
+        outline = ""
+        if answer.polygons is not None:
+            found = answer.polygons[k]
+            outline = (f", {len(found.rings)} ring(s) of {found.vertex_count()} vertices (IoU {found.iou:.4f} with "
+                       f"the mask at {found.tolerance_px:g} px)")
         print(f"mask token {token}: predicted IoU {answer.predicted_iou[k]:.3f}, stability "
-              f"{answer.stability_score[k]:.3f}, area {int(answer.masks[k].sum())} px")
+              f"{answer.stability_score[k]:.3f}, area {int(answer.masks[k].sum())} px{outline}")
+    if args.polygon:
+        Path(args.polygon).write_text(json.dumps(polygons_document(embedded.image_id, embedded.width,
+                                                                   embedded.height, answer), indent=1))
+        print(f"wrote {args.polygon} (every mask's polygons)")
     if args.out:
         best = int(np.argmax(answer.predicted_iou))
         image = decode_image(data, max_pixels=1 << 31)
@@ -87,10 +100,24 @@ def segment_command(settings: GatewaySettings, args: argparse.Namespace) -> int:
     return 0
 
 
+def polygons_document(image_id: str, width: int, height: int, answer: Masks) -> dict[str, object]:
+    """What ``samserve segment --polygon FILE`` writes: per mask, COCO's ``segmentation`` (the exterior rings) and
+    every ring with its role (exterior, interior = a hole) and parent, in original-image pixels."""
+    assert answer.polygons is not None
+    return {"image_id": image_id, "width": width, "height": height, "masks": [
+        {"token_index": answer.token_index[k], "predicted_iou": float(answer.predicted_iou[k]),
+         "segmentation": polygons.coco_segmentation(found),
+         "rings": [{"points": ring.points, "role": ring.role, "parent": ring.parent} for ring in found.rings],
+         "iou_with_mask": found.iou, "tolerance_px": found.tolerance_px, "dropped_parts": found.dropped_parts}
+        for k, found in enumerate(answer.polygons)]}
+
+
 def generate_masks_command(settings: GatewaySettings, args: argparse.Namespace) -> int:
     """The bulk job (samserve.client.bulk): exit 0 when every image has its JSON, 1 when some failed."""
     root, images = bulk.list_images(args.input)
     params = bulk.params_from_args(vars(args), amg.SCALAR_PARAMETERS)
+    if args.polygon:  # COCO polygons (exterior rings) as segmentation, every ring with its role in "rings"
+        params.update(mask_encoding=pb.MASK_ENCODING_POLYGON, polygon_tolerance_px=args.polygon_tolerance)
     with _client(args) as client:
         report = bulk.run_bulk(images, root, args.out, client, params, concurrency=args.concurrency,
                                retry_failed=args.retry_failed, progress=not args.quiet, timeout_s=args.timeout)
@@ -125,6 +152,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     p_segment.add_argument("--box", help="x0,y0,x1,y1 in image pixels")
     p_segment.add_argument("--single", action="store_true", help="single-mask output instead of 3 masks")
     p_segment.add_argument("--out", help="write an overlay PNG of the best mask and the prompt")
+    p_segment.add_argument("--polygon", metavar="FILE", help="ask for polygons and write them as JSON: per mask "
+                           "COCO's segmentation and every ring with its role (holes are interior rings)")
+    p_segment.add_argument("--polygon-tolerance", type=float, default=None, metavar="PX",
+                           help="simplification tolerance in pixels (server default 1; 0 = the traced outline)")
     p_bulk = commands.add_parser("generate-masks", parents=[options],
                                  help="segment everything in a folder or list of images")
     p_bulk.set_defaults(run=_reporting_errors(generate_masks_command), settings=GatewaySettings)
@@ -134,6 +165,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     p_bulk.add_argument("--retry-failed", action="store_true", help="also retry images rejected as invalid before")
     p_bulk.add_argument("--timeout", type=float, default=None, help="seconds per image (default: the client's 600)")
     p_bulk.add_argument("--quiet", action="store_true", help="no progress bar")
+    p_bulk.add_argument("--polygon", action="store_true", help="segmentation as COCO polygons (holes in \"rings\") "
+                        "instead of RLE")
+    p_bulk.add_argument("--polygon-tolerance", type=float, default=polygons.DEFAULT_TOLERANCE_PX, metavar="PX",
+                        help="simplification tolerance in pixels (default 1; 0 = the traced outline)")
     for name in amg.SCALAR_PARAMETERS:
         default = getattr(amg.AmgParams(), name)
         p_bulk.add_argument("--" + name.replace("_", "-"), type=float if isinstance(default, float) else int,

@@ -27,7 +27,7 @@ import numpy as np
 from samserve.core.api import pb, pb_grpc
 from samserve.core.settings import ClientSettings
 from samserve.security.tls import client_channel
-from samserve.vision import images, mask_encoding
+from samserve.vision import images, mask_encoding, polygons
 
 FOREGROUND, BACKGROUND = 1, 0
 _LABELS = {FOREGROUND: pb.POINT_LABEL_FOREGROUND, BACKGROUND: pb.POINT_LABEL_BACKGROUND}
@@ -83,15 +83,28 @@ class Masks:
     token_index: list[int]
     low_res_logits: np.ndarray | None
     """float32, K x h x w when asked for."""
+    polygons: list[polygons.PolygonSet] | None = None
+    """Per mask, when MASK_ENCODING_POLYGON was asked for (``masks`` is then these polygons rasterised)."""
+
+
+def polygons_from_proto(message: pb.Polygons, height: int, width: int) -> polygons.PolygonSet:
+    """A Polygons message as :class:`samserve.vision.polygons.PolygonSet` (rings with roles and parents)."""
+    roles = {pb.RING_ROLE_EXTERIOR: "exterior", pb.RING_ROLE_INTERIOR: "interior"}
+    rings = [polygons.Ring(list(ring.points), roles[ring.role],  # type: ignore[arg-type]
+                           None if ring.parent < 0 else ring.parent) for ring in message.rings]
+    return polygons.PolygonSet(rings, message.dropped_parts, message.iou, height, width, message.tolerance_px)
 
 
 def masks_from_proto(result: pb.PromptResult, height: int, width: int) -> Masks:
     decoded = []
-    for mask in result.masks:
+    outlines = [polygons_from_proto(m.polygons, height, width) for m in result.masks if m.HasField("polygons")]
+    for k, mask in enumerate(result.masks):
         if mask.HasField("rle"):
             decoded.append(mask_encoding.decode_rle(list(mask.rle.size), mask.rle.counts))
-        else:
+        elif mask.png:
             decoded.append(mask_encoding.decode_png(mask.png))
+        else:
+            decoded.append(polygons.polygons_to_mask(outlines[k], height, width))
     logits = None
     if result.masks and result.masks[0].HasField("low_res_logits"):
         logits = np.stack([
@@ -104,18 +117,27 @@ def masks_from_proto(result: pb.PromptResult, height: int, width: int) -> Masks:
         stability_score=np.array([m.stability_score for m in result.masks], np.float32),
         token_index=[m.token_index for m in result.masks],
         low_res_logits=logits,
+        polygons=outlines or None,
     )
 
 
 def annotation_from_proto(mask: pb.GeneratedMask) -> dict[str, Any]:
     """One GenerateMasks record in the official ``SamAutomaticMaskGenerator.generate`` layout (output_mode
     "coco_rle"): segmentation {"size": [H, W], "counts": str}, area, bbox XYWH, predicted_iou,
-    point_coords [[x, y]], stability_score, crop_box XYWH. Without RLE in the response, segmentation is None."""
+    point_coords [[x, y]], stability_score, crop_box XYWH. With polygons (MASK_ENCODING_POLYGON) segmentation is
+    COCO's polygon list (the exterior rings), and ``rings`` (every ring: points, role, parent) and ``polygon_iou``
+    are added; with neither RLE nor polygons in the response, segmentation is None."""
     box = lambda b: [b.x, b.y, b.width, b.height]  # noqa: E731
-    segmentation = None
+    segmentation: Any = None
+    extra: dict[str, Any] = {}
     if mask.HasField("rle"):
         segmentation = {"size": list(mask.rle.size), "counts": mask.rle.counts.decode("ascii")}
-    return {
+    elif mask.HasField("polygons"):
+        outline = polygons_from_proto(mask.polygons, 0, 0)
+        segmentation = polygons.coco_segmentation(outline)
+        extra = {"rings": [{"points": r.points, "role": r.role, "parent": r.parent} for r in outline.rings],
+                 "polygon_iou": outline.iou, "polygon_tolerance_px": outline.tolerance_px}
+    return {**extra,
         "segmentation": segmentation, "area": int(mask.area), "bbox": box(mask.bbox),
         "predicted_iou": mask.predicted_iou, "point_coords": [[mask.point_coords.x, mask.point_coords.y]],
         "stability_score": mask.stability_score, "crop_box": box(mask.crop_box),
@@ -138,8 +160,15 @@ class GeneratedMasks:
         """bool, K x H x W."""
         if not self.annotations:
             return np.zeros((0, self.height, self.width), bool)
-        return np.stack([mask_encoding.decode_rle(a["segmentation"]["size"], a["segmentation"]["counts"].encode())
-                         for a in self.annotations])
+        return np.stack([self._mask(a) for a in self.annotations])
+
+    def _mask(self, annotation: dict[str, Any]) -> np.ndarray:
+        if "rings" in annotation:  # polygons: rasterised as the server measured their IoU
+            rings = [polygons.Ring(r["points"], r["role"], r["parent"]) for r in annotation["rings"]]
+            outline = polygons.PolygonSet(rings, 0, annotation["polygon_iou"], self.height, self.width)
+            return polygons.polygons_to_mask(outline, self.height, self.width)
+        segmentation = annotation["segmentation"]
+        return mask_encoding.decode_rle(segmentation["size"], segmentation["counts"].encode())
 
 
 IMAGE_ID_HEADER = "x-samserve-image-id"
@@ -180,11 +209,14 @@ class SamServeClient:
         prompts: Sequence[PromptSpec],
         encoding: pb.MaskEncoding = pb.MASK_ENCODING_RLE,
         return_low_res_logits: bool = False,
+        polygon_tolerance_px: float | None = None,
     ) -> list[Masks]:
-        """Masks per prompt. ``image``: encoded bytes, or an ``image_id`` string from :meth:`embed`."""
+        """Masks per prompt. ``image``: encoded bytes, or an ``image_id`` string from :meth:`embed`.
+        ``encoding`` MASK_ENCODING_POLYGON: each answer's ``polygons``, simplified to ``polygon_tolerance_px``
+        (None: the server's default, 1 px)."""
         request = pb.SegmentRequest(
             prompts=[p.to_proto() for p in prompts], mask_encoding=encoding,
-            return_low_res_logits=return_low_res_logits,
+            return_low_res_logits=return_low_res_logits, polygon_tolerance_px=polygon_tolerance_px,
         )
         if isinstance(image, str):
             request.image_id = image
@@ -201,7 +233,7 @@ class SamServeClient:
         pred_iou_thresh, crop_n_layers, min_mask_region_area, ...); unset ones keep its defaults.
         ``point_grids``: per crop layer, G x 2 (x, y) in [0, 1] (instead of points_per_side)."""
         request = pb.GenerateMasksRequest(mask_encoding=pb.MASK_ENCODING_RLE)
-        for name, value in params.items():
+        for name, value in params.items():  # mask_encoding and polygon_tolerance_px included
             setattr(request, name, value)
         for grid in point_grids or ():
             grid = np.asarray(grid, dtype=np.float64)

@@ -6,6 +6,7 @@ a ``google.rpc.BadRequest`` field violation (see :mod:`samserve.transport.interc
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 from typing import Any
@@ -15,7 +16,7 @@ import numpy as np
 from samserve.core import model_spec
 from samserve.core.api import pb
 from samserve.core.errors import InvalidArgument, ResourceExhausted
-from samserve.vision import amg, mask_encoding, processing, segmentation
+from samserve.vision import amg, mask_encoding, polygons, processing, segmentation
 
 LABELS = {
     pb.POINT_LABEL_BACKGROUND: model_spec.LABEL_BACKGROUND,
@@ -23,6 +24,41 @@ LABELS = {
 }
 WANT_RLE = {pb.MASK_ENCODING_UNSPECIFIED, pb.MASK_ENCODING_RLE, pb.MASK_ENCODING_RLE_AND_PNG}
 WANT_PNG = {pb.MASK_ENCODING_PNG, pb.MASK_ENCODING_RLE_AND_PNG}
+WANT_POLYGONS = {pb.MASK_ENCODING_POLYGON}
+RING_ROLES = {"exterior": pb.RING_ROLE_EXTERIOR, "interior": pb.RING_ROLE_INTERIOR}
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskEncoding:
+    """What a request asks each mask to be sent as (its ``mask_encoding`` and ``polygon_tolerance_px``)."""
+
+    rle: bool
+    png: bool
+    polygon_tolerance_px: float | None
+    """None: no polygons."""
+
+    @classmethod
+    def of(cls, request: pb.SegmentRequest | pb.GenerateMasksRequest) -> MaskEncoding:
+        """The request's encoding; a bad tolerance is InvalidArgument naming ``polygon_tolerance_px`` (whatever the
+        encoding asked for: a client that sends one means it)."""
+        tolerance = polygons.DEFAULT_TOLERANCE_PX
+        if request.HasField(polygons.TOLERANCE_FIELD):
+            tolerance = polygons.validate_tolerance(request.polygon_tolerance_px)
+        if request.mask_encoding not in WANT_RLE | WANT_PNG | WANT_POLYGONS:
+            raise InvalidArgument(f"mask_encoding {request.mask_encoding} is not one of MaskEncoding's values",
+                                  field="mask_encoding")
+        return cls(request.mask_encoding in WANT_RLE, request.mask_encoding in WANT_PNG,
+                   tolerance if request.mask_encoding in WANT_POLYGONS else None)
+
+    def polygons(self, mask: np.ndarray) -> pb.Polygons | None:
+        """The Polygons message of an H x W bool mask, when asked for."""
+        if self.polygon_tolerance_px is None:
+            return None
+        found = polygons.mask_to_polygons(mask, self.polygon_tolerance_px)
+        return pb.Polygons(
+            rings=[pb.PolygonRing(points=ring.points, role=RING_ROLES[ring.role],
+                                  parent=-1 if ring.parent is None else ring.parent) for ring in found.rings],
+            iou=found.iou, tolerance_px=found.tolerance_px, dropped_parts=found.dropped_parts)
 
 
 def _finite(*values: float) -> bool:
@@ -90,8 +126,13 @@ def logits_to_proto(logits: np.ndarray) -> pb.LowResLogits:
     return pb.LowResLogits(height=logits.shape[0], width=logits.shape[1], data=logits.astype("<f4").tobytes())
 
 
-EncodedMask = tuple[dict | None, bytes]
-"""(COCO RLE or None, PNG bytes or b"") of one mask, as the request's encoding asks."""
+@dataclasses.dataclass(frozen=True)
+class EncodedMask:
+    """One mask as the request's encoding asks: COCO RLE, PNG bytes, polygons (each None or b"" when not asked)."""
+
+    rle: dict | None
+    png: bytes
+    polygons: pb.Polygons | None
 
 
 class ResponseBudget:
@@ -115,16 +156,17 @@ class ResponseBudget:
                 quota="max_response_bytes")
 
 
-def mask_encoder(encoding: int, budget: ResponseBudget) -> segmentation.Finish[EncodedMask]:
+def mask_encoder(encoding: MaskEncoding, budget: ResponseBudget) -> segmentation.Finish[EncodedMask]:
     """What Segment keeps of each full-size mask: its encodings (:func:`segmentation.segment_each`'s finish),
     charged to ``budget``."""
-    want_rle, want_png = encoding in WANT_RLE, encoding in WANT_PNG
 
     def encode(mask: np.ndarray) -> EncodedMask:
-        rle = mask_encoding.coco_rle(mask[None])[0] if want_rle else None
-        png = mask_encoding.png(mask) if want_png else b""
-        budget.spend(len(png) + (len(rle["counts"]) if rle is not None else 0))
-        return rle, png
+        rle = mask_encoding.coco_rle(mask[None])[0] if encoding.rle else None
+        png = mask_encoding.png(mask) if encoding.png else b""
+        outlines = encoding.polygons(mask)
+        budget.spend(len(png) + (len(rle["counts"]) if rle is not None else 0)
+                     + (outlines.ByteSize() if outlines is not None else 0))
+        return EncodedMask(rle, png, outlines)
 
     return encode
 
@@ -135,13 +177,13 @@ def results_to_proto(answers: list[segmentation.PromptAnswer[EncodedMask]]) -> l
     for answer in answers:
         masks = []
         for k, finished in enumerate(answer.masks):
-            rle, png = finished.value
+            encoded = finished.value
             message = pb.Mask(predicted_iou=float(answer.iou_predictions[k]),
                               stability_score=finished.stability_score, token_index=answer.token_indices[k],
-                              area=finished.area, png=png)
-            if rle is not None:
-                message.rle.size[:] = rle["size"]
-                message.rle.counts = rle["counts"]
+                              area=finished.area, png=encoded.png, polygons=encoded.polygons)
+            if encoded.rle is not None:
+                message.rle.size[:] = encoded.rle["size"]
+                message.rle.counts = encoded.rle["counts"]
             if answer.low_res_logits is not None:
                 message.low_res_logits.CopyFrom(logits_to_proto(answer.low_res_logits[k]))
             masks.append(message)
@@ -170,7 +212,8 @@ def _xywh(box: np.ndarray) -> pb.BoxXYWH:
     return pb.BoxXYWH(x=x0, y=y0, width=x1 - x0, height=y1 - y0)
 
 
-def generated_masks_to_proto(masks: amg.MaskSet, original_hw: tuple[int, int], encoding: int) -> list[pb.GeneratedMask]:
+def generated_masks_to_proto(masks: amg.MaskSet, original_hw: tuple[int, int],
+                             encoding: MaskEncoding) -> list[pb.GeneratedMask]:
     """The API records of every mask, field for field as the official ``generate`` returns them."""
     rles = masks.whole_frame_rles(original_hw)
     areas = mask_encoding.rle_areas(rles)
@@ -181,9 +224,10 @@ def generated_masks_to_proto(masks: amg.MaskSet, original_hw: tuple[int, int], e
             area=int(areas[k]), bbox=_xywh(masks.boxes[k]), predicted_iou=float(masks.predicted_iou[k]),
             point_coords=pb.Point(x=float(x), y=float(y), label=pb.POINT_LABEL_FOREGROUND),
             stability_score=float(masks.stability_score[k]), crop_box=_xywh(masks.crop_boxes[k]),
-            png=mask_encoding.png(masks.mask(k, original_hw)) if encoding in WANT_PNG else b"",
+            png=mask_encoding.png(masks.mask(k, original_hw)) if encoding.png else b"",
+            polygons=encoding.polygons(masks.mask(k, original_hw)),
         )
-        if encoding in WANT_RLE:
+        if encoding.rle:
             record.rle.size[:] = rle["size"]
             record.rle.counts = rle["counts"]
         records.append(record)

@@ -86,6 +86,7 @@ class SegmentAnythingServicer(pb_grpc.SegmentAnythingServicer):
         if len(request.prompts) > self.settings.max_prompts:
             raise InvalidArgument(f"{len(request.prompts)} prompts; the limit is {self.settings.max_prompts}",
                                   field="prompts")
+        encoding = convert.MaskEncoding.of(request)
         quotas.charge(quotas.Limit.DECODER_PROMPTS, len(request.prompts))
         budget = convert.ResponseBudget(self.settings.max_response_bytes)
         if request.return_low_res_logits:  # known before any work: 4 bytes per logit of each mask returned
@@ -102,7 +103,7 @@ class SegmentAnythingServicer(pb_grpc.SegmentAnythingServicer):
                 for i, p in enumerate(request.prompts)
             ]
             answers = await segmentation.segment_each(
-                self.triton, model.meta, embedded, prompts, convert.mask_encoder(request.mask_encoding, budget),
+                self.triton, model.meta, embedded, prompts, convert.mask_encoder(encoding, budget),
                 timeout, keep_logits=request.return_low_res_logits)
         return pb.SegmentResponse(
             image_id=image.image_id, width=original[1], height=original[0], cached=cached,
@@ -115,6 +116,7 @@ class SegmentAnythingServicer(pb_grpc.SegmentAnythingServicer):
         model = self.watcher.current()
         params = convert.amg_params_from_proto(request)
         params.validate(self.settings.max_generate_points, self.settings.max_generate_points_per_batch)
+        encoding = convert.MaskEncoding.of(request)
         planned = params.decoder_prompts()
         if planned > self.settings.max_generate_decoder_prompts:
             raise ResourceExhausted(
@@ -152,7 +154,7 @@ class SegmentAnythingServicer(pb_grpc.SegmentAnythingServicer):
         metrics.GENERATED_MASKS.observe(len(masks))
         metrics.GENERATE_POINTS.inc(generator.progress.points)
         records = await asyncio.get_running_loop().run_in_executor(
-            segmentation.POSTPROCESS_POOL, convert.generated_masks_to_proto, masks, original, request.mask_encoding
+            segmentation.POSTPROCESS_POOL, convert.generated_masks_to_proto, masks, original, encoding
         )
         return pb.GenerateMasksResponse(
             image_id=image.image_id, width=original[1], height=original[0], cached=not encoded_any,

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from typing import Literal
 
 import cv2
@@ -37,6 +38,9 @@ TOLERANCE_FIELD = "polygon_tolerance_px"
 MAX_TOLERANCE_PX = 1000.0
 """Largest simplification tolerance accepted, in pixels (beyond it every part degenerates)."""
 DEFAULT_TOLERANCE_PX = 1.0
+MIN_IOU = 0.98
+"""The IoU with its mask that an answer's polygons keep: below it, the mask is simplified again with half the
+tolerance (down to 0, the traced outline, which gives the mask back exactly)."""
 DEFAULT_MIN_AREA_PX = 4.0
 """Parts and holes of fewer pixels are dropped: single pixels and pairs (salt-and-pepper specks) go, a 2 x 2
 square stays."""
@@ -75,6 +79,8 @@ class PolygonSet:
     iou: float
     height: int
     width: int
+    tolerance_px: float = 0.0
+    """The simplification tolerance these rings were made with (see :func:`mask_to_polygons`)."""
 
     def vertex_count(self) -> int:
         return sum(len(ring.points) // 2 for ring in self.rings)
@@ -96,8 +102,11 @@ def validate_tolerance(value: float) -> float:
 
 
 def mask_to_polygons(mask: np.ndarray, tolerance_px: float = DEFAULT_TOLERANCE_PX,
-                     min_area_px: float = DEFAULT_MIN_AREA_PX) -> PolygonSet:
-    """The outlines of an H x W bool / uint8 ``mask`` (non-zero = in the mask), as rings.
+                     min_area_px: float = DEFAULT_MIN_AREA_PX, min_iou: float = MIN_IOU) -> PolygonSet:
+    """The outlines of an H x W bool / uint8 ``mask`` (non-zero = in the mask), as rings, simplified with
+    ``tolerance_px`` or, where that gives an IoU with the mask under ``min_iou``, with half of it, a quarter, ...
+    down to 0 (``PolygonSet.tolerance_px`` says which): a small or thin part loses most of its area to a 1-pixel
+    simplification, which cuts the outline's convex stretches inwards.
 
     Contours come from ``cv2.findContours`` (RETR_CCOMP: parts and their holes; an island in a hole is a part of
     its own), every traced vertex kept, then ``cv2.approxPolyDP`` with epsilon ``tolerance_px`` (0: no
@@ -109,11 +118,26 @@ def mask_to_polygons(mask: np.ndarray, tolerance_px: float = DEFAULT_TOLERANCE_P
     """
     tolerance = validate_tolerance(tolerance_px)
     pixels = _as_uint8(mask)
-    height, width = pixels.shape
     contours, hierarchy = cv2.findContours(pixels, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE)
+    while True:
+        polygons = _traced_to_polygons(pixels, contours, hierarchy, tolerance, min_area_px)
+        if polygons.iou >= min_iou or tolerance == 0:
+            return polygons
+        tolerance = tolerance / 2 if tolerance > 2 * _FINEST_TOLERANCE_PX else 0.0
+
+
+_FINEST_TOLERANCE_PX = 0.25
+"""Below this, the retries of :func:`mask_to_polygons` go straight to 0 (approxPolyDP then only drops the collinear
+vertices of the traced outline)."""
+
+
+def _traced_to_polygons(pixels: np.ndarray, contours: Sequence[np.ndarray], hierarchy: np.ndarray | None,
+                        tolerance: float, min_area_px: float) -> PolygonSet:
+    """The PolygonSet of traced ``contours`` (``cv2.findContours`` RETR_CCOMP of ``pixels``) at one tolerance."""
+    height, width = pixels.shape
     rings: list[Ring] = []
     dropped = 0
-    if contours:
+    if contours and hierarchy is not None:
         links = hierarchy.reshape(-1, 4)  # next, previous, first child, parent
         for index in np.flatnonzero(links[:, 3] < 0):
             holes = _children(links, int(index))
@@ -133,7 +157,7 @@ def mask_to_polygons(mask: np.ndarray, tolerance_px: float = DEFAULT_TOLERANCE_P
     truth = pixels.astype(bool)
     union = int(np.count_nonzero(redrawn | truth))
     iou = float(np.count_nonzero(redrawn & truth)) / union if union else 1.0
-    return PolygonSet(rings, dropped, iou, height, width)
+    return PolygonSet(rings, dropped, iou, height, width, tolerance)
 
 
 def polygons_to_mask(polygons: PolygonSet, height: int, width: int) -> np.ndarray:
