@@ -131,6 +131,9 @@ def main() -> None:
         image = upload(page)
         positions = hover_positions(args.warmup + args.hovers, image["width"], image["height"])
         log = measure_hovers(page, positions, args.warmup)
+        # How the page runs its decoder: threads need cross-origin isolation (the gateway's COOP/COEP headers)
+        isolated = page.evaluate("self.crossOriginIsolated")
+        threads = page.evaluate("window.samserveApp.lib.samclient.defaultThreads()")
         versions = {"chromium": browser.version,
                     "onnxruntime_web": json.loads((REPO_ROOT / "web" / "package.json").read_text())
                     ["dependencies"]["onnxruntime-web"]}
@@ -151,11 +154,12 @@ def main() -> None:
         "benchmark": "bench/browser_cpu.py",
         "environment": measured_on | {"browser": f"chromium {versions['chromium']} (Debian), headless, no GPU",
                                         "onnxruntime_web": versions["onnxruntime_web"],
-                                        "wasm_threads": 1},
+                                        "cross_origin_isolated": isolated, "wasm_threads": threads},
         "model": {"variant": meta.variant, "model_id": meta.model_id, "weights_sha256": meta.weights_sha256,
                   "image_size": meta.image_size, "low_res_mask_size": list(meta.low_res_mask_size)},
         "image": {"name": "web/demo.png", "width": image["width"], "height": image["height"]},
-        "stack": "chromium page (web/, onnxruntime-web wasm, 1 thread) <- samserve gateway HTTP <- Triton, loopback",
+        "stack": f"chromium page (web/, onnxruntime-web wasm, {threads} thread(s)) <- samserve gateway HTTP <- "
+                 "Triton, loopback",
         "sampling": {"hovers": args.hovers, "warmup": args.warmup, "positions": "seeded uniform over the image",
                      "scheme": "one move at a time, the next after the previous preview is drawn",
                      "hover_to_drawn": "pointer event timestamp -> the preview mask put into the overlay canvas",

@@ -58,7 +58,7 @@ def png_with_tag(image: np.ndarray, tag: int) -> bytes:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cold-repeats", type=int, default=5)
+    parser.add_argument("--cold-repeats", type=int, default=3)
     parser.add_argument("--hot-repeats", type=int, default=200)
     add_image_arguments(parser)
     add_output_argument(parser)

@@ -84,7 +84,7 @@ def measure(target: ServingTarget, setup: Scene, args: argparse.Namespace
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--encoder-repeats", type=int, default=5)
+    parser.add_argument("--encoder-repeats", type=int, default=3)
     parser.add_argument("--decoder-repeats", type=int, default=50)
     add_image_arguments(parser)
     args = parser.parse_args()

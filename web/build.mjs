@@ -10,8 +10,10 @@ import { fileURLToPath } from "node:url";
 const here = dirname(fileURLToPath(import.meta.url));
 const out = join(here, "..", "service", "samserve", "web_static");
 const require = createRequire(import.meta.url);
-// The single-threaded use of onnxruntime-web's wasm build needs only this file (its JS glue is in the bundle).
+// onnxruntime-web's wasm build and its JS glue as a module of its own: the page runs the decoder on several threads
+// where it is cross-origin isolated (the gateway sends COOP/COEP), and each worker thread loads that module.
 const wasm = require.resolve("onnxruntime-web/ort-wasm-simd-threaded.wasm");
+const glue = require.resolve("onnxruntime-web/ort-wasm-simd-threaded.mjs");
 
 rmSync(out, { recursive: true, force: true });
 mkdirSync(out, { recursive: true });
@@ -29,4 +31,5 @@ await build({
 });
 for (const name of ["index.html", "style.css", "demo.png"]) copyFileSync(join(here, name), join(out, name));
 copyFileSync(wasm, join(out, "ort-wasm-simd-threaded.wasm"));
+copyFileSync(glue, join(out, "ort-wasm-simd-threaded.mjs"));
 console.log(`web page built into ${out}`);

@@ -111,6 +111,12 @@ def test_the_page_loads_everything_from_the_gateway(browser, web_gateway: Gatewa
     wasm = page.request.get(web_gateway.http_url + "/ort-wasm-simd-threaded.wasm")
     assert wasm.ok and wasm.headers["content-type"] == "application/wasm"
     assert any(url.endswith("/decoder.onnx") for url in requests)
+    # cross-origin isolated (the gateway's COOP/COEP headers): the decoder runs on several wasm threads, each
+    # loading onnxruntime-web's glue module from the gateway too
+    assert page.evaluate("self.crossOriginIsolated")
+    threads = page.evaluate("window.samserveApp.lib.samclient.defaultThreads()")
+    assert threads == min(4, page.evaluate("navigator.hardwareConcurrency"))
+    assert threads == 1 or any(url.endswith("/ort-wasm-simd-threaded.mjs") for url in requests)
     context.close()
 
 

@@ -21,18 +21,29 @@ import * as ort from "onnxruntime-web/wasm";
 export const LABEL = Object.freeze({ PADDING: -1, BACKGROUND: 0, FOREGROUND: 1, BOX_TOP_LEFT: 2, BOX_BOTTOM_RIGHT: 3 });
 
 /**
- * Configure onnxruntime-web once, before the first session: where its .wasm file is served and how many threads
- * it may use. One thread by default: more need a cross-origin isolated page (SharedArrayBuffer).
+ * Configure onnxruntime-web once, before the first session: where its .wasm file and its JS glue (which each
+ * worker thread loads) are served and how many threads it may use ({@link defaultThreads}).
  *
  * @param {object} [options]
  * @param {string} [options.wasmUrl] URL of `ort-wasm-simd-threaded.wasm` (default: beside this bundle).
- * @param {number} [options.numThreads=1]
+ * @param {string} [options.glueUrl] URL of `ort-wasm-simd-threaded.mjs` (default: beside this bundle).
+ * @param {number} [options.numThreads] default {@link defaultThreads}
  */
-export function configureRuntime({ wasmUrl, numThreads = 1 } = {}) {
+export function configureRuntime({ wasmUrl, glueUrl, numThreads = defaultThreads() } = {}) {
   const url = wasmUrl ?? new URL("ort-wasm-simd-threaded.wasm", import.meta.url).href;
-  ort.env.wasm.wasmPaths = { wasm: url };
+  const mjs = glueUrl ?? new URL("ort-wasm-simd-threaded.mjs", import.meta.url).href;
+  ort.env.wasm.wasmPaths = { wasm: url, mjs };
   ort.env.wasm.numThreads = numThreads;
   ort.env.wasm.proxy = false;
+}
+
+/**
+ * Decoder threads: up to 4 of the machine's cores where the page is cross-origin isolated (SharedArrayBuffer,
+ * which wasm threads need: the gateway sends COOP/COEP with the page), else 1.
+ */
+export function defaultThreads() {
+  const isolated = typeof crossOriginIsolated !== "undefined" && crossOriginIsolated;
+  return isolated ? Math.max(1, Math.min(4, navigator.hardwareConcurrency || 1)) : 1;
 }
 
 /** An HTTP error answer of the gateway (Google's status mapping; body `{code, message, details}`). */

@@ -41,6 +41,18 @@ WEB_STATIC = Path(__file__).parents[2] / "web_static"  # samserve/web_static: pa
 """The built web page (``make web``: web/ bundled with onnxruntime-web); git-ignored."""
 
 
+class IsolatedStaticFiles(StaticFiles):
+    """The page's files with the headers that make it cross-origin isolated (COOP same-origin, COEP require-corp):
+    SharedArrayBuffer, and so onnxruntime-web's decoder on several threads. The page loads nothing cross-origin."""
+
+    ISOLATION = {"Cross-Origin-Opener-Policy": "same-origin", "Cross-Origin-Embedder-Policy": "require-corp"}
+
+    def file_response(self, *args: Any, **kwargs: Any) -> Response:
+        response = super().file_response(*args, **kwargs)
+        response.headers.update(self.ISOLATION)
+        return response
+
+
 def create_app(channel: grpc.aio.Channel, max_request_bytes: int, cors_origins: tuple[str, ...] = (),
                web_static: Path = WEB_STATIC) -> Starlette:
     """The HTTP application: the RPC routes, ``/openapi.json``, and the web page at ``/`` (when built)."""
@@ -53,7 +65,7 @@ def create_app(channel: grpc.aio.Channel, max_request_bytes: int, cors_origins: 
     document = openapi.document(http_routes())
     routes.append(Route("/openapi.json", lambda request: JSONResponse(document), methods=["GET"]))
     if (web_static / "index.html").exists():
-        routes.append(Mount("/", StaticFiles(directory=web_static, html=True), name="web"))
+        routes.append(Mount("/", IsolatedStaticFiles(directory=web_static, html=True), name="web"))
     else:
         routes.append(Route("/", lambda request: PlainTextResponse(
             "the web page is not built: run `make web` (npm), then restart the gateway", 404), methods=["GET"]))
