@@ -389,7 +389,8 @@ def multihost_figures() -> Figures:
             f"and {delayed['redis_ping']['median_ms']:.2f} ms over the delayed ones"],
         "takes longer than its second": [
             f"by +{plain['tier2_fetch_ms']:.1f} ms on plain links and +{delayed['tier2_fetch_ms']:.1f} ms over the "
-            f"delayed ones (medians of {data['sampling']['images']} image ids each)", f"Moving and staging {embedding}"],
+            f"delayed ones (medians of {data['sampling']['images']} image ids each)",
+            f"Moving and staging {embedding}"],
         "TCP's first window": [f"does not hold {embedding}"],
     }
 
