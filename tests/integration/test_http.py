@@ -78,7 +78,8 @@ def test_every_rpc_has_an_http_route_and_an_openapi_operation(http):
     for route in http_routes():
         assert route.verb.lower() in document["paths"][route.template]
     schema = document["components"]["schemas"]["samserve.v1.SegmentRequest"]["properties"]
-    assert {"imageBytes", "imageId", "prompts", "maskEncoding", "returnLowResLogits", "polygonTolerancePx"} == set(schema)
+    assert set(schema) == {"imageBytes", "imageId", "prompts", "maskEncoding", "returnLowResLogits",
+                           "polygonTolerancePx"}
 
 
 def _segment_request(image_id: str) -> pb.SegmentRequest:
