@@ -12,7 +12,7 @@ STAMP := $(VENV)/.samserve-installed
 DEBIAN_PACKAGES ?= redis-server prometheus chromium iproute2
 PYTEST_ARGS ?=
 
-.PHONY: up test e2e test-unit setup system-deps stubs web prepare bench bench-quick bench-gpu bench-status load clean train quality soak fuzz deploy-tools
+.PHONY: up test e2e test-unit setup system-deps stubs web prepare bench bench-all bench-quick bench-gpu bench-status load clean train quality soak fuzz deploy-tools
 
 # A local stack on loopback: auth is off unless a keys file is given, said explicitly (the gateway warns; README
 # "Security"); with SAMSERVE_API_KEYS_FILE (or SAMSERVE_AUTH) set, those apply.
@@ -81,7 +81,7 @@ $(STAMP): pyproject.toml tools/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip wheel
 	# torch/torchvision pinned to the releases on this machine's disk (CPU-only use; see README).
-	$(BIN)/python -m pip install --quiet -e '.[models,export,bench,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[models,export,bench,dev,labelstudio]'
 	# The test and benchmark support package (tools/samserve_dev), never part of the samserve wheel.
 	$(BIN)/python -m pip install --quiet -e tools
 	touch $(STAMP)
@@ -98,16 +98,22 @@ lint: setup
 prepare: setup
 	$(BIN)/samserve-build prepare
 
-# Every benchmark, regenerating every file in bench/results (the sum of their run times is printed at the end and
-# recorded per file as environment.run_s; the ViT-H export in export_cpu.py needs about 18 GB of memory). Run on an
-# otherwise idle machine, on committed code. browser_cpu goes last: it rewrites docs/web-*.png, tracked files a later
-# benchmark would see as changed.
+# The benchmarks whose results files are stale (`make bench-status`: measured at a commit older than the code they
+# measure), in BENCH_ALL's order; `make bench-all` runs every one, regenerating every file in bench/results (the sum
+# of their run times is printed at the end and recorded per file as environment.run_s; the ViT-H export in
+# export_cpu.py needs about 18 GB of memory). Run on an otherwise idle machine, on committed code. browser_cpu goes
+# last: it rewrites docs/web-*.png, tracked files a later benchmark would see as changed.
 BENCH_ALL = backends_cpu models_cpu gateway_cpu throughput_cpu amg_cpu quality_cpu precision_cpu export_cpu \
 	request_memory_cpu soak multihost_cpu browser_cpu
 # What a change to the gateway alone (service/samserve outside backends/) moves, minus the long soak and amg_cpu:
 # `make bench-status` afterwards names what is still stale.
 BENCH_QUICK = gateway_cpu throughput_cpu request_memory_cpu multihost_cpu
 bench: setup
+	stale="$$($(BIN)/python -m bench.freshness --stale-benchmarks $(BENCH_ALL))"; echo "stale: $${stale:-none}"; \
+	for name in $$stale; do $(BIN)/python -m bench.$$name || exit 1; done
+	$(BIN)/python -m bench.freshness
+
+bench-all: setup
 	for name in $(BENCH_ALL); do $(BIN)/python -m bench.$$name || exit 1; done
 	$(BIN)/python -m bench.freshness
 

@@ -9,7 +9,8 @@ the benchmark script, the shared benchmark plumbing, and the code it times. A fi
 * ``stale`` when one did (the commits and files are listed), or when it ran on uncommitted changes (``-dirty``),
 * ``unknown`` when it records no commit, or one that is not in this repository's history.
 
-``make bench-status`` prints the table and exits 1 when a file is not fresh; ``make bench`` regenerates them all.
+``make bench-status`` prints the table and exits 1 when a file is not fresh; ``make bench`` re-runs the benchmarks
+of the files that are not (``--stale-benchmarks``), ``make bench-all`` every benchmark.
 """
 
 from __future__ import annotations
@@ -29,6 +30,11 @@ SERVING_PATH = ("service/samserve", "build/samserve_build/export.py", "build/sam
                 "build/samserve_build/architectures.py", "model_repository/cpu-onnxruntime")
 """What every benchmark of the served models measures: the service, the exported graphs and their Triton configs
 (the cpu-onnxruntime target's: the CPU benchmarks serve no other)."""
+NOT_MEASURED = ("service/samserve/labelstudio", "service/samserve/cli/labelstudio.py",
+                "tools/samserve_dev/settings_doc.py")
+"""Under a measured path, but run by no benchmark: the Label Studio ML backend, a client of the gateway (the
+import rule, pyproject.toml, keeps the layers below it from importing it; the CLI loads it only for its own
+command), and the generator of docs/settings.md."""
 PLUMBING = ("bench/common.py", "tools/samserve_dev")
 CPU_RUNTIMES = ("service/samserve/backends/onnx_runner.py", "service/samserve/backends/openvino_runner.py",
                 "service/samserve/backends/python_model.py", "build/samserve_build/targets.py",
@@ -141,11 +147,17 @@ def code_fingerprint(text: str) -> str | None:
         return None
 
 
+def pathspecs(paths: tuple[str, ...]) -> list[str]:
+    """``paths`` for git, minus :data:`NOT_MEASURED`."""
+    return [*paths, *(f":(exclude){path}" for path in NOT_MEASURED)]
+
+
 def figure_changes(root: Path, revision: str, paths: tuple[str, ...]) -> list[str]:
-    """The files under ``paths`` that changed from ``revision`` to HEAD in a way a figure can see: every added,
-    deleted or non-Python file (but documentation), and Python files whose code differs beyond comments,
-    docstrings and type annotations."""
-    diff = git(root, "diff", "--name-status", "--no-renames", revision, "HEAD", "--", *paths).stdout.splitlines()
+    """The files under ``paths`` (but :data:`NOT_MEASURED`) that changed from ``revision`` to HEAD in a way a
+    figure can see: every added, deleted or non-Python file (but documentation), and Python files whose code
+    differs beyond comments, docstrings and type annotations."""
+    diff = git(root, "diff", "--name-status", "--no-renames", revision, "HEAD", "--",
+               *pathspecs(paths)).stdout.splitlines()
     changed = []
     for line in diff:
         status, _, name = line.partition("\t")
@@ -178,7 +190,7 @@ def check(root: Path, results_file: str, paths: tuple[str, ...]) -> Freshness:
         return Freshness(results_file, "stale", commit,
                          f"{len(later)} later commit(s) changed what it measures ({', '.join(changed[:3])}"
                          f"{', ...' if len(changed) > 3 else ''}), newest: {later[0] if later else '?'}")
-    exempt = git(root, "log", "--format=%h", f"{revision}..HEAD", "--", *paths).stdout.split()
+    exempt = git(root, "log", "--format=%h", f"{revision}..HEAD", "--", *pathspecs(paths)).stdout.split()
     if exempt:
         return Freshness(results_file, "fresh", commit, f"{len(exempt)} later commit(s) changed only comments, "
                          "docstrings, type annotations or docs in what it measures")
@@ -212,7 +224,7 @@ def run_times(root: Path) -> dict[str, float]:
 
 
 def print_run_times(root: Path) -> None:
-    """What each benchmark took when it last ran, and the sum: the time ``make bench`` spends on them."""
+    """What each benchmark took when it last ran, and the sum: the time ``make bench-all`` spends on them."""
     times = run_times(root)
     if times:
         print("\nrun time of each benchmark when it last ran: " + ", ".join(
@@ -220,7 +232,18 @@ def print_run_times(root: Path) -> None:
             + f" (minutes; {sum(times.values()) / 60:.1f} in all)")
 
 
+def stale_benchmarks(report: list[Freshness], order: list[str]) -> list[str]:
+    """The benchmark modules (names as in ``order``, e.g. ``amg_cpu``, kept in that order) whose results file is
+    not fresh: what ``make bench`` runs. Files that a test tier writes (``make e2e``) are not among them."""
+    stale = {Path(MEASURES[item.results_file][0]).stem for item in report
+             if item.state != "fresh" and MEASURES[item.results_file][0].startswith("bench/")}
+    return [name for name in order if name in stale]
+
+
 def main() -> int:
+    if sys.argv[1:2] == ["--stale-benchmarks"]:
+        print(" ".join(stale_benchmarks(check_all(), sys.argv[2:])))
+        return 0
     report = check_all()
     width = max(len(item.results_file) for item in report)
     for item in report:
@@ -228,7 +251,8 @@ def main() -> int:
     print_run_times(REPO_ROOT)
     stale = [item.results_file for item in report if item.state != "fresh"]
     if stale:
-        print("\nnot fresh; re-measure on an idle machine, on committed code (or `make bench` for all of them):")
+        print("\nnot fresh; re-measure on an idle machine, on committed code (`make bench` runs the stale ones, "
+              "`make bench-all` every benchmark):")
         for name in stale:
             print(f"  {remeasure_command(name):<34}  # {name}")
     return 0 if not stale else 1

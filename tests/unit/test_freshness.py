@@ -114,3 +114,24 @@ def test_every_benchmark_depends_on_the_bench_modules_it_imports() -> None:
             elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("bench."):
                 imported.add(node.module.replace(".", "/") + ".py")
         assert imported <= set(paths), f"{name}: add {sorted(imported - set(paths))} to MEASURES"
+
+
+def test_code_no_benchmark_runs_leaves_results_fresh(repo: Path) -> None:
+    """The Label Studio backend sits under service/samserve (a measured path) but no benchmark runs it."""
+    commit_file(repo, "service/samserve/core/api.py", "v1")
+    record(repo, git(repo, "rev-parse", "HEAD"))
+    for path in freshness.NOT_MEASURED:
+        commit_file(repo, path if path.endswith(".py") else f"{path}/app.py", "anything")
+    assert freshness.check(repo, "r.json", ("service/samserve",)).state == "fresh"
+    commit_file(repo, "service/samserve/core/api.py", "v2")
+    assert freshness.check(repo, "r.json", ("service/samserve",)).state == "stale"
+
+
+def test_make_bench_runs_the_benchmarks_of_the_files_not_fresh_in_the_given_order() -> None:
+    def item(results_file: str, state: str) -> freshness.Freshness:
+        return freshness.Freshness(results_file, state, "", "")
+
+    report = [item("amg_cpu.json", "stale"), item("soak_cpu.json", "unknown"), item("models_cpu.json", "fresh"),
+              item("tiny_quality.json", "stale"), item("pods_cpu.json", "stale")]
+    order = ["models_cpu", "soak", "quality_cpu", "amg_cpu"]
+    assert freshness.stale_benchmarks(report, order) == ["soak", "quality_cpu", "amg_cpu"]

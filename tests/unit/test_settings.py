@@ -12,6 +12,7 @@ import pytest
 from pydantic import Field, ValidationError
 
 from samserve.core.settings import AuthMode, ClientSettings, GatewaySettings, StackSettings, TransportName
+from samserve.labelstudio.settings import LabelStudioSettings
 from samserve_build.settings import BuildSettings
 from samserve_dev import settings_doc
 
@@ -31,6 +32,7 @@ def test_docs_settings_md_is_what_the_generator_renders():
 def test_every_setting_has_a_row_in_docs_settings_md():
     fields = {f"SAMSERVE_{name.upper()}" for name in BuildSettings.model_fields}
     fields |= {f"SAMSERVE_CLIENT_{name.upper()}" for name in ClientSettings.model_fields}
+    fields |= {f"SAMSERVE_LABELSTUDIO_{name.upper()}" for name in LabelStudioSettings.model_fields}
     rows = re.findall(r"^\| `(SAMSERVE_[A-Z0-9_]+)`", settings_doc.render(), re.M)
     assert sorted(rows) == sorted(fields)  # each once, under the class that defines it
 

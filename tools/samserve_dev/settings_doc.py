@@ -27,6 +27,7 @@ from pydantic_core import PydanticUndefined
 from pydantic_settings import BaseSettings
 
 from samserve.core.settings import ClientSettings, GatewaySettings, StackSettings
+from samserve.labelstudio.settings import LabelStudioSettings
 from samserve_build.settings import BuildSettings  # imports neither torch nor Triton (its validator does, lazily)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -72,7 +73,12 @@ BUILD = Section(
     "Build", BuildSettings, "`samserve-build prepare`: the model and the serving target",
     "What `samserve-build prepare` adds: the model it exports to ONNX and the serving target whose Triton repository "
     "it renders into the workdir (`SAMSERVE_WORKDIR`, from Stack). Its other commands take flags instead.", STACK)
-SECTIONS = (GATEWAY, STACK, CLIENT, BUILD)
+LABEL_STUDIO = Section(
+    "Label Studio backend", LabelStudioSettings, "`samserve labelstudio`: Label Studio's ML backend",
+    "What `samserve labelstudio` reads (docs/labelstudio.md): where it listens, the gateway it asks, and the Label "
+    "Studio it reads task images from. Its prefix is `SAMSERVE_LABELSTUDIO_`. It reaches the gateway with the Client "
+    "settings above (`SAMSERVE_CLIENT_*`: TLS, API key).")
+SECTIONS = (GATEWAY, STACK, CLIENT, BUILD, LABEL_STUDIO)
 
 INTRO = """\
 # Settings

@@ -5,6 +5,7 @@
     samserve segment photo.jpg --point 500,375 --out overlay.png
     samserve generate-masks photos/ --out masks/   # segment everything, one JSON per image, resumable
     samserve keys add --tenant acme --file keys.json   # a new API key (the token is printed once)
+    samserve labelstudio             # Label Studio's ML backend, in front of the gateway (docs/labelstudio.md)
 
 Client commands take TLS and the API key from flags or SAMSERVE_CLIENT_* (docs/security.md).
 """
@@ -18,10 +19,10 @@ import sys
 
 from pydantic import ValidationError
 
-from samserve.cli import client_commands, keys, serve
+from samserve.cli import client_commands, keys, labelstudio, serve
 from samserve.transport.call_context import RequestIdLogFilter
 
-COMMAND_MODULES = (serve, keys, client_commands)
+COMMAND_MODULES = (serve, keys, client_commands, labelstudio)
 """Each adds its commands to the parser (``register``), with the function that runs each (``run``) and the
 settings class it reads (``settings``)."""
 
