@@ -12,7 +12,7 @@ STAMP := $(VENV)/.samserve-installed
 DEBIAN_PACKAGES ?= redis-server prometheus chromium iproute2
 PYTEST_ARGS ?=
 
-.PHONY: up test e2e test-unit setup system-deps stubs web prepare bench bench-all bench-quick bench-gpu bench-status load clean train quality soak fuzz deploy-tools
+.PHONY: up test e2e test-unit setup system-deps stubs web labelstudio prepare bench bench-all bench-quick bench-gpu bench-status load clean train quality soak fuzz deploy-tools
 
 # A local stack on loopback: auth is off unless a keys file is given, said explicitly (the gateway warns; README
 # "Security"); with SAMSERVE_API_KEYS_FILE (or SAMSERVE_AUTH) set, those apply.
@@ -40,7 +40,7 @@ e2e: setup
 test-unit: setup
 	$(BIN)/python -m pytest tests/unit -q $(PYTEST_ARGS)
 
-setup: system-deps $(STAMP) stubs web deploy-tools
+setup: system-deps $(STAMP) stubs web deploy-tools labelstudio
 
 # The web page the gateway serves at / (web/: samclient.js + the page, bundled with onnxruntime-web by esbuild) into
 # service/samserve/web_static/ (git-ignored): npm ci from the lock file (the npm registry, once), then the bundle.
@@ -76,6 +76,17 @@ $(DEPLOY_TOOLS)/.installed: deploy/helm/tools-requirements.txt deploy/helm/insta
 	$(DEPLOY_TOOLS)/bin/python deploy/helm/install_helm.py $(DEPLOY_TOOLS)/bin/helm
 	touch $@
 
+# Label Studio beside the project's venv, for the Label Studio backend's test (tests/integration/test_labelstudio.py):
+# it needs numpy >= 2.2, which the gateway side cannot take (pyproject.toml), so it lives in its own venv, as it would
+# on an annotator's machine.
+LABEL_STUDIO_VENV ?= .labelstudio
+labelstudio: $(LABEL_STUDIO_VENV)/.installed
+$(LABEL_STUDIO_VENV)/.installed: tests/integration/labelstudio-requirements.txt
+	test -x $(LABEL_STUDIO_VENV)/bin/python || $(PYTHON) -m venv $(LABEL_STUDIO_VENV)
+	$(LABEL_STUDIO_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LABEL_STUDIO_VENV)/bin/python -m pip install --quiet -r tests/integration/labelstudio-requirements.txt
+	touch $@
+
 $(STAMP): pyproject.toml tools/pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python >= 3.11 required"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -104,7 +115,7 @@ prepare: setup
 # export_cpu.py needs about 18 GB of memory). Run on an otherwise idle machine, on committed code. browser_cpu goes
 # last: it rewrites docs/web-*.png, tracked files a later benchmark would see as changed.
 BENCH_ALL = backends_cpu models_cpu gateway_cpu throughput_cpu amg_cpu quality_cpu precision_cpu export_cpu \
-	request_memory_cpu soak multihost_cpu browser_cpu
+	request_memory_cpu soak multihost_cpu polygons_cpu browser_cpu
 # What a change to the gateway alone (service/samserve outside backends/) moves, minus the long soak and amg_cpu:
 # `make bench-status` afterwards names what is still stale.
 BENCH_QUICK = gateway_cpu throughput_cpu request_memory_cpu multihost_cpu

@@ -8,6 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
+from bench.polygon_figures import noisy_mask
 from samserve.core.errors import InvalidArgument
 from samserve.vision import polygons
 from samserve_build import scenes
@@ -24,25 +25,6 @@ def _disk(height: int, width: int, cx: int, cy: int, radius: int) -> np.ndarray:
     canvas = np.zeros((height, width), np.uint8)
     cv2.circle(canvas, (cx, cy), radius, (1,), -1)
     return canvas.astype(bool)
-
-
-def _noisy(seed: int, height: int = 320, width: int = 384, speckle: float = 3e-4) -> np.ndarray:
-    """Seeded random blobs (jagged polygons, blurred with noise, a few punched holes) plus salt-and-pepper."""
-    rng = np.random.default_rng(seed)
-    canvas = np.zeros((height, width), np.uint8)
-    for _ in range(int(rng.integers(2, 6))):
-        cx, cy, radius = rng.uniform(0.2, 0.8) * width, rng.uniform(0.2, 0.8) * height, rng.uniform(30, 90)
-        angles = np.sort(rng.uniform(0, 2 * np.pi, int(rng.integers(5, 12))))
-        radii = radius * rng.uniform(0.6, 1.0, angles.size)
-        outline = np.stack([cx + radii * np.cos(angles), cy + radii * np.sin(angles)], axis=1)
-        cv2.fillPoly(canvas, [np.round(outline).astype(np.int32)], (1,))
-        cv2.circle(canvas, (int(cx), int(cy)), int(rng.uniform(3, 8)), (0,), -1)
-    noisy = canvas.astype(np.float32) + rng.normal(0, 0.6, canvas.shape).astype(np.float32)
-    mask = cv2.GaussianBlur(noisy, (0, 0), 3) > 0.5
-    salt = rng.random(mask.shape)
-    mask[salt < speckle] = True
-    mask[salt > 1 - speckle] = False
-    return mask
 
 
 def test_rectangle_is_four_corners_at_pixel_centres_and_round_trips() -> None:
@@ -151,7 +133,7 @@ def test_empty_mask_and_fully_dropped_mask() -> None:
 
 @pytest.mark.parametrize("seed", NOISY_SEEDS)
 def test_noisy_masks_keep_their_shape(seed: int) -> None:
-    mask = _noisy(seed)
+    mask = noisy_mask(seed)
     exact, default, coarse = (polygons.mask_to_polygons(mask, tolerance, min_iou=0) for tolerance in (0, 1, 3))
     assert exact.dropped_parts > 0                             # the speckle
     assert default.iou >= 0.98
@@ -240,3 +222,15 @@ def test_good_tolerances_pass() -> None:
 def test_a_mask_must_be_two_dimensional() -> None:
     with pytest.raises(ValueError):
         polygons.mask_to_polygons(np.zeros((2, 3, 4), bool))
+
+
+def test_the_polygon_benchmarks_figures() -> None:
+    """bench/polygons_cpu.py's summary: the floor is met only when every mask is at or above it."""
+    from bench.polygon_figures import MaskRecord, figures
+
+    records = [MaskRecord(0.99, 0.98, 1.0, 10, 40, 0, 0.001), MaskRecord(0.985, 0.985, 0.5, 20, 60, 2, 0.003)]
+    summary = figures(records, 1.0, 0.98)
+    assert summary["masks"] == 2 and summary["iou"]["min"] == 0.985 and summary["iou_floor_met"]
+    assert summary["simplified_under_default_tolerance"] == 1 and summary["dropped_parts"] == 2
+    assert summary["vertices_over_traced"] == 30 / 100 and summary["ms_per_mask_median"] == pytest.approx(2.0)
+    assert not figures([*records, MaskRecord(0.97, 0.97, 0.0, 5, 5, 0, 0.001)], 1.0, 0.98)["iou_floor_met"]

@@ -500,6 +500,25 @@ def soak_figures() -> Figures:
     return rows
 
 
+def polygons_figures() -> Figures:
+    """docs/api.md: polygons' IoU with their masks at the default tolerance, served and noisy (polygons_cpu.json)."""
+    cases = results("polygons_cpu.json")["cases"]
+    served, noisy = cases["scenes"], cases["noisy"]
+
+    def iou(case: dict[str, Any]) -> list[str]:
+        return [f"IoU ≥ {case['iou']['min']:.4f}", f"(median {case['iou']['median']:.4f})"]
+
+    return {
+        "the shipped model serves:": [f"{served['masks']} masks", *iou(served)],
+        "on noisy masks:": [f"{noisy['masks']} noisy masks", *iou(noisy)],
+        "With holes filled": [f"IoU ≥ {served['exteriors_only_iou']['min']:.4f} and "
+                              f"{noisy['exteriors_only_iou']['min']:.4f}"],
+        "of the traced outline's vertices": [
+            f"keep {served['vertices_over_traced'] * 100:.0f} % and {noisy['vertices_over_traced'] * 100:.0f} %",
+            f"in {served['ms_per_mask_median']:.1f} ms and {noisy['ms_per_mask_median']:.1f} ms per mask"],
+    }
+
+
 def run_times_figures() -> Figures:
     """docs/benchmarks.md: what each benchmark took when it wrote its results file (``environment.run_s``), one row
     per file, and their sum (what ``make bench`` spends)."""
@@ -522,6 +541,7 @@ FIGURES: dict[str, Callable[[], Figures]] = {
     "precision": precision_figures,  # gpu.md
     "sidecar": sidecar_figures, "multihost": multihost_figures, "images": images_figures, "pods": pods_figures,
     "browser": browser_figures,  # http.md
+    "polygons": polygons_figures,  # api.md
     "request_memory": request_memory_figures,  # security.md
     "soak": soak_figures,  # reliability.md
 }

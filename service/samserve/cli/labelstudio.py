@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from samserve.labelstudio.settings import LabelStudioSettings
 
 
 def labelstudio_command(settings: LabelStudioSettings, args: argparse.Namespace) -> int:
-    from samserve.labelstudio.app import serve  # its dependencies (label-studio-converter) load only for this command
-
+    try:  # its dependencies (label-studio-converter, the labelstudio extra) load only for this command
+        from samserve.labelstudio.app import serve
+    except ImportError as error:
+        print(f"samserve labelstudio: {error}; install the extra: pip install 'samserve[labelstudio]'",
+              file=sys.stderr)
+        return 2
     return serve(settings)
 
 
