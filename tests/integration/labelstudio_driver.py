@@ -15,7 +15,6 @@ from typing import Any
 
 import httpx
 from label_studio_sdk import LabelStudio
-from label_studio_sdk.actions.types import PrepareParamsRequestRequestSelectedItemsIncluded
 from label_studio_sdk.core.api_error import ApiError
 
 
@@ -53,8 +52,7 @@ class Driver:
     def retrieve_predictions(self, project: int, tasks: list[int]) -> Any:
         """The Data Manager's "Retrieve Predictions" on ``tasks``: Label Studio asks the backend and stores them."""
         self.ls.actions.create(id="retrieve_tasks_predictions", project=project,
-                               selected_items=PrepareParamsRequestRequestSelectedItemsIncluded(all_=False,
-                                                                                               included=tasks))
+                               selected_items={"all": False, "included": tasks})
         return None
 
     def create_prediction(self, task: int, result: list[dict[str, Any]], score: float, model_version: str) -> int:

@@ -281,7 +281,7 @@ def test_retrieved_predictions_are_generate_masks_and_an_unreadable_image_fails_
                                                        "project": f"{task.project}.0", "params": {"context": None}},
                        timeout=120).json()
     assert len(reply["results"]) == 2 and len(reply["results"][0]["result"]) == len(expected)
-    assert reply["results"][1]["task"] == missing and "HTTP 404" in reply["results"][1]["error"]
+    assert reply["results"][1]["task"] == missing and "Label Studio answered HTTP 404" in reply["results"][1]["error"]
 
 
 def test_an_unsupported_labeling_config_is_refused_at_setup_naming_the_tag(
