@@ -38,6 +38,10 @@ class Driver:
     def import_tasks(self, project: int, tasks: list[dict[str, Any]]) -> list[int]:
         return list(self.ls.projects.import_tasks(id=project, request=tasks, return_task_ids=True).task_ids)
 
+    def personal_token(self) -> str:
+        """A new personal access token of the test's user (a JWT refresh token)."""
+        return str(self.ls.tokens.create().token)
+
     def task_data(self, task: int) -> dict[str, Any]:
         return dict(self.ls.tasks.get(id=str(task)).data)
 
