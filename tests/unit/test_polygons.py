@@ -234,3 +234,22 @@ def test_the_polygon_benchmarks_figures() -> None:
     assert summary["simplified_under_default_tolerance"] == 1 and summary["dropped_parts"] == 2
     assert summary["vertices_over_traced"] == 30 / 100 and summary["ms_per_mask_median"] == pytest.approx(2.0)
     assert not figures([*records, MaskRecord(0.97, 0.97, 0.0, 5, 5, 0, 0.001)], 1.0, 0.98)["iou_floor_met"]
+
+
+def test_specks_that_carry_too_much_of_a_fragmented_mask_are_kept() -> None:
+    """Parts under the minimum area are dropped while the IoU holds; where they carry more than the floor allows
+    (a small, fragmented mask), they are kept, except those the trace cannot hold (under 3 vertices)."""
+    def with_specks(side: int) -> np.ndarray:
+        mask = np.zeros((60, 60), bool)
+        mask[5:5 + side, 5:5 + side] = True
+        for x in (40, 46, 52):  # three 3-pixel L shapes, under the 4-pixel minimum
+            mask[40, x] = mask[41, x] = mask[40, x + 1] = True
+        mask[55, 55] = True  # one pixel: no ring can hold it
+        return mask
+
+    fragmented = with_specks(10)
+    kept = polygons.mask_to_polygons(fragmented)
+    assert kept.iou >= polygons.MIN_IOU and kept.dropped_parts == 1 and len(kept.rings) == 4
+    assert polygons.mask_to_polygons(fragmented, min_iou=0).dropped_parts == 4  # what the floor made it keep
+    solid = polygons.mask_to_polygons(with_specks(30))
+    assert solid.iou >= polygons.MIN_IOU and solid.dropped_parts == 4 and len(solid.rings) == 1

@@ -106,7 +106,10 @@ def mask_to_polygons(mask: np.ndarray, tolerance_px: float = DEFAULT_TOLERANCE_P
     """The outlines of an H x W bool / uint8 ``mask`` (non-zero = in the mask), as rings, simplified with
     ``tolerance_px`` or, where that gives an IoU with the mask under ``min_iou``, with half of it, a quarter, ...
     down to 0 (``PolygonSet.tolerance_px`` says which): a small or thin part loses most of its area to a 1-pixel
-    simplification, which cuts the outline's convex stretches inwards.
+    simplification, which cuts the outline's convex stretches inwards. Where even the traced outline stays under
+    ``min_iou`` because the parts and holes under ``min_area_px`` carry too much of the mask (a fragmented mask),
+    the same refinement runs again keeping every part and hole the trace can hold (``dropped_parts`` then counts
+    only those under 3 traced vertices).
 
     Contours come from ``cv2.findContours`` (RETR_CCOMP: parts and their holes; an island in a hole is a part of
     its own), every traced vertex kept, then ``cv2.approxPolyDP`` with epsilon ``tolerance_px`` (0: no
@@ -116,14 +119,19 @@ def mask_to_polygons(mask: np.ndarray, tolerance_px: float = DEFAULT_TOLERANCE_P
     fewer than 3 (a simplified ring that collapses, a 1-pixel-wide stroke, falls back to its traced outline).
     Raises InvalidArgument for a bad tolerance (:func:`validate_tolerance`), ValueError for a mask that is not 2-D.
     """
-    tolerance = validate_tolerance(tolerance_px)
+    asked = validate_tolerance(tolerance_px)
     pixels = _as_uint8(mask)
     contours, hierarchy = cv2.findContours(pixels, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE)
-    while True:
-        polygons = _traced_to_polygons(pixels, contours, hierarchy, tolerance, min_area_px)
-        if polygons.iou >= min_iou or tolerance == 0:
-            return polygons
-        tolerance = tolerance / 2 if tolerance > 2 * _FINEST_TOLERANCE_PX else 0.0
+    for min_area in dict.fromkeys((min_area_px, 0.0)):
+        tolerance = asked
+        while True:
+            polygons = _traced_to_polygons(pixels, contours, hierarchy, tolerance, min_area)
+            if polygons.iou >= min_iou:
+                return polygons
+            if tolerance == 0:
+                break
+            tolerance = tolerance / 2 if tolerance > 2 * _FINEST_TOLERANCE_PX else 0.0
+    return polygons
 
 
 _FINEST_TOLERANCE_PX = 0.25
