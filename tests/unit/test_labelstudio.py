@@ -3,7 +3,9 @@ task images may come from. The backend against a real Label Studio: tests/integr
 
 from __future__ import annotations
 
+import http.server
 import re
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -133,3 +135,46 @@ def test_images_come_from_label_studio_or_its_local_files_folder_only(tmp_path: 
         without.read("/data/upload/1/a.png")
     with pytest.raises(ImageUnavailable, match="LOCAL_FILES_ROOT is unset"):
         without.read("/data/local-files/?d=a.png")
+
+
+class _LabelStudioStandIn(http.server.BaseHTTPRequestHandler):
+    """A plain HTTP server on loopback with the answers Label Studio can give an image read."""
+
+    def do_GET(self) -> None:  # noqa: N802 (the http.server name)
+        body = {"/data/upload/1/ok.png": b"png bytes", "/data/upload/1/big.png": b"x" * 17}.get(self.path)
+        if self.path == "/data/upload/1/moved.png":
+            self.send_response(302)
+            self.send_header("Location", "http://elsewhere.example/a.png")
+            self.end_headers()
+            return
+        self.send_response(200 if body is not None else 404)
+        self.send_header("Content-Length", str(len(body or b"")))
+        self.end_headers()
+        self.wfile.write(body or b"")
+        self.server.authorizations.append(self.headers.get("Authorization"))  # type: ignore[attr-defined]
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_images_are_read_from_label_studio_with_its_token_and_no_redirect_is_followed() -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _LabelStudioStandIn)
+    server.authorizations = []  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    source = ImageSource(LabelStudioSettings(url=url, api_key="legacy-key", max_image_bytes=16))
+    try:
+        assert source.read("/data/upload/1/ok.png") == b"png bytes"
+        assert source.read(f"{url}/data/upload/1/ok.png") == b"png bytes"
+        assert server.authorizations == ["Token legacy-key"] * 2  # type: ignore[attr-defined]
+        with pytest.raises(ImageUnavailable, match="follows no redirect"):
+            source.read("/data/upload/1/moved.png")
+        with pytest.raises(ImageUnavailable, match="MAX_IMAGE_BYTES=16"):
+            source.read("/data/upload/1/big.png")
+        with pytest.raises(ImageUnavailable, match="answered HTTP 404"):
+            source.read("/data/upload/1/missing.png")
+    finally:
+        source.close()
+        server.shutdown()
+        server.server_close()

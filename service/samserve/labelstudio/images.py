@@ -70,26 +70,27 @@ class ImageSource:
         return self._bounded(reference, data)
 
     def _fetch(self, url: str) -> bytes:
-        response = self._get(url, self._authorization())
-        if response.status_code == 401 and self._is_personal_token():
-            response = self._get(url, self._authorization(refresh=True))
-        if response.is_redirect:
-            raise ImageUnavailable(f"{url}: Label Studio redirects to {response.headers.get('location')}; samserve "
-                                   "follows no redirect")
-        if response.status_code != 200:
-            raise ImageUnavailable(f"{url}: Label Studio answered HTTP {response.status_code}")
-        return self._bounded(url, response.content)
+        status, location, data = self._get(url, self._authorization())
+        if status == 401 and self._is_personal_token():
+            status, location, data = self._get(url, self._authorization(refresh=True))
+        if location is not None:
+            raise ImageUnavailable(f"{url}: Label Studio redirects to {location}; samserve follows no redirect")
+        if status != 200:
+            raise ImageUnavailable(f"{url}: Label Studio answered HTTP {status}")
+        return self._bounded(url, data)
 
-    def _get(self, url: str, authorization: str | None) -> httpx.Response:
+    def _get(self, url: str, authorization: str | None) -> tuple[int, str | None, bytes]:
+        """(status, the redirect's location or None, the body: at most one byte over the limit, decoded)."""
         headers = {"Authorization": authorization} if authorization else {}
+        data = bytearray()
         try:
             with self.http.stream("GET", url, headers=headers) as response:
-                data = b""
                 for chunk in response.iter_bytes():
                     data += chunk
                     if len(data) > self.max_bytes:
                         break
-                return httpx.Response(response.status_code, headers=response.headers, content=data)
+                location = response.headers.get("location") if response.is_redirect else None
+                return response.status_code, location, bytes(data[:self.max_bytes + 1])
         except httpx.HTTPError as error:
             raise ImageUnavailable(f"{url}: {error}") from None
 
