@@ -141,6 +141,8 @@ class _LabelStudioStandIn(http.server.BaseHTTPRequestHandler):
     """A plain HTTP server on loopback with the answers Label Studio can give an image read."""
 
     def do_GET(self) -> None:  # noqa: N802 (the http.server name)
+        # Recorded before answering: the client may check the list as soon as it has the body.
+        self.server.authorizations.append(self.headers.get("Authorization"))  # type: ignore[attr-defined]
         body = {"/data/upload/1/ok.png": b"png bytes", "/data/upload/1/big.png": b"x" * 17}.get(self.path)
         if self.path == "/data/upload/1/moved.png":
             self.send_response(302)
@@ -151,7 +153,6 @@ class _LabelStudioStandIn(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body or b"")))
         self.end_headers()
         self.wfile.write(body or b"")
-        self.server.authorizations.append(self.headers.get("Authorization"))  # type: ignore[attr-defined]
 
     def log_message(self, *args: object) -> None:
         pass
