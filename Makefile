@@ -115,7 +115,7 @@ prepare: setup
 # export_cpu.py needs about 18 GB of memory). Run on an otherwise idle machine, on committed code. browser_cpu goes
 # last: it rewrites docs/web-*.png, tracked files a later benchmark would see as changed.
 BENCH_ALL = backends_cpu models_cpu gateway_cpu throughput_cpu amg_cpu quality_cpu precision_cpu export_cpu \
-	request_memory_cpu soak multihost_cpu polygons_cpu browser_cpu
+	request_memory_cpu soak multihost_cpu polygons_cpu interact_cpu browser_cpu
 # What a change to the gateway alone (service/samserve outside backends/) moves, minus the long soak and amg_cpu:
 # `make bench-status` afterwards names what is still stale.
 BENCH_QUICK = gateway_cpu throughput_cpu request_memory_cpu multihost_cpu

@@ -65,6 +65,8 @@ MEASURES: dict[str, tuple[str, ...]] = {
     "polygons_cpu.json": ("bench/polygons_cpu.py", "bench/polygon_figures.py", "bench/amg_cpu.py", *PLUMBING,
                           *SERVING_PATH, "build/samserve_build/scenes.py", "build/samserve_build/evaluation.py",
                           "build/checkpoints/samserve_scenes_v1.pth"),
+    "interact_cpu.json": ("bench/interact_cpu.py", "bench/amg_cpu.py", *PLUMBING, *SERVING_PATH,
+                          "build/samserve_build/scenes.py", "build/checkpoints/samserve_scenes_v1.pth"),
     "precision_cpu.json": ("bench/precision_cpu.py", "bench/amg_cpu.py", *PLUMBING, "build/samserve_build/precision",
                            "build/samserve_build/graph_quality.py", "build/samserve_build/export.py",
                            "build/samserve_build/graphs.py",

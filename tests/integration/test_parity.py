@@ -206,3 +206,55 @@ def test_many_prompts_in_one_request_equal_one_at_a_time(harnesses):
         (alone,) = harness.segment(side, [prompt])
         np.testing.assert_allclose(joint.predicted_iou, alone.predicted_iou, atol=1e-5)
         assert iou(joint.masks, alone.masks) >= 0.999
+
+
+def test_an_interact_session_refines_as_sampredictor_calls_made_by_hand(harnesses):
+    """Each decode of a session feeds the shown mask's low-res logits back as mask_input: the session's answers
+    equal the official predictor driven by hand that way (a click: multimask, the best shown; later clicks and the
+    box: single mask with the previous logits; a chosen mask's logits after a choice)."""
+    harness = harnesses("tiny")
+    side = harness.side("landscape")
+    height, width = IMAGE_SHAPES["landscape"]
+    clicks = [((0.5 * width, 0.4 * height), 1), ((0.2 * width, 0.8 * height), 0), ((0.7 * width, 0.3 * height), 1)]
+    box = (0.1 * width, 0.1 * height, 0.9 * width, 0.85 * height)
+
+    def official(points: list, mask_input: np.ndarray | None, multimask: bool, with_box: bool = False) -> tuple:
+        with torch.no_grad():
+            return side.official.predict(
+                point_coords=np.array([p for p, _ in points]), point_labels=np.array([label for _, label in points]),
+                box=np.array(box) if with_box else None,
+                mask_input=None if mask_input is None else mask_input[None], multimask_output=multimask)
+
+    def check(expected: tuple, answer) -> None:
+        masks, scores, _ = expected
+        assert masks.any(axis=(-2, -1)).any(), "the official masks are all empty: this step compares nothing"
+        assert answer.masks.masks.shape == masks.shape and answer.decoded
+        ious = [iou(masks[k], answer.masks.masks[k]) for k in range(len(masks))]
+        assert min(ious) >= MASK_IOU_MIN, f"mask IoU {ious}"
+        assert np.abs(scores - answer.masks.predicted_iou).max() <= SCORE_DIFF_MAX
+
+    with harness.client.interact(side.image_id, timeout_s=120) as session:
+        session.add_point(*clicks[0][0], foreground=bool(clicks[0][1]))
+        first = official(clicks[:1], None, True)
+        answer = session.answer()
+        check(first, answer)
+        best = int(np.argmax(first[1]))
+        assert answer.chosen == best
+        feedback = first[2][best]
+        for k in (2, 3):  # each later click: single mask, the previous answer's logits fed back
+            session.add_point(*clicks[k - 1][0], foreground=bool(clicks[k - 1][1]))
+            expected = official(clicks[:k], feedback, False)
+            check(expected, session.answer())
+            feedback = expected[2][0]
+        for _ in range(2):  # back to the first click's state, answered from the history
+            session.undo()
+            assert not session.answer().decoded
+        other = next(k for k in range(3) if k != best)
+        session.choose_mask(other + 1)  # multimask token = index + 1
+        assert session.answer().chosen == other
+        session.add_point(*clicks[1][0], foreground=bool(clicks[1][1]))
+        chosen_then = official(clicks[:2], first[2][other], False)
+        check(chosen_then, session.answer())
+        session.set_box(*box)
+        check(official(clicks[:2], chosen_then[2][0], False, with_box=True), session.answer())
+        assert not session.superseded  # each event was answered before the next was sent

@@ -52,7 +52,7 @@ def test_the_file_holds_hashes_never_tokens(tmp_path):
 
 
 def test_the_methods_are_the_services_rpcs():
-    assert policy.METHODS == {"Embed", "Segment", "GenerateMasks", "GetEmbedding", "GetModel", "GetDecoder"}
+    assert policy.METHODS == {"Embed", "Segment", "GenerateMasks", "GetEmbedding", "GetModel", "GetDecoder", "Interact"}
 
 
 def test_a_valid_token_names_its_tenant(ring):

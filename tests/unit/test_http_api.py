@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Match, Route
 
-from samserve.core.api import METHOD_NAMES
+from samserve.core.api import UNARY_METHOD_NAMES
 from samserve.transport.http import openapi
 from samserve.transport.http.routes import HttpRoute, http_routes
 from samserve.transport.http.transcoding import HTTP_STATUS, HttpError, build_request, error_response
@@ -30,7 +30,7 @@ def test_every_status_code_has_an_http_status():
 
 
 def test_every_rpc_has_a_route_and_images_go_to_the_one_bytes_field():
-    assert {route.method.name for route in ROUTES} == set(METHOD_NAMES)
+    assert {route.method.name for route in ROUTES} == set(UNARY_METHOD_NAMES)
     fields = {route.method.name: route.image_field.name if route.image_field else None for route in ROUTES}
     assert fields == {"Embed": "image", "Segment": "image_bytes", "GenerateMasks": "image_bytes",
                       "GetEmbedding": "image_bytes", "GetModel": None, "GetDecoder": None}

@@ -519,6 +519,32 @@ def polygons_figures() -> Figures:
     }
 
 
+def interact_figures() -> Figures:
+    """docs/api.md: Interact sessions' event-to-mask latency, supersession and order (interact_cpu.json)."""
+    data = results("interact_cpu.json")
+    levels, hot, ratios, met_ = data["levels"], data["hot_segment"], data["ratios"], data["targets_met"]
+
+    def ms(summary: dict[str, Any], key: str) -> str:
+        return f"{summary[key]:.2f} ms"
+
+    eight, many = levels["8"]["interact"]["latency"], levels["32"]
+    shares = [f"{levels[n]['interact']['superseded_share'] * 100:.1f} %" for n in ("1", "8", "32")]
+    return {
+        "measured on the": [cores(data)],
+        "Event-to-mask p50 at 1 session": [ms(levels["1"]["interact"]["latency"], "median_ms"),
+                                           ms(hot["paced"], "median_ms")],
+        "Segment paced the same way": [f"({ratios['p50_at_1_over_hot_segment_p50']:.2f}x",
+                                       f"{met(met_['p50_at_1_session'])};",
+                                       f"{ratios['p50_at_1_over_back_to_back_segment_p50']:.2f}x"],
+        "back-to-back calls); p99 at 8 sessions": [ms(eight, "p99_ms")],
+        "its p50 (target": [f"{ratios['p99_over_p50_at_8']:.2f}x", met(met_["p99_at_8_sessions"])],
+        "sessions p50": [ms(many["interact"]["latency"], "median_ms"), ms(many["interact"]["latency"], "p99_ms")],
+        "Segment calls take": [ms(many["unary"]["latency"], "median_ms"), ms(many["unary"]["latency"], "p99_ms")],
+        "Superseded:": shares,
+        "answered out of order:": [str(sum(levels[n]["interact"]["out_of_order"] for n in levels))],
+    }
+
+
 def run_times_figures() -> Figures:
     """docs/benchmarks.md: what each benchmark took when it wrote its results file (``environment.run_s``), one row
     per file, their sum (what ``make bench-all`` spends) and the sum over the files that depend on all of
@@ -546,7 +572,7 @@ FIGURES: dict[str, Callable[[], Figures]] = {
     "precision": precision_figures,  # gpu.md
     "sidecar": sidecar_figures, "multihost": multihost_figures, "images": images_figures, "pods": pods_figures,
     "browser": browser_figures,  # http.md
-    "polygons": polygons_figures,  # api.md
+    "polygons": polygons_figures, "interact": interact_figures,  # api.md
     "request_memory": request_memory_figures,  # security.md
     "soak": soak_figures,  # reliability.md
 }
@@ -568,6 +594,10 @@ CONSTANTS: dict[str, dict[str, str]] = {
                  "4× upscale": "the decoder's low-res masks are 4× the embedding's size, the architecture"},
     "multihost": {"(tier 1)": "the in-process cache tier's name"},
     "soak": {"the 1 s timeout": "SAMSERVE_REDIS_TIMEOUT_S's default, a setting"},
+    "interact": {"0.2 to 0.5 s": "bench/interact_cpu.py's click gaps, its script", "at 8 ms": "its drag steps, the "
+                 "script", "≤ 1.2x": "the interactive-session issue's target", "≤ 3x": "the same issue's target",
+                 "at 1, 8 and 32": "the session counts, the benchmark's levels", "at 1 session": "a level",
+                 "at 8 sessions": "a level", "at 32 sessions": "a level"},
 }
 """Block name -> numbers in it that are not measurements (phrase -> why); each phrase must occur in its block."""
 

@@ -1,6 +1,6 @@
-"""The client commands: ``samserve segment`` (one image, an overlay PNG) and ``samserve generate-masks`` (the bulk
-job). TLS and the API key come from flags or SAMSERVE_CLIENT_* (docs/security.md); a refused call prints its status,
-never a traceback."""
+"""The client commands: ``samserve segment`` (one image, an overlay PNG), ``samserve interact`` (an interactive
+session driven by lines of commands) and ``samserve generate-masks`` (the bulk job). TLS and the API key come from
+flags or SAMSERVE_CLIENT_* (docs/security.md); a refused call prints its status, never a traceback."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import argparse
 import functools
 import json
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import grpc
@@ -16,6 +17,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from samserve.client import bulk
+from samserve.client.interact import InteractAnswer, InteractSession
 from samserve.client.typed_client import FOREGROUND, Masks, PromptSpec, SamServeClient
 from samserve.core.api import pb
 from samserve.core.settings import ClientSettings, GatewaySettings
@@ -112,6 +114,74 @@ def polygons_document(image_id: str, width: int, height: int, answer: Masks) -> 
         for k, found in enumerate(answer.polygons)]}
 
 
+INTERACT_COMMANDS: dict[str, Callable[[InteractSession, list[float]], int]] = {
+    "point": lambda session, v: session.add_point(v[0], v[1], foreground=len(v) < 3 or v[2] != 0),
+    "box": lambda session, v: session.set_box(*v[:4]),
+    "undo": lambda session, v: session.undo(),
+    "reset": lambda session, v: session.reset(),
+    "choose": lambda session, v: session.choose_mask(int(v[0])),
+    "finish": lambda session, v: session.finish(),
+}
+"""``samserve interact``'s line commands: ``point x,y[,label]``, ``box x0,y0,x1,y1``, ``undo``, ``reset``,
+``choose TOKEN``, ``finish``."""
+
+
+def _send_lines(session: InteractSession, lines: Iterable[str], failed: list[str]) -> None:
+    """Each command line as an event, as it is read (a terminal paces them); ``finish`` at the end of the input."""
+    for line in lines:
+        name, _, values = line.strip().partition(" ")
+        if not name or name.startswith("#"):
+            continue
+        try:
+            INTERACT_COMMANDS[name](session, [float(v) for v in values.replace(",", " ").split()])
+        except (KeyError, ValueError, IndexError):
+            failed.append(f"not a command: {line.strip()!r} (point x,y[,label] | box x0,y0,x1,y1 | undo | reset | "
+                          "choose TOKEN | finish)")
+            break
+        if name == "finish":
+            return
+    session.finish()
+
+
+def _describe(answer: InteractAnswer) -> str:
+    if not answer.masks.token_index:
+        return f"event {answer.event_id}: no prompt, no mask"
+    k = answer.chosen
+    how = "decoded" if answer.decoded else "from the history"
+    return (f"event {answer.event_id}: {answer.points} point(s), {len(answer.masks.token_index)} mask(s), shown token "
+            f"{answer.masks.token_index[k]} (predicted IoU {answer.masks.predicted_iou[k]:.3f}, area "
+            f"{int(answer.masks.masks[k].sum())} px), {how}")
+
+
+def interact_command(settings: GatewaySettings, args: argparse.Namespace) -> int:
+    """An Interact session on one image, its events read as command lines from ``--events`` (default stdin); each
+    answer printed as it comes; ``--out``: an overlay of the final mask."""
+    data = Path(args.image).read_bytes()
+    source = sys.stdin if args.events in (None, "-") else open(args.events, encoding="utf-8")  # noqa: SIM115
+    failed: list[str] = []
+    with _client(args) as client, source, client.interact(data) as session:
+        print(f"session on {session.opened.image_id[:16]}... {session.opened.width}x{session.opened.height}, model "
+              f"{session.opened.model_id}, cached={session.opened.cached}")
+        sender = threading.Thread(target=_send_lines, args=(session, source, failed), daemon=True)
+        sender.start()
+        while True:
+            answer = session.answer()
+            if session.superseded:
+                print(f"superseded: events {', '.join(map(str, session.superseded))} (folded into a later state)")
+                session.superseded.clear()
+            print(_describe(answer))
+            if answer.finished:
+                break
+    if failed:
+        print(f"samserve interact: {failed[0]}", file=sys.stderr)
+        return 2
+    if args.out and answer.masks.token_index:
+        image = decode_image(data, max_pixels=1 << 31)
+        Path(args.out).write_bytes(draw_overlay(image, answer.masks.masks[answer.chosen]))
+        print(f"wrote {args.out} (the final mask)")
+    return 0
+
+
 def generate_masks_command(settings: GatewaySettings, args: argparse.Namespace) -> int:
     """The bulk job (samserve.client.bulk): exit 0 when every image has its JSON, 1 when some failed."""
     root, images = bulk.list_images(args.input)
@@ -143,7 +213,7 @@ def client_options() -> argparse.ArgumentParser:
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    """Adds ``segment`` and ``generate-masks`` to the ``samserve`` parser."""
+    """Adds ``segment``, ``interact`` and ``generate-masks`` to the ``samserve`` parser."""
     options = client_options()
     p_segment = commands.add_parser("segment", parents=[options], help="segment an image through a running gateway")
     p_segment.set_defaults(run=_reporting_errors(segment_command), settings=GatewaySettings)
@@ -156,6 +226,14 @@ def register(commands: argparse._SubParsersAction) -> None:
                            "COCO's segmentation and every ring with its role (holes are interior rings)")
     p_segment.add_argument("--polygon-tolerance", type=float, default=None, metavar="PX",
                            help="simplification tolerance in pixels (server default 1; 0 = the traced outline)")
+    p_interact = commands.add_parser("interact", parents=[options],
+                                     help="an interactive session: clicks as command lines, each answer as it comes")
+    p_interact.set_defaults(run=_reporting_errors(interact_command), settings=GatewaySettings)
+    p_interact.add_argument("image", type=Path)
+    p_interact.add_argument("--events", default=None, help="file of command lines (default stdin, `-`): point "
+                            "x,y[,label] (label 1 fg default, 0 bg), box x0,y0,x1,y1, undo, reset, choose TOKEN "
+                            "(1..3), finish (sent at the end otherwise)")
+    p_interact.add_argument("--out", help="write an overlay PNG of the final mask")
     p_bulk = commands.add_parser("generate-masks", parents=[options],
                                  help="segment everything in a folder or list of images")
     p_bulk.set_defaults(run=_reporting_errors(generate_masks_command), settings=GatewaySettings)

@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from samserve.client.interact import InteractSession
+from samserve.client.masks import Masks, masks_from_proto, polygons_from_proto
 from samserve.core.api import pb, pb_grpc
 from samserve.core.settings import ClientSettings
 from samserve.security.tls import client_channel
@@ -68,57 +70,6 @@ class PromptSpec:
             message.mask_input.CopyFrom(pb.LowResLogits(height=logits.shape[0], width=logits.shape[1],
                                                         data=logits.tobytes()))
         return message
-
-
-@dataclasses.dataclass(frozen=True)
-class Masks:
-    """The answer to one prompt, in mask-token order."""
-
-    masks: np.ndarray
-    """bool, K x H x W."""
-    predicted_iou: np.ndarray
-    """float32, K."""
-    stability_score: np.ndarray
-    """float32, K."""
-    token_index: list[int]
-    low_res_logits: np.ndarray | None
-    """float32, K x h x w when asked for."""
-    polygons: list[polygons.PolygonSet] | None = None
-    """Per mask, when MASK_ENCODING_POLYGON was asked for (``masks`` is then these polygons rasterised)."""
-
-
-def polygons_from_proto(message: pb.Polygons, height: int, width: int) -> polygons.PolygonSet:
-    """A Polygons message as :class:`samserve.vision.polygons.PolygonSet` (rings with roles and parents)."""
-    roles = {pb.RING_ROLE_EXTERIOR: "exterior", pb.RING_ROLE_INTERIOR: "interior"}
-    rings = [polygons.Ring(list(ring.points), roles[ring.role],  # type: ignore[arg-type]
-                           None if ring.parent < 0 else ring.parent) for ring in message.rings]
-    return polygons.PolygonSet(rings, message.dropped_parts, message.iou, height, width, message.tolerance_px)
-
-
-def masks_from_proto(result: pb.PromptResult, height: int, width: int) -> Masks:
-    decoded = []
-    outlines = [polygons_from_proto(m.polygons, height, width) for m in result.masks if m.HasField("polygons")]
-    for k, mask in enumerate(result.masks):
-        if mask.HasField("rle"):
-            decoded.append(mask_encoding.decode_rle(list(mask.rle.size), mask.rle.counts))
-        elif mask.png:
-            decoded.append(mask_encoding.decode_png(mask.png))
-        else:
-            decoded.append(polygons.polygons_to_mask(outlines[k], height, width))
-    logits = None
-    if result.masks and result.masks[0].HasField("low_res_logits"):
-        logits = np.stack([
-            np.frombuffer(m.low_res_logits.data, "<f4").reshape(m.low_res_logits.height, m.low_res_logits.width)
-            for m in result.masks
-        ])
-    return Masks(
-        masks=np.stack(decoded) if decoded else np.zeros((0, height, width), bool),
-        predicted_iou=np.array([m.predicted_iou for m in result.masks], np.float32),
-        stability_score=np.array([m.stability_score for m in result.masks], np.float32),
-        token_index=[m.token_index for m in result.masks],
-        low_res_logits=logits,
-        polygons=outlines or None,
-    )
 
 
 def annotation_from_proto(mask: pb.GeneratedMask) -> dict[str, Any]:
@@ -246,6 +197,18 @@ class SamServeClient:
                                            metadata=routing_metadata(image))
         return GeneratedMasks(response.image_id, response.width, response.height, response.cached,
                               response.model_id, [annotation_from_proto(m) for m in response.masks])
+
+    def interact(self, image: bytes | str, encoding: pb.MaskEncoding = pb.MASK_ENCODING_RLE,
+                 polygon_tolerance_px: float | None = None, timeout_s: float | None = None) -> InteractSession:
+        """Open an interactive session on ``image`` (encoded bytes, or an ``image_id``):
+        :class:`samserve.client.interact.InteractSession`. ``timeout_s``: the whole session's deadline (None: the
+        gateway's idle timeout alone ends it)."""
+        opening = pb.InteractOpen(mask_encoding=encoding, polygon_tolerance_px=polygon_tolerance_px)
+        if isinstance(image, str):
+            opening.image_id = image
+        else:
+            opening.image_bytes = image
+        return InteractSession(self.stub, opening, timeout_s, routing_metadata(image))
 
     def close(self) -> None:
         self.channel.close()

@@ -26,5 +26,8 @@ SERVICE = pb.DESCRIPTOR.services_by_name[SERVICE_NAME.rsplit(".", 1)[1]]
 """The service's descriptor: its methods, their types and HTTP routes (:mod:`samserve.transport.http.app`)."""
 METHOD_NAMES: tuple[str, ...] = tuple(method.name for method in SERVICE.methods)
 """Every RPC of the service, in the proto's order."""
+UNARY_METHOD_NAMES: tuple[str, ...] = tuple(
+    method.name for method in SERVICE.methods if not (method.client_streaming or method.server_streaming))
+"""The RPCs with one request and one answer (each has an HTTP route); the others are streams (Interact)."""
 
-__all__ = ["pb", "pb_grpc", "SERVICE", "SERVICE_NAME", "METHOD_NAMES"]
+__all__ = ["pb", "pb_grpc", "SERVICE", "SERVICE_NAME", "METHOD_NAMES", "UNARY_METHOD_NAMES"]

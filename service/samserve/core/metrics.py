@@ -47,6 +47,12 @@ IMAGE_PIXELS = Histogram("samserve_image_pixels", "Pixels (width x height) of de
 GENERATED_MASKS = Histogram("samserve_generate_masks_masks", "Masks returned per GenerateMasks call",
                             buckets=(0, 1, 10, 25, 50, 100, 200, 400, 800, 1600))
 GENERATE_POINTS = Counter("samserve_generate_masks_points_total", "Grid points decoded by GenerateMasks")
+INTERACT_SESSIONS = Gauge("samserve_interact_sessions", "Interact sessions open now")
+INTERACT_EVENTS = Counter("samserve_interact_events_total", "Interact events by outcome: decoded (answered by a "
+                          "decoder call), history (answered from the session's history: undo, a choice), superseded "
+                          "(folded into a later state before its decode)", ["outcome"])
+INTERACT_EVENT_SECONDS = Histogram("samserve_interact_event_seconds", "Interact: from an event's arrival to its "
+                                   "answer, by outcome (decoded, history)", ["outcome"], buckets=LATENCY_BUCKETS)
 TENANT_REQUESTS = Counter("samserve_tenant_requests_total", "Gateway RPCs by tenant (of the API key; '-' with "
                           "auth off), method and status code", ["tenant", "method", "code"])
 TENANT_USAGE = Counter("samserve_tenant_usage_total", "What tenants spent: requests, encodes, decoder_prompts",

@@ -44,7 +44,7 @@ from collections.abc import Callable
 
 import grpc
 
-from samserve.core.api import METHOD_NAMES, SERVICE_NAME
+from samserve.core.api import SERVICE_NAME, UNARY_METHOD_NAMES
 from samserve.core.settings import MAX_CHANNEL_AGE_S
 
 DEFAULT_ATTEMPTS = 5
@@ -55,8 +55,9 @@ BACKOFF_MULTIPLIER = 2.5
 """With 5 attempts the waits are drawn below 0.25, 0.625, 1.5625 and 2 s: a call rides out up to ~4.4 s of
 unavailability (~2.2 s on average), about a gateway restart or a short Triton restart."""
 RETRYABLE_CODES = ("UNAVAILABLE",)
-IDEMPOTENT_METHODS = METHOD_NAMES
-"""Every RPC of samserve.v1.SegmentAnything: none changes state a retry could apply twice."""
+IDEMPOTENT_METHODS = UNARY_METHOD_NAMES
+"""Every unary RPC of samserve.v1.SegmentAnything: none changes state a retry could apply twice (an Interact
+session is not retried: its client opens a new one)."""
 
 
 KEEPALIVE_S = 10.0

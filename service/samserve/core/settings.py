@@ -133,6 +133,17 @@ class GatewaySettings(BaseSettings):
         3, description="GenerateMasks: decoder calls of one request in flight (overlaps decoding and post-processing; "
         "each holds one batch of logits)"
     )
+    interact_max_sessions: int = Field(
+        64, ge=1, description="Interact: sessions open at once per gateway; more -> RESOURCE_EXHAUSTED naming this "
+        "limit (a session holds its undo history: up to SAMSERVE_INTERACT_MAX_HISTORY low-res logit planes of 256 KiB)")
+    interact_max_sessions_per_tenant: int = Field(
+        16, ge=1, description="Interact: sessions open at once per tenant (auth on; with auth off only the gateway's "
+        "limit applies); more -> RESOURCE_EXHAUSTED naming this limit")
+    interact_idle_timeout_s: float = Field(
+        300.0, gt=0, allow_inf_nan=False, description="Interact: a session with no event for this long ends "
+        "DEADLINE_EXCEEDED, and its slot is freed")
+    interact_max_history: int = Field(
+        32, ge=1, description="Interact: states a session keeps for undo (older ones are forgotten: undo stops there)")
     shutdown_grace_s: float = Field(10.0, description="SIGTERM: seconds in-flight calls get to finish")
     max_connection_age_s: float = Field(
         300.0, ge=0, le=MAX_CHANNEL_AGE_S, allow_inf_nan=False,

@@ -10,7 +10,8 @@ What costs what (:class:`Limit`):
 * ``requests``: 1 per RPC, taken by :class:`samserve.transport.interceptors.QuotaInterceptor` before the servicer runs;
 * ``encodes``: 1 per encoder run this gateway starts for the tenant (a cache hit, or waiting on another caller's
   encode of the same image, is free), taken by the embedder just before the encoder runs;
-* ``decoder_prompts``: a Segment's prompts, a GenerateMasks' planned grid points over all crops, taken by the
+* ``decoder_prompts``: a Segment's prompts, a GenerateMasks' planned grid points over all crops, one per decode of an
+  Interact session, taken by the
   servicer before any decoder call.
 
 Buckets live in each gateway replica: with N replicas a tenant may use up to N times its limits (like Envoy's
@@ -74,7 +75,8 @@ class TenantLimits(BaseModel):
     encodes_per_min: PositiveFloat | None = Field(None, description="encoder runs per minute (cache misses)")
     encodes_burst: PositiveInt | None = None
     decoder_prompts_per_min: PositiveFloat | None = Field(
-        None, description="decoder prompts per minute (Segment prompts; GenerateMasks grid points x crops)")
+        None, description="decoder prompts per minute (Segment prompts; GenerateMasks grid points x crops; 1 per "
+        "Interact decode)")
     decoder_prompts_burst: PositiveInt | None = None
 
     def bucket_size(self, limit: Limit) -> tuple[float, float] | None:

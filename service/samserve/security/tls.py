@@ -155,15 +155,21 @@ def _read(path: Path | None, what: str) -> bytes | None:
         raise TlsConfigError(f"{what} {path}: {error.strerror}") from error
 
 
-class _BearerToken(grpc.UnaryUnaryClientInterceptor):
-    """Adds ``authorization: Bearer <token>`` to every unary call's metadata."""
+class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds ``authorization: Bearer <token>`` to every call's metadata (unary calls, and Interact sessions)."""
 
     def __init__(self, token: str) -> None:
         self.entry = ("authorization", f"Bearer {token}")
 
+    def _with_token(self, client_call_details: Any) -> Any:
+        return client_call_details._replace(metadata=[*(client_call_details.metadata or ()), self.entry])
+
     def intercept_unary_unary(self, continuation: Callable[..., Any], client_call_details: Any, request: Any) -> Any:
-        metadata = [*(client_call_details.metadata or ()), self.entry]
-        return continuation(client_call_details._replace(metadata=metadata), request)
+        return continuation(self._with_token(client_call_details), request)
+
+    def intercept_stream_stream(self, continuation: Callable[..., Any], client_call_details: Any,
+                                request_iterator: Any) -> Any:
+        return continuation(self._with_token(client_call_details), request_iterator)
 
 
 def client_channel(

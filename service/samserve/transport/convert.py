@@ -16,7 +16,7 @@ import numpy as np
 from samserve.core import model_spec
 from samserve.core.api import pb
 from samserve.core.errors import InvalidArgument, ResourceExhausted
-from samserve.vision import amg, mask_encoding, polygons, processing, segmentation
+from samserve.vision import amg, interaction, mask_encoding, polygons, processing, segmentation
 
 LABELS = {
     pb.POINT_LABEL_BACKGROUND: model_spec.LABEL_BACKGROUND,
@@ -38,7 +38,7 @@ class MaskEncoding:
     """None: no polygons."""
 
     @classmethod
-    def of(cls, request: pb.SegmentRequest | pb.GenerateMasksRequest) -> MaskEncoding:
+    def of(cls, request: pb.SegmentRequest | pb.GenerateMasksRequest | pb.InteractOpen) -> MaskEncoding:
         """The request's encoding; a bad tolerance is InvalidArgument naming ``polygon_tolerance_px`` (whatever the
         encoding asked for: a client that sends one means it)."""
         tolerance = polygons.DEFAULT_TOLERANCE_PX
@@ -234,3 +234,59 @@ def generated_masks_to_proto(masks: amg.MaskSet, original_hw: tuple[int, int],
     return records
 
 
+
+
+INTERACT_ACTIONS = {action.value: action for action in interaction.Action}
+"""``InteractEvent.action`` field name -> the session's action."""
+
+
+def event_from_proto(request: pb.InteractRequest, original_hw: tuple[int, int]) -> interaction.Event:
+    """One event of a session, validated against the image (coordinates as Segment's prompts); InvalidArgument
+    names the event (``events[id=7].add_point``)."""
+    if request.WhichOneof("kind") != "event":
+        raise InvalidArgument("`open` comes once, as the first message of a session; later messages are events",
+                              field="open")
+    message = request.event
+    which = message.WhichOneof("action")
+    if which is None:
+        raise InvalidArgument(f"event {message.id} has no action", field=f"events[id={message.id}]")
+    event = interaction.Event(message.id, INTERACT_ACTIONS[which])
+    height, width = original_hw
+    if which == "add_point":
+        point = message.add_point
+        if not (_finite(point.x, point.y) and 0 <= point.x <= width and 0 <= point.y <= height):
+            raise InvalidArgument(f"{event.field} ({point.x}, {point.y}) lies outside the {width}x{height} image",
+                                  field=event.field)
+        if point.label not in LABELS:
+            raise InvalidArgument(f"{event.field}.label must be POINT_LABEL_FOREGROUND or POINT_LABEL_BACKGROUND",
+                                  field=f"{event.field}.label")
+        return dataclasses.replace(event, point=(point.x, point.y, LABELS[point.label]))
+    if which == "set_box":
+        b = message.set_box
+        if not (_finite(b.x0, b.y0, b.x1, b.y1) and 0 <= b.x0 <= b.x1 <= width and 0 <= b.y0 <= b.y1 <= height):
+            raise InvalidArgument(f"{event.field} must satisfy 0 <= x0 <= x1 <= {width} and 0 <= y0 <= y1 <= "
+                                  f"{height}", field=event.field)
+        return dataclasses.replace(event, box=(b.x0, b.y0, b.x1, b.y1))
+    if which == "choose_mask":
+        return dataclasses.replace(event, token=message.choose_mask)  # the session checks it against the model
+    return event
+
+
+def decoded_from_answer(answer: segmentation.PromptAnswer[EncodedMask]) -> interaction.Decoded[pb.Mask]:
+    """A session's decoded state: the answer's masks as API messages (without logits: the session keeps them)."""
+    assert answer.low_res_logits is not None
+    masks = results_to_proto([dataclasses.replace(answer, low_res_logits=None)])[0].masks
+    return interaction.Decoded(list(masks), answer.iou_predictions, answer.low_res_logits, answer.token_indices)
+
+
+def interact_answer(event_id: int, state: interaction.State[pb.Mask], decoded_now: bool,
+                    finished: bool) -> pb.InteractResponse:
+    """The answer to a session's newest event: the state's masks and the one shown."""
+    masks = state.decoded.masks if state.decoded is not None else []
+    return pb.InteractResponse(answer=pb.InteractAnswer(
+        event_id=event_id, masks=masks, chosen=state.shown() if masks else 0, decoded=decoded_now,
+        points=len(state.points), finished=finished))
+
+
+def interact_superseded(event_ids: list[int]) -> pb.InteractResponse:
+    return pb.InteractResponse(superseded=pb.InteractSuperseded(event_ids=event_ids))

@@ -1,4 +1,6 @@
-"""What every RPC of ``samserve.v1.SegmentAnything`` gets, as grpc.aio server interceptors (outermost first):
+"""What every RPC of ``samserve.v1.SegmentAnything`` gets, as grpc.aio server interceptors (outermost first), the
+unary ones and the Interact stream alike (each interceptor is a scope around the call: a stream's lasts until its
+last answer is sent):
 
 * :class:`RequestIdInterceptor`: a request id (the client's ``x-request-id`` metadata, else a new one) in a
   context variable that every log record of the call carries (:class:`RequestIdLogFilter`); sent back as
@@ -29,10 +31,12 @@ ran out adds a ``google.rpc.QuotaFailure``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -63,7 +67,9 @@ LOG = logging.getLogger(__name__)
 
 HEALTH_SERVICE = "grpc.health.v1.Health"
 
-Behavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+Scope = Callable[[grpc.aio.ServicerContext], contextlib.AbstractAsyncContextManager[None]]
+"""What an interceptor does around one call, whatever its kind: entered before the method runs, left when it
+ends (a stream: when its last answer is sent), seeing the error that ends it."""
 
 
 def _ours(details: grpc.HandlerCallDetails) -> bool:
@@ -74,35 +80,58 @@ def _method_name(details: grpc.HandlerCallDetails) -> str:
     return details.method.rsplit("/", 1)[-1]
 
 
-def _parsing(behavior: Behavior, parse: Callable[[bytes], Any] | None) -> Behavior:
-    """``behavior`` taking the request's bytes: a message that does not parse is InvalidArgument (raised inside the
+def _parse(parse: Callable[[bytes], Any], request: bytes) -> Any:
+    """A request message from its bytes: one that does not parse is InvalidArgument (raised inside the
     interceptors, so it is mapped, counted and logged like any error; gRPC's own deserialization answers UNKNOWN)."""
-    if parse is None:
-        return behavior
-
-    async def parsed(request: bytes, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            message = parse(request)
-        except DecodeError:
-            raise InvalidArgument("the request is not a valid serialized message of this method") from None
-        return await behavior(message, context)
-
-    return parsed
+    try:
+        return parse(request)
+    except DecodeError:
+        raise InvalidArgument("the request is not a valid serialized message of this method") from None
 
 
-def _wrap_unary(handler: grpc.RpcMethodHandler, wrap: Callable[[Behavior], Behavior]) -> grpc.RpcMethodHandler:
-    """``handler`` with its behavior wrapped; the request reaches the wrappers as bytes and is parsed innermost
-    (each wrapping moves the parse inside the new wrapper)."""
-    return grpc.unary_unary_rpc_method_handler(
-        wrap(_parsing(handler.unary_unary, handler.request_deserializer)), request_deserializer=None,
-        response_serializer=handler.response_serializer,
-    )
+def _wrap(handler: grpc.RpcMethodHandler, scope: Scope) -> grpc.RpcMethodHandler:
+    """``handler`` (unary-unary or stream-stream) with ``scope`` around each call. The requests reach the wrappers
+    as bytes and are parsed innermost (each wrapping moves the parse inside the new wrapper)."""
+    parse = handler.request_deserializer
+    if handler.unary_unary is not None:
+        inner = handler.unary_unary
+
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async with scope(context):
+                return await inner(_parse(parse, request) if parse else request, context)
+
+        return grpc.unary_unary_rpc_method_handler(unary, response_serializer=handler.response_serializer)
+    stream_inner = handler.stream_stream
+
+    async def parsed(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        async for request in requests:
+            yield _parse(parse, request) if parse else request
+
+    async def stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async with scope(context):
+            async for response in stream_inner(parsed(requests), context):
+                yield response
+
+    return grpc.stream_stream_rpc_method_handler(stream, response_serializer=handler.response_serializer)
 
 
-class _UnaryInterceptor(grpc.aio.ServerInterceptor):
-    """Wraps the unary-unary methods of our service (health and reflection pass through untouched)."""
+def _wrappable(handler: grpc.RpcMethodHandler | None, details: grpc.HandlerCallDetails) -> bool:
+    """Our service's methods (unary, and the bidirectional Interact); health and reflection pass untouched."""
+    return (handler is not None and _ours(details)
+            and (handler.unary_unary is not None or handler.stream_stream is not None))
 
-    def wrap(self, method: str, behavior: Behavior) -> Behavior:
+
+def _reset(variable: contextvars.ContextVar[Any], token: contextvars.Token[Any]) -> None:
+    """``variable.reset(token)``, tolerating a stream's generator closed from another context (the call is over
+    either way)."""
+    with contextlib.suppress(ValueError):
+        variable.reset(token)
+
+
+class _CallInterceptor(grpc.aio.ServerInterceptor):
+    """Puts :meth:`scope` around each call of our service's methods."""
+
+    def scope(self, method: str, context: grpc.aio.ServicerContext) -> contextlib.AbstractAsyncContextManager[None]:
         raise NotImplementedError
 
     async def intercept_service(
@@ -110,101 +139,103 @@ class _UnaryInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None or not _ours(handler_call_details):
+        if not _wrappable(handler, handler_call_details):
             return handler
         method = _method_name(handler_call_details)
-        return _wrap_unary(handler, lambda behavior: self.wrap(method, behavior))
+        return _wrap(handler, lambda context: self.scope(method, context))
 
 
-class RequestIdInterceptor(_UnaryInterceptor):
+class RequestIdInterceptor(_CallInterceptor):
     """Sets :data:`request_id` for the call and returns it to the client as trailing metadata; scopes
     :data:`tenant` to the call (AuthInterceptor sets it)."""
 
-    def wrap(self, method: str, behavior: Behavior) -> Behavior:
-        async def with_request_id(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            given = dict(context.invocation_metadata() or ()).get(REQUEST_ID_HEADER, "")
-            value = given if VALID_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex[:16]
-            token, tenant_token = request_id.set(value), tenant.set("-")
-            try:
-                context.set_trailing_metadata(((REQUEST_ID_HEADER, value),))  # sent with the status: no extra write
-                return await behavior(request, context)
-            finally:
-                tenant.reset(tenant_token)  # AuthInterceptor (inside) set it for the whole call
-                request_id.reset(token)
-
-        return with_request_id
+    @contextlib.asynccontextmanager
+    async def scope(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        given = dict(context.invocation_metadata() or ()).get(REQUEST_ID_HEADER, "")
+        value = given if VALID_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex[:16]
+        token, tenant_token = request_id.set(value), tenant.set("-")
+        try:
+            context.set_trailing_metadata(((REQUEST_ID_HEADER, value),))  # sent with the status: no extra write
+            yield
+        finally:
+            _reset(tenant, tenant_token)  # AuthInterceptor (inside) set it for the whole call
+            _reset(request_id, token)
 
 
-class MetricsInterceptor(_UnaryInterceptor):
-    """In-flight gauge, request counter and latency histogram by method and final status code."""
+class MetricsInterceptor(_CallInterceptor):
+    """In-flight gauge, request counter and latency histogram by method and final status code (an Interact
+    session counts once, for its whole life)."""
 
-    def wrap(self, method: str, behavior: Behavior) -> Behavior:
-        async def measured(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            code = grpc.StatusCode.OK
-            started = time.perf_counter()
-            metrics.INFLIGHT.labels(method).inc()
-            try:
-                return await behavior(request, context)
-            except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
-                raise
-            except Exception as error:  # the code ErrorInterceptor (outside) will send: counted before it is sent
-                code = status_code(error) or grpc.StatusCode.INTERNAL
-                raise
-            finally:
-                metrics.INFLIGHT.labels(method).dec()
-                metrics.RPC_REQUESTS.labels(method, code.name).inc()
-                metrics.TENANT_REQUESTS.labels(metrics.tenant_label(tenant.get()), method, code.name).inc()
-                metrics.RPC_DURATION.labels(method, code.name).observe(time.perf_counter() - started)
-
-        return measured
+    @contextlib.asynccontextmanager
+    async def scope(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        code = grpc.StatusCode.OK
+        started = time.perf_counter()
+        metrics.INFLIGHT.labels(method).inc()
+        try:
+            yield
+        except (asyncio.CancelledError, GeneratorExit):
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as error:  # the code ErrorInterceptor (outside) will send: counted before it is sent
+            code = status_code(error) or grpc.StatusCode.INTERNAL
+            raise
+        finally:
+            metrics.INFLIGHT.labels(method).dec()
+            metrics.RPC_REQUESTS.labels(method, code.name).inc()
+            metrics.TENANT_REQUESTS.labels(metrics.tenant_label(tenant.get()), method, code.name).inc()
+            metrics.RPC_DURATION.labels(method, code.name).observe(time.perf_counter() - started)
 
 
-class ErrorInterceptor(_UnaryInterceptor):
+class ErrorInterceptor(_CallInterceptor):
     """Raised errors become status codes (:data:`samserve.transport.status.STATUS_CODES`) with rich details; a
-    cancelled call (client gone
-    or deadline passed) drops its work; anything else is INTERNAL, logged with its request id."""
+    cancelled call (client gone or deadline passed) drops its work; anything else is INTERNAL, logged with its
+    request id."""
 
-    def wrap(self, method: str, behavior: Behavior) -> Behavior:
-        async def mapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            try:
-                return await behavior(request, context)
-            except (asyncio.CancelledError, grpc.aio.AbortError):
-                raise
-            except Exception as error:  # noqa: BLE001 - every failure leaves as a status, never a traceback
-                code = status_code(error)
-                if code is None or code is grpc.StatusCode.INTERNAL:
-                    LOG.error("%s failed", method, exc_info=error)
-                    message = f"internal error (logged by the gateway as request {request_id.get()})"
-                    code = grpc.StatusCode.INTERNAL
-                elif isinstance(error, SamServeError):
-                    message = str(error)
-                else:
-                    message = next(text for kind, text in MESSAGES.items() if isinstance(error, kind))
-                status = status_details(code, message, error)
-                trailers: tuple[tuple[str, str | bytes], ...] = (
-                    (STATUS_DETAILS_HEADER, status.SerializeToString()), (REQUEST_ID_HEADER, request_id.get()))
-                if isinstance(error, ResourceExhausted) and error.retry_after_s is not None:
-                    trailers += ((RETRY_AFTER_HEADER, f"{error.retry_after_s:.3f}"),)
-                await context.abort(code, message, trailing_metadata=trailers)
-
-        return mapped
+    @contextlib.asynccontextmanager
+    async def scope(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        try:
+            yield
+        except (asyncio.CancelledError, GeneratorExit, grpc.aio.AbortError):
+            raise
+        except Exception as error:  # noqa: BLE001 - every failure leaves as a status, never a traceback
+            code = status_code(error)
+            if code is None or code is grpc.StatusCode.INTERNAL:
+                LOG.error("%s failed", method, exc_info=error)
+                message = f"internal error (logged by the gateway as request {request_id.get()})"
+                code = grpc.StatusCode.INTERNAL
+            elif isinstance(error, SamServeError):
+                message = str(error)
+            else:
+                message = next(text for kind, text in MESSAGES.items() if isinstance(error, kind))
+            status = status_details(code, message, error)
+            trailers: tuple[tuple[str, str | bytes], ...] = (
+                (STATUS_DETAILS_HEADER, status.SerializeToString()), (REQUEST_ID_HEADER, request_id.get()))
+            if isinstance(error, ResourceExhausted) and error.retry_after_s is not None:
+                trailers += ((RETRY_AFTER_HEADER, f"{error.retry_after_s:.3f}"),)
+            await context.abort(code, message, trailing_metadata=trailers)
 
 
-def _refusal(handler: grpc.RpcMethodHandler, error: SamServeError) -> grpc.RpcMethodHandler:
-    """A handler of ``handler``'s kind that raises ``error`` (our unary methods: mapped by ErrorInterceptor) or
-    aborts with its code (other services' streaming methods, which the outer interceptors pass through). Its
-    request is never parsed."""
-    if handler.unary_unary is not None:
+def _refusal(handler: grpc.RpcMethodHandler, error: SamServeError, ours: bool) -> grpc.RpcMethodHandler:
+    """A handler of ``handler``'s kind that refuses the call without parsing its request: our methods raise
+    ``error`` (mapped and counted by the interceptors outside), other services' methods (reflection, passed
+    through untouched by them) abort with its code."""
+    if ours and handler.unary_unary is not None:
         async def refuse_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
             raise error
 
         return grpc.unary_unary_rpc_method_handler(refuse_unary, response_serializer=handler.response_serializer)
+    if ours and handler.stream_stream is not None:
+        async def refuse_stream(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            raise error
+            yield  # an async generator, as the wrappers outside expect
+
+        return grpc.stream_stream_rpc_method_handler(refuse_stream, response_serializer=handler.response_serializer)
 
     async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
         await context.abort(status_code(error) or grpc.StatusCode.INTERNAL, str(error))
 
     kinds = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
         (False, True): grpc.unary_stream_rpc_method_handler, (True, False): grpc.stream_unary_rpc_method_handler,
         (True, True): grpc.stream_stream_rpc_method_handler,
     }
@@ -232,40 +263,37 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             caller = self.credentials.authorize(method if ours else None, handler_call_details.invocation_metadata)
         except (Unauthenticated, PermissionDenied) as error:
             LOG.debug("refused %s: %s", handler_call_details.method, error)
-            return _refusal(handler, error)
-        if not ours or handler.unary_unary is None:
+            return _refusal(handler, error, ours)
+        if not _wrappable(handler, handler_call_details):
             return handler
 
-        def with_tenant(behavior: Behavior) -> Behavior:
-            async def as_tenant(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                # Not reset here: the outer interceptors' log lines (an INTERNAL error) name the tenant too;
-                # RequestIdInterceptor, outermost, ends its scope with the call.
-                tenant.set(caller.tenant)
-                return await behavior(request, context)
+        @contextlib.asynccontextmanager
+        async def as_tenant(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+            # Not reset here: the outer interceptors' log lines (an INTERNAL error) name the tenant too;
+            # RequestIdInterceptor, outermost, ends its scope with the call.
+            tenant.set(caller.tenant)
+            yield
 
-            return as_tenant
-
-        return _wrap_unary(handler, with_tenant)
+        return _wrap(handler, as_tenant)
 
 
-class QuotaInterceptor(_UnaryInterceptor):
+class QuotaInterceptor(_CallInterceptor):
     """One request from the tenant's bucket (set by AuthInterceptor, outside), then the tenant's quota is
-    :data:`samserve.security.quotas.current` for the call."""
+    :data:`samserve.security.quotas.current` for the call (an Interact session: one request, then one decoder
+    prompt per decode)."""
 
     def __init__(self, tenant_quotas: quotas.Quotas) -> None:
         self.quotas = tenant_quotas
 
-    def wrap(self, method: str, behavior: Behavior) -> Behavior:
-        async def within_quota(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            quota = self.quotas.of(tenant.get())
-            quota.charge(quotas.Limit.REQUESTS)
-            token = quotas.current.set(quota)
-            try:
-                return await behavior(request, context)
-            finally:
-                quotas.current.reset(token)
-
-        return within_quota
+    @contextlib.asynccontextmanager
+    async def scope(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        quota = self.quotas.of(tenant.get())
+        quota.charge(quotas.Limit.REQUESTS)
+        token = quotas.current.set(quota)
+        try:
+            yield
+        finally:
+            _reset(quotas.current, token)
 
 
 def interceptors(credentials: Credentials | None = None) -> list[grpc.aio.ServerInterceptor]:

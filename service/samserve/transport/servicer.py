@@ -24,13 +24,13 @@ from samserve.cache.embedder import ImageRef
 from samserve.core import metrics, model_spec
 from samserve.core.api import pb, pb_grpc
 from samserve.core.embedding import CropBox, EmbeddedImage
-from samserve.core.errors import InvalidArgument, NotFound, ResourceExhausted
+from samserve.core.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from samserve.core.settings import CacheScope, GatewaySettings
 from samserve.security import quotas
-from samserve.transport import call_context, convert
+from samserve.transport import call_context, convert, interact
 from samserve.transport.model_watcher import ModelWatcher
 from samserve.triton.models import TritonSam
-from samserve.vision import amg, client_decoder, processing, segmentation
+from samserve.vision import amg, client_decoder, interaction, processing, segmentation
 
 
 class SegmentAnythingServicer(pb_grpc.SegmentAnythingServicer):
@@ -40,6 +40,7 @@ class SegmentAnythingServicer(pb_grpc.SegmentAnythingServicer):
         self.watcher = watcher
         self.cache_scope = settings.effective_cache_scope
         self.decoders = client_decoder.DecoderFiles(settings.client_decoder_dir)
+        self.sessions = interact.SessionSlots(settings)
 
     def _timeout(self, context: grpc.aio.ServicerContext) -> float:
         """The call's remaining time, bounded by ``triton_timeout_s``: every Triton call of the RPC gets it."""
@@ -161,6 +162,44 @@ class SegmentAnythingServicer(pb_grpc.SegmentAnythingServicer):
             model_id=model.meta.model_id, masks=records, crops=generator.progress.crops,
             points=generator.progress.points,
         )
+
+    async def Interact(
+        self, requests: AsyncIterator[pb.InteractRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.InteractResponse]:
+        idle_s = self.settings.interact_idle_timeout_s
+        opening = interact.check_open(await interact.next_message(requests, idle_s))
+        model = self.watcher.current()
+        encoding = convert.MaskEncoding.of(opening)
+        image = self._image(opening)
+        with self.sessions.slot(call_context.tenant.get()):
+            async with model.embedder.embedded(image, timeout_s=self._timeout(context)) as (embedded, cached):
+                original = embedded.original_size
+            yield pb.InteractResponse(opened=pb.InteractOpened(
+                image_id=image.image_id, width=original[1], height=original[0], cached=cached,
+                model_id=model.meta.model_id))
+            # Later decodes find the embedding by id (the image store keeps the bytes): the session holds neither.
+            image = ImageRef.from_id(image.image_id, self.settings.max_image_pixels, scope=self._scope())
+
+            async def decode(prompt: processing.Prompt) -> interaction.Decoded[pb.Mask]:
+                if self.watcher.current().meta.model_id != model.meta.model_id:
+                    raise Unavailable(f"the served model changed from {model.meta.model_id}: the session's masks "
+                                      "belong to the old one; open a new session")
+                quotas.charge(quotas.Limit.DECODER_PROMPTS, 1)
+                self._check_mask_pixels([prompt], original, model.meta.num_mask_tokens)
+                timeout = self._timeout(context)
+                finish = convert.mask_encoder(encoding, convert.ResponseBudget(self.settings.max_response_bytes))
+                async with model.embedder.embedded(image, timeout_s=timeout) as (embedded, _):
+                    [answer] = await segmentation.segment_each(self.triton, model.meta, embedded, [prompt], finish,
+                                                               timeout)
+                return convert.decoded_from_answer(answer)
+
+            session: interaction.Session[pb.Mask] = interaction.Session(
+                self.settings.max_points_per_prompt, self.settings.interact_max_history, model.meta.num_mask_tokens)
+            responses = interact.run_session(
+                session, requests, lambda message: convert.event_from_proto(message, original), decode,
+                convert.interact_answer, convert.interact_superseded, idle_s)
+            async for response in responses:
+                yield response
 
     async def GetEmbedding(
         self, request: pb.GetEmbeddingRequest, context: grpc.aio.ServicerContext

@@ -26,14 +26,14 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
-from starlette.routing import BaseRoute, Mount, Route
+from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
 from samserve.core import service_config
 from samserve.core.settings import GatewaySettings
 from samserve.security.tls import ServerCertificates
 from samserve.transport.call_context import REQUEST_ID_HEADER
-from samserve.transport.http import openapi
+from samserve.transport.http import interact_socket, openapi
 from samserve.transport.http.routes import HttpRoute, http_routes
 from samserve.transport.http.transcoding import TIMEOUT_HEADER, Transcoder, error_response
 
@@ -55,13 +55,15 @@ class IsolatedStaticFiles(StaticFiles):
 
 def create_app(channel: grpc.aio.Channel, max_request_bytes: int, cors_origins: tuple[str, ...] = (),
                web_static: Path = WEB_STATIC) -> Starlette:
-    """The HTTP application: the RPC routes, ``/openapi.json``, and the web page at ``/`` (when built)."""
+    """The HTTP application: the RPC routes, the Interact WebSocket, ``/openapi.json``, and the web page at ``/``
+    (when built)."""
     transcoder = Transcoder(channel, max_request_bytes)
     routes: list[BaseRoute] = [
         Route(route.template, transcoder.endpoint(route), methods=[route.verb], name=f"{route.method.name}:{i}")
         for i, route in enumerate(http_routes())
     ]
     routes += method_not_allowed_routes(http_routes())
+    routes.append(WebSocketRoute(interact_socket.ROUTE, interact_socket.interact_endpoint(channel, max_request_bytes)))
     document = openapi.document(http_routes())
     routes.append(Route("/openapi.json", lambda request: JSONResponse(document), methods=["GET"]))
     if (web_static / "index.html").exists():
@@ -156,7 +158,7 @@ async def start_http(settings: GatewaySettings, certificates: ServerCertificates
     if certificates is not None:  # uvicorn's own context is replaced below by one that follows rotations
         tls = {"ssl_certfile": str(certificates.cert_file), "ssl_keyfile": str(certificates.key_file)}
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", server_header=False,
-                            timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s), **tls)
+                            ws="wsproto", timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s), **tls)
     config.load()
     if certificates is not None:
         config.ssl = certificates.ssl_context()

@@ -20,7 +20,7 @@ import asyncio
 import hashlib
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import grpc
@@ -190,12 +190,14 @@ async def _read_multipart(
         raise HttpError(grpc.StatusCode.INVALID_ARGUMENT, f"malformed multipart form: {error}") from None
 
 
-def _metadata(request: Request) -> tuple[tuple[str, str], ...]:
-    return tuple((name, request.headers[name]) for name in FORWARDED_HEADERS if name in request.headers)
+def forwarded_metadata(headers: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    """The gRPC metadata of an HTTP request's (or WebSocket handshake's) headers: :data:`FORWARDED_HEADERS`."""
+    return tuple((name, headers[name]) for name in FORWARDED_HEADERS if name in headers)
 
 
-def _timeout(request: Request) -> float | None:
-    text = request.headers.get(TIMEOUT_HEADER)
+def request_timeout(headers: Mapping[str, str]) -> float | None:
+    """The call's deadline in seconds from :data:`TIMEOUT_HEADER` (None: none); INVALID_ARGUMENT when malformed."""
+    text = headers.get(TIMEOUT_HEADER)
     if text is None:
         return None
     try:
@@ -220,10 +222,6 @@ def error_response(code: grpc.StatusCode, text: str, trailers: Any = (), request
                    http_status: int | None = None) -> Response:
     """The HTTP twin of a gRPC error: Google's status mapping, the ``google.rpc.Status`` as JSON."""
     trailing = dict(trailers or ())
-    status = status_pb2.Status(code=code.value[0], message=text)
-    details = trailing.get(STATUS_DETAILS_HEADER)
-    if isinstance(details, bytes):
-        status = status_pb2.Status.FromString(details)
     headers = {}
     request_id = trailing.get(REQUEST_ID_HEADER, request_id)
     if request_id:
@@ -231,8 +229,15 @@ def error_response(code: grpc.StatusCode, text: str, trailers: Any = (), request
     retry_after = trailing.get(RETRY_AFTER_HEADER)
     if retry_after is not None:
         headers["retry-after"] = str(max(1, math.ceil(float(retry_after))))
-    body = json_format.MessageToDict(status, always_print_fields_with_no_presence=True)
-    return _json(body, http_status or HTTP_STATUS.get(code, 500), headers)
+    return _json(status_json(code, text, trailers), http_status or HTTP_STATUS.get(code, 500), headers)
+
+
+def status_json(code: grpc.StatusCode, text: str, trailers: Any = ()) -> dict[str, Any]:
+    """The ``google.rpc.Status`` of a gRPC error as JSON: the one its trailers carry, else code and message."""
+    details = dict(trailers or ()).get(STATUS_DETAILS_HEADER)
+    status = (status_pb2.Status.FromString(details) if isinstance(details, bytes)
+              else status_pb2.Status(code=code.value[0], message=text))
+    return json_format.MessageToDict(status, always_print_fields_with_no_presence=True)
 
 
 async def _until_disconnected(request: Request) -> None:
@@ -257,7 +262,7 @@ class Transcoder:
         async def handle(request: Request) -> Response:
             try:
                 built = await build_request(route, request, self.body_limit)
-                timeout = _timeout(request)
+                timeout = request_timeout(request.headers)
             except HttpError as error:
                 response = error_response(error.code, str(error), request_id=request.headers.get(REQUEST_ID_HEADER),
                                           http_status=error.http_status)
@@ -270,7 +275,7 @@ class Transcoder:
 
     async def _call(self, route: HttpRoute, call: Any, built: message.Message, request: Request,
                     timeout: float | None) -> Response:
-        pending = call(built, metadata=_metadata(request), timeout=timeout)
+        pending = call(built, metadata=forwarded_metadata(request.headers), timeout=timeout)
         answered = asyncio.ensure_future(pending)
         gone = asyncio.ensure_future(_until_disconnected(request))
         try:
