@@ -109,7 +109,7 @@ def polygons_document(image_id: str, width: int, height: int, answer: Masks) -> 
     return {"image_id": image_id, "width": width, "height": height, "masks": [
         {"token_index": answer.token_index[k], "predicted_iou": float(answer.predicted_iou[k]),
          "segmentation": polygons.coco_segmentation(found),
-         "rings": [{"points": ring.points, "role": ring.role, "parent": ring.parent} for ring in found.rings],
+         "rings": [ring.to_json() for ring in found.rings],
          "iou_with_mask": found.iou, "tolerance_px": found.tolerance_px, "dropped_parts": found.dropped_parts}
         for k, found in enumerate(answer.polygons)]}
 

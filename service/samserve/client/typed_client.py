@@ -86,7 +86,7 @@ def annotation_from_proto(mask: pb.GeneratedMask) -> dict[str, Any]:
     elif mask.HasField("polygons"):
         outline = polygons_from_proto(mask.polygons, 0, 0)
         segmentation = polygons.coco_segmentation(outline)
-        extra = {"rings": [{"points": r.points, "role": r.role, "parent": r.parent} for r in outline.rings],
+        extra = {"rings": [ring.to_json() for ring in outline.rings],
                  "polygon_iou": outline.iou, "polygon_tolerance_px": outline.tolerance_px}
     return {**extra,
         "segmentation": segmentation, "area": int(mask.area), "bbox": box(mask.bbox),

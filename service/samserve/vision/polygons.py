@@ -66,6 +66,10 @@ class Ring:
         """float64, N x 2: the (x, y) vertices."""
         return np.asarray(self.points, dtype=np.float64).reshape(-1, 2)
 
+    def to_json(self) -> dict[str, object]:
+        """The ring as the CLI's and the typed client's JSON write it: points, role, parent (null for exteriors)."""
+        return {"points": self.points, "role": self.role, "parent": self.parent}
+
 
 @dataclasses.dataclass(frozen=True)
 class PolygonSet:
