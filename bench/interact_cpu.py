@@ -5,8 +5,8 @@ The stack: the shipped scenes model in Triton, a `samserve gateway` process, bot
 this process (grpc.aio). Each session works on one held-out generated scene (its embedding cached beforehand: the
 benchmark times the decoder path, not the encoder) and follows a seeded script of ``--events`` events: clicks on
 the scene's objects (foreground inside, sometimes background outside), an undo, a reset between objects, 2 to 5
-per second (gaps drawn from 0.2 to 0.5 s); and bursts: a box dragged over an object, its corner sent every 8 ms
-(a 120 Hz pointer) for 3 to 5 events, in 1 step of 5.
+per second (gaps drawn from 0.2 to 0.5 s); and bursts: a box dragged over an object, its corner sent once per
+frame (16 ms: browsers deliver pointermove at the display's 60 Hz) for 3 to 5 events, in 1 step of 5.
 
 * Interact: every event is written to the session's stream at its time. Event-to-mask latency: from writing an
   event to the first answer whose state includes it (its own answer, or, for a superseded event, the answer that
@@ -15,12 +15,13 @@ per second (gaps drawn from 0.2 to 0.5 s); and bursts: a box dragged over an obj
   low-res logits as mask_input, as a thin client refines), calls of a session in flight together as they come;
   latency from the call to its answer; an empty state (after a reset) sends nothing.
 * The hot Segment baseline: one click on a cached image, one call at a time, paced as the sessions' clicks (the
-  target's baseline: the machine idles between calls as between a person's clicks) and back to back (also
-  recorded, with its ratio), interleaved (``--hot-repeats`` each).
+  target's baseline: the machine idles between calls as between a person's clicks), and back to back (recorded
+  too, with its ratio): 10 calls of each in each round of the 1-session level.
 
-Each level runs Interact then unary on the same scripts; 1 session runs ``--single-sessions`` sessions one after
-the other. Targets: p50 at 1 session <= 1.2x the hot Segment p50; p99 <= 3x p50 at 8 sessions; no event answered
-out of order. Writes bench/results/interact_cpu.json.
+Each round of a level runs the same scripts as Interact sessions and as unary calls (and at 1 session the paced
+baselines), in an order rotated each round, so that a slow phase of the shared machine hits each alike; 1 session
+runs ``--single-sessions`` rounds, 8 sessions 2, 32 sessions 1. Targets: p50 at 1 session <= 1.2x the paced hot
+Segment p50; p99 <= 3x p50 at 8 sessions; no event answered out of order. Writes bench/results/interact_cpu.json.
 """
 
 from __future__ import annotations
@@ -34,15 +35,28 @@ import grpc
 import numpy as np
 
 from bench.amg_cpu import scenes_model
-from bench.common import WORK, add_output_argument, environment, print_table, summary, write_results
+from bench.common import (
+    WORK,
+    add_output_argument,
+    environment,
+    print_table,
+    rotated_orders,
+    summary,
+    write_results,
+)
 from samserve.core.api import pb, pb_grpc
 from samserve_build import scenes
 from samserve_dev import local_stack
 from samserve_dev.images import png_bytes
 
 LEVELS = (1, 8, 32)
+ROUNDS = {8: 2, 32: 1}
+"""Rounds of the concurrent levels (1 session: ``--single-sessions`` rounds)."""
+HOT_CALLS_PER_ROUND = 10
+"""Hot Segment calls paced (the target's baseline), and as many back to back, in each round of the 1-session
+level."""
 P50_VS_HOT_TARGET, P99_OVER_P50_TARGET = 1.2, 3.0
-BURST_SHARE, DRAG_GAP_S = 0.2, 0.008
+BURST_SHARE, DRAG_GAP_S = 0.2, 0.016
 SCENE_COUNT = 8
 FOREGROUND, BACKGROUND = pb.POINT_LABEL_FOREGROUND, pb.POINT_LABEL_BACKGROUND
 
@@ -67,7 +81,7 @@ class SceneImage:
 
 def script(seed: int, scene: SceneImage, events: int) -> list[ScriptedEvent]:
     """A person's session: clicks on one object after another (a reset between them), an undo now and then, and
-    bursts: a box dragged over the object, its corner moving every 8 ms (a 120 Hz pointer) for 3 to 5 events."""
+    bursts: a box dragged over the object, its corner moving once per 60 Hz frame for 3 to 5 events."""
     rng = np.random.default_rng(seed)
     made: list[ScriptedEvent] = []
     at, on_object, obj = 0.0, 0, int(rng.integers(len(scene.objects)))
@@ -203,56 +217,72 @@ async def unary_session(stub: pb_grpc.SegmentAnythingStub, image: SceneImage,
     return SessionResult(latencies, len(latencies), 0, 0)
 
 
-async def run_level(target: str, images: list[SceneImage], sessions: int, rounds: int, events: int,
-                    seed: int) -> dict[str, object]:
-    """``sessions`` concurrent sessions (``rounds`` times, one after the other), Interact then unary."""
-    figures: dict[str, object] = {}
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = pb_grpc.SegmentAnythingStub(channel)
-        for mode, run in (("interact", interact_session), ("unary", unary_session)):
-            results: list[SessionResult] = []
-            started = time.perf_counter()
-            for round_index in range(rounds):
-                jobs = []
-                for k in range(sessions):
-                    number = seed + round_index * sessions + k
-                    image = images[number % len(images)]
-                    jobs.append(run(stub, image, script(number, image, events)))
-                results += await asyncio.gather(*jobs)
-            latencies = [s for r in results for s in r.latencies_s]
-            total = sum(r.answered + r.superseded for r in results)
-            figures[mode] = {
-                "latency": summary(latencies),
-                "events": len(latencies) if mode == "unary" else total,
-                "answered": sum(r.answered for r in results),
-                "superseded": sum(r.superseded for r in results),
-                "superseded_share": sum(r.superseded for r in results) / total if total else 0.0,
-                "out_of_order": sum(r.out_of_order for r in results),
-                "wall_s": round(time.perf_counter() - started, 2),
-            }
-    return figures
+async def hot_segments(stub: pb_grpc.SegmentAnythingStub, image: SceneImage, calls: int,
+                       rng: np.random.Generator | None) -> list[float]:
+    """A single hot Segment (one click on a cached image), one call at a time: paced as a person clicks (``rng``:
+    a gap of 0.2 to 0.5 s before each call, the machine idles between calls as between clicks; the target's
+    baseline), or back to back (``rng`` None)."""
+    request = _click_request(image)
+    samples = []
+    for _ in range(calls):
+        if rng is not None:
+            await asyncio.sleep(float(rng.uniform(0.2, 0.5)))
+        started = time.perf_counter()
+        await stub.Segment(request)
+        samples.append(time.perf_counter() - started)
+    return samples
 
 
-async def hot_segment(target: str, image: SceneImage, repeats: int, seed: int) -> dict[str, dict[str, float]]:
-    """One click on a cached image, one call at a time: back to back, and paced as a person clicks (a gap drawn
-    from 0.2 to 0.5 s before each call, as the sessions' events): the machine idles between calls as it does
-    between a person's clicks. Interleaved, after 5 warm-up calls of each."""
+def _click_request(image: SceneImage) -> pb.SegmentRequest:
+    (x, y), _, _ = image.objects[0]
+    return pb.SegmentRequest(image_id=image.image_id, prompts=[pb.Prompt(
+        points=[pb.Point(x=x, y=y, label=FOREGROUND)], multimask_output=True)])
+
+
+def _figures(results: list[SessionResult], wall_s: float, unary: bool) -> dict[str, object]:
+    latencies = [s for r in results for s in r.latencies_s]
+    total = sum(r.answered + r.superseded for r in results)
+    superseded = sum(r.superseded for r in results)
+    return {
+        "latency": summary(latencies),
+        "events": len(latencies) if unary else total,
+        "answered": sum(r.answered for r in results),
+        "superseded": superseded,
+        "superseded_share": superseded / total if total else 0.0,
+        "out_of_order": sum(r.out_of_order for r in results),
+        "wall_s": round(wall_s, 2),
+    }
+
+
+async def run_level(target: str, images: list[SceneImage], sessions: int, rounds: int, events: int, seed: int,
+                    hot_calls: int = 0) -> dict[str, object]:
+    """``sessions`` concurrent sessions, ``rounds`` times: in each round the same scripts as Interact sessions and
+    as unary calls, and (``hot_calls`` > 0) that many paced hot Segment calls, in an order rotated each round so
+    that a slow phase of the shared machine hits each alike."""
+    modes = ["interact", "unary", *(["paced", "back_to_back"] if hot_calls else [])]
+    results: dict[str, list[SessionResult]] = {"interact": [], "unary": []}
+    hot: dict[str, list[float]] = {"paced": [], "back_to_back": []}
+    wall = dict.fromkeys(modes, 0.0)
     rng = np.random.default_rng(seed)
     async with grpc.aio.insecure_channel(target) as channel:
         stub = pb_grpc.SegmentAnythingStub(channel)
-        (x, y), _, _ = image.objects[0]
-        request = pb.SegmentRequest(image_id=image.image_id, prompts=[pb.Prompt(
-            points=[pb.Point(x=x, y=y, label=FOREGROUND)], multimask_output=True)])
-        samples: dict[str, list[float]] = {"back_to_back": [], "paced": []}
-        for index in range(repeats + 5):
-            for name in samples:
-                if name == "paced":
-                    await asyncio.sleep(float(rng.uniform(0.2, 0.5)))
+        for round_index, order in enumerate(rotated_orders(modes, rounds)):
+            numbers = [seed + round_index * sessions + k for k in range(sessions)]
+            for mode in order:
                 started = time.perf_counter()
-                await stub.Segment(request)
-                if index >= 5:
-                    samples[name].append(time.perf_counter() - started)
-    return {name: summary(values) for name, values in samples.items()}
+                if mode in hot:
+                    hot[mode] += await hot_segments(stub, images[0], hot_calls, rng if mode == "paced" else None)
+                else:
+                    run = interact_session if mode == "interact" else unary_session
+                    results[mode] += await asyncio.gather(*(
+                        run(stub, images[n % len(images)], script(n, images[n % len(images)], events))
+                        for n in numbers))
+                wall[mode] += time.perf_counter() - started
+    figures: dict[str, object] = {mode: _figures(results[mode], wall[mode], mode == "unary")
+                                  for mode in ("interact", "unary")}
+    if hot_calls:
+        figures["hot_segment"] = {mode: summary(samples) for mode, samples in hot.items()}
+    return figures
 
 
 def embedded_scenes(target: str) -> list[SceneImage]:
@@ -273,7 +303,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, default=16, help="events per session")
     parser.add_argument("--single-sessions", type=int, default=6, help="sessions one after the other at level 1")
-    parser.add_argument("--hot-repeats", type=int, default=60)
     add_output_argument(parser)
     args = parser.parse_args()
     model = scenes_model()
@@ -282,12 +311,12 @@ def main() -> None:
             local_stack.GatewayProcess(triton.grpc_url, None, work, health_check_interval_s=1.0,
                                        interact_max_sessions=max(LEVELS)) as gateway:
         images = embedded_scenes(gateway.target)
-        hot = asyncio.run(hot_segment(gateway.target, images[0], args.hot_repeats, seed=7))
         levels = {}
         for sessions in LEVELS:
-            rounds = args.single_sessions if sessions == 1 else 1
-            levels[str(sessions)] = asyncio.run(run_level(gateway.target, images, sessions, rounds, args.events,
-                                                          seed=1000 * sessions))
+            levels[str(sessions)] = asyncio.run(run_level(
+                gateway.target, images, sessions, ROUNDS.get(sessions, args.single_sessions), args.events,
+                seed=1000 * sessions, hot_calls=HOT_CALLS_PER_ROUND if sessions == 1 else 0))
+        hot = levels["1"].pop("hot_segment")
     rows = []
     for sessions, figures in levels.items():
         for mode in ("interact", "unary"):
@@ -310,8 +339,10 @@ def main() -> None:
                    "script": f"{args.events} events per session: clicks on objects, an undo, a reset between "
                              "objects, gaps 0.2-0.5 s; bursts: a box dragged, 3-5 set_box events "
                              f"{DRAG_GAP_S * 1000:.0f} ms apart, in {BURST_SHARE:.0%} of steps",
-                   "levels": {str(n): f"{args.single_sessions if n == 1 else 1} round(s) of {n} session(s)"
-                              for n in LEVELS}},
+                   "levels": {str(n): f"{ROUNDS.get(n, args.single_sessions)} round(s) of {n} session(s)"
+                              for n in LEVELS},
+                   "hot_segment": f"{HOT_CALLS_PER_ROUND} calls paced and {HOT_CALLS_PER_ROUND} back to back in "
+                                  "each round of the 1-session level, the order rotated"},
         "hot_segment": hot,
         "levels": levels,
         "ratios": ratios,

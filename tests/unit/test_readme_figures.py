@@ -594,7 +594,7 @@ CONSTANTS: dict[str, dict[str, str]] = {
                  "4× upscale": "the decoder's low-res masks are 4× the embedding's size, the architecture"},
     "multihost": {"(tier 1)": "the in-process cache tier's name"},
     "soak": {"the 1 s timeout": "SAMSERVE_REDIS_TIMEOUT_S's default, a setting"},
-    "interact": {"0.2 to 0.5 s": "bench/interact_cpu.py's click gaps, its script", "at 8 ms": "its drag steps, the "
+    "interact": {"0.2 to 0.5 s": "bench/interact_cpu.py's click gaps, its script", "every 16 ms": "its drag steps, the "
                  "script", "≤ 1.2x": "the interactive-session issue's target", "≤ 3x": "the same issue's target",
                  "at 1, 8 and 32": "the session counts, the benchmark's levels", "at 1 session": "a level",
                  "at 8 sessions": "a level", "at 32 sessions": "a level"},
