@@ -20,7 +20,7 @@ frame (16 ms: browsers deliver pointermove at the display's 60 Hz) for 3 to 5 ev
 
 Each round of a level runs the same scripts as Interact sessions and as unary calls (and at 1 session the paced
 baselines), in an order rotated each round, so that a slow phase of the shared machine hits each alike; 1 session
-runs ``--single-sessions`` rounds, 8 sessions 2, 32 sessions 1. Targets: p50 at 1 session <= 1.2x the paced hot
+runs ``--single-sessions`` rounds, 8 sessions 4, 32 sessions 1. Targets: p50 at 1 session <= 1.2x the paced hot
 Segment p50; p99 <= 3x p50 at 8 sessions; no event answered out of order. Writes bench/results/interact_cpu.json.
 """
 
@@ -50,7 +50,7 @@ from samserve_dev import local_stack
 from samserve_dev.images import png_bytes
 
 LEVELS = (1, 8, 32)
-ROUNDS = {8: 2, 32: 1}
+ROUNDS = {8: 4, 32: 1}
 """Rounds of the concurrent levels (1 session: ``--single-sessions`` rounds)."""
 HOT_CALLS_PER_ROUND = 10
 """Hot Segment calls paced (the target's baseline), and as many back to back, in each round of the 1-session
