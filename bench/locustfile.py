@@ -24,14 +24,14 @@ import grpc.experimental.gevent as grpc_gevent
 
 grpc_gevent.init_gevent()  # grpc's sync stubs must cooperate with Locust's gevent loop
 
-import grpc
-from locust import User, between, events, task
-from PIL import Image
+import grpc  # noqa: E402
+from locust import User, between, events, task  # noqa: E402
+from PIL import Image  # noqa: E402
 
-from samserve.core.api import pb, pb_grpc
-from samserve.core.settings import ClientSettings
-from samserve.security.tls import client_channel
-from samserve_dev.images import synthetic_image
+from samserve.core.api import pb, pb_grpc  # noqa: E402
+from samserve.core.settings import ClientSettings  # noqa: E402
+from samserve.security.tls import client_channel  # noqa: E402
+from samserve_dev.images import synthetic_image  # noqa: E402
 
 SEED = int(os.environ.get("SAMSERVE_LOAD_SEED", "0"))
 HEIGHT = int(os.environ.get("SAMSERVE_LOAD_HEIGHT", "480"))
