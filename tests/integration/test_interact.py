@@ -35,7 +35,7 @@ MAX_POINTS = 3
 def bounded(module_gateway_factory, tiny_triton: ServedModel):
     """A gateway with small session bounds (auth off: the per-tenant limit does not apply)."""
     return module_gateway_factory(tiny_triton.url, None, interact_max_sessions=2,
-                                  interact_max_sessions_per_tenant=1, interact_idle_timeout_s=1.5,
+                                  interact_max_sessions_per_tenant=1, interact_idle_timeout_s=3,
                                   max_points_per_prompt=MAX_POINTS)
 
 
