@@ -32,3 +32,26 @@ def test_decoding_applies_exif_orientation_band_by_band(monkeypatch):
     Image.fromarray(pixels).save(buffer, "PNG", exif=exif)
     decoded = images.decode_image(buffer.getvalue(), 10**6)
     np.testing.assert_array_equal(decoded, np.rot90(pixels, k=-1))
+
+
+def _animated_webp(width: int, colors: list[tuple[int, int, int]]) -> bytes:
+    """An animated WebP of 1 x 1 frames on a ``width`` x 1 canvas (the canvas size patched into the VP8X header:
+    24 bits, width - 1, little-endian, 4 bytes after the flags' byte)."""
+    frames = [Image.new("RGB", (1, 1), color) for color in colors]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "WEBP", save_all=True, append_images=frames[1:], lossless=True)
+    data = bytearray(buffer.getvalue())
+    width_field = data.index(b"VP8X") + 12
+    data[width_field : width_field + 3] = (width - 1).to_bytes(3, "little")
+    return bytes(data)
+
+
+@pytest.mark.timeout(10)  # a hang bound: linear decoding takes about 0.1 s, the quadratic one took 20 s
+def test_widest_webp_canvas_decodes_in_time_linear_in_its_width():
+    """Found by the fuzz tier: Pillow read this image's one 64 MB row in 64 KB blocks, each appended to the rest."""
+    width = 1 << 24  # the largest canvas WebP declares
+    data = _animated_webp(width, [(200, 10, 10), (10, 200, 10)])
+    assert images.header_size(data) == (width, 1)
+    decoded = images.decode_image(data, width)
+    assert decoded.shape == (1, width, 3)
+    np.testing.assert_array_equal(decoded[0, 0], (200, 10, 10))  # the first frame, drawn at the canvas's origin

@@ -138,10 +138,10 @@ class ImageRef:
                 if self._data is None:
                     raise Missing(self.image_id)
 
-    def pixel_count(self) -> int:
-        """width x height from the image's header (0 when it has none: decoding will say why)."""
+    def header_size(self) -> tuple[int, int]:
+        """(width, height) from the image's header ((0, 0) when it has none: decoding will say why)."""
         assert self._data is not None
-        return images.pixel_count(self._data)
+        return images.header_size(self._data)
 
     def drop_pixels(self) -> None:
         self._pixels = None
@@ -169,6 +169,13 @@ class ImageEmbedder:
     image_store: ImageStore
     """The encoded bytes behind the ids, shared by every model of the gateway."""
 
+    def _refuse_too_thin(self, height: int, width: int) -> None:
+        """INVALID_ARGUMENT when the short side of a ``width`` x ``height`` image resized to the encoder's input
+        rounds to 0 pixels (a header without a size passes: decoding says why it is no image)."""
+        if height and width and min(processing.resized_size((height, width), self.image_size)) < 1:
+            raise InvalidArgument(f"a {width}x{height} image is too thin for the model: its short side "
+                                  f"would be 0 pixels at the {self.image_size}-pixel input")
+
     @contextlib.asynccontextmanager
     async def embedded(
         self, image: ImageRef, crop: CropBox | None = None, timeout_s: float | None = None
@@ -181,15 +188,14 @@ class ImageEmbedder:
         async def compute() -> Embedding:
             await image.load(self.image_store)
             quotas.charge(quotas.Limit.ENCODES)
-            async with self.decode_budget.held(image.pixel_count()):
+            width, height = image.header_size()
+            self._refuse_too_thin(height, width)  # before decoding: the orientation swaps the sides, never the ratio
+            async with self.decode_budget.held(width * height):
                 pixels = await image.pixels()
                 if crop is not None:
                     x0, y0, x1, y1 = crop
                     pixels = pixels[y0:y1, x0:x1]
-                height, width = pixels.shape[:2]
-                if min(processing.resized_size((height, width), self.image_size)) < 1:
-                    raise InvalidArgument(f"a {width}x{height} image is too thin for the model: its short side "
-                                          f"would be 0 pixels at the {self.image_size}-pixel input")
+                    self._refuse_too_thin(*pixels.shape[:2])
                 prepared = await asyncio.to_thread(processing.prepare_image, pixels, self.image_size)
                 del pixels
                 if not image.keep_pixels:

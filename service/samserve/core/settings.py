@@ -135,7 +135,8 @@ class GatewaySettings(BaseSettings):
     )
     interact_max_sessions: int = Field(
         64, ge=1, description="Interact: sessions open at once per gateway; more -> RESOURCE_EXHAUSTED naming this "
-        "limit (a session holds its undo history: up to SAMSERVE_INTERACT_MAX_HISTORY low-res logit planes of 256 KiB)")
+        "limit (a session holds its undo history: up to 3 x SAMSERVE_INTERACT_MAX_HISTORY low-res logit planes of "
+        "256 KiB, a single click keeping its 3 candidates)")
     interact_max_sessions_per_tenant: int = Field(
         16, ge=1, description="Interact: sessions open at once per tenant (auth on; with auth off only the gateway's "
         "limit applies); more -> RESOURCE_EXHAUSTED naming this limit")

@@ -25,7 +25,6 @@ DecodeState = Callable[[processing.Prompt], Awaitable[interaction.Decoded[Any]]]
 """One prompt of the session's image -> its decoded answer (the servicer binds the model, encoding and deadline)."""
 ParseEvent = Callable[[Any], interaction.Event]
 """One ``InteractRequest`` after the open message -> a validated event (InvalidArgument names the field)."""
-Respond = Callable[..., Any]
 
 
 class SessionSlots:

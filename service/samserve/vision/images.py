@@ -16,6 +16,11 @@ BAND_PIXELS = 4_000_000
 """Pixels converted to the output array at a time: peak memory of a decode is Pillow's image (4 bytes per pixel)
 plus the result (3), not the several whole-image copies that ``np.asarray(image.convert("RGB"))`` makes (a 64 MP
 JPEG: +0.45 GB instead of +1.1 GB)."""
+ROW_BYTES_PER_PIXEL = 16
+"""The widest pixel Pillow's row decoders read (4 channels of 32 bits): a decode reads at least this times the width
+per block, so every block completes a row. (Pillow appends each block to the unconsumed rest of the last; with rows
+longer than its 64 KB block, a wide image costs time quadratic in its width: an animated WebP of 16777216 x 1
+took 20 s.)"""
 
 
 IMAGE_ID = re.compile(r"[0-9a-f]{64}")
@@ -27,14 +32,14 @@ def image_id(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def pixel_count(data: bytes) -> int:
-    """width x height from the header of encoded image bytes (nothing decoded); 0 when there is no readable
-    header."""
+def header_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from the header of encoded image bytes (nothing decoded), before EXIF orientation;
+    (0, 0) when there is no readable header."""
     try:
         width, height = Image.open(io.BytesIO(data)).size
     except Exception:  # noqa: BLE001 - any unreadable header: decode_image reports it with the reason
-        return 0
-    return max(0, width) * max(0, height)
+        return 0, 0
+    return max(0, width), max(0, height)
 
 
 def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
@@ -52,6 +57,7 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
             raise InvalidArgument(f"image has no pixels ({width}x{height})")
         if width * height > max_pixels:
             raise InvalidArgument(f"image has {width}x{height} pixels, over the limit of {max_pixels}")
+        image.decodermaxblock = max(image.decodermaxblock, width * ROW_BYTES_PER_PIXEL)
         ImageOps.exif_transpose(image, in_place=True)  # one whole image held at a time, never a copy
         return _rgb_array(image)
     except InvalidArgument:
