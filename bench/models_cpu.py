@@ -9,13 +9,16 @@ round), so that a slow phase of the machine hits every side alike. Prints a tabl
 ours/official) and writes bench/results/models_cpu.json.
 Targets on the 2-core CPU: encoder <= 0.5x official set_image; decoder path <= 0.7x official predict. Measured for
 the fp32 target (cpu-onnxruntime) and, when it differs, for what ``auto`` picks on this CPU (its encoder's target:
-<= 0.25x on CPUs with native bf16).
+<= 0.25x on CPUs with native bf16): both served at once, their calls and the official ones in one round robin, so
+the official predictor is timed once for both.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+from collections.abc import Callable
 
 from bench.common import (
     WORK,
@@ -44,42 +47,65 @@ DECODER_TARGET = 0.7
 ENCODER_WARMUP, DECODER_WARMUP = 1, 3
 
 
-def measure(target: ServingTarget, setup: Scene, args: argparse.Namespace
-            ) -> tuple[dict[str, list[float]], dict[str, list[float]], list[float]]:
-    """Encoder and decoder samples of ``target`` served by Triton, interleaved with the official predictor's, and
-    each multimask output's pixel agreement with the official masks."""
+Measured = tuple[dict[str, list[float]], dict[str, list[float]], list[float]]
+"""Encoder samples, decoder samples (name -> seconds; the official predictor's among them) and the pixel agreement
+of each multimask output with the official masks."""
+OFFICIAL = ("official_set_image", "official_predict")
+
+
+def measure(targets: dict[str, ServingTarget], setup: Scene, args: argparse.Namespace
+            ) -> tuple[dict[str, Measured], dict[str, list[str]]]:
+    """Encoder and decoder samples of each of ``targets`` (a name -> a target) served by Triton, every target's
+    stack up at once and its calls in one round robin with the official predictor's: the official calls are timed
+    once for all targets, interleaved with each. Name -> what :data:`Measured` holds, the official samples in each;
+    and the calls of each round robin ("encoders", "decoders": their names, ``<target name>:<call>``)."""
     model_dir, meta, image = setup.model_dir, setup.meta, setup.image
     point, label, predictor = setup.point, setup.label, setup.predictor
     prompt = processing.Prompt(points=point, labels=label, multimask_output=True)
-    with local_stack.serve_locally(model_dir, WORK / "models_cpu" / target.name, target=target) as server, \
-            asyncio.Runner() as runner:
-        triton = triton_client(runner, server.grpc_url)
-        triton_grpc = triton_client(runner, server.grpc_url, TransportName.GRPC)
-        # What the embedder runs on a cache miss: preprocessing + the Triton encoder; interleaved with set_image.
-        encoders = interleaved_samples({
-            "official_set_image": lambda: predictor.set_image(image),
-            "triton_encoder": lambda: runner.run(triton.encode(processing.prepare_image(image, meta.image_size))),
-        }, args.encoder_repeats, ENCODER_WARMUP)
-        embeddings = ServedEmbeddings(runner, triton)
-        embedded = embeddings.get(image)
-        batch = processing.decoder_batches([prompt], embedded.original_size, embedded.input_size,
-                                           meta.low_res_mask_size)[0]
-        inline = runner.run(triton_grpc.stage(embedded.embedding))
-        decoders = interleaved_samples({
-            "official_predict": lambda: predictor.predict(point, label, multimask_output=True),
-            "triton_decoder_plus_postprocessing":
-                lambda: runner.run(segmentation.segment(triton, meta, embedded, [prompt])),
-            "triton_decoder_bare": lambda: runner.run(triton.decode(embedded, batch)),
-            "triton_decoder_bare_embedding_inline_grpc": lambda: runner.run(triton_grpc.decode(inline, batch)),
-        }, args.decoder_repeats, DECODER_WARMUP)
-        # Same answer on both sides (the benchmark compares equal work).
-        masks, _, _ = predictor.predict(point, label, multimask_output=True)
-        ours = runner.run(segmentation.segment(triton, meta, embedded, [prompt]))[0]
-        agreement = [float((masks[k] == ours.masks[k]).mean()) for k in range(len(masks))]
-        embeddings.close()
-        runner.run(triton.close())
-        runner.run(triton_grpc.close())
-    return encoders, decoders, agreement
+    with asyncio.Runner() as runner, contextlib.ExitStack() as stacks:
+        encoder_calls: dict[str, Callable[[], object]] = {OFFICIAL[0]: lambda: predictor.set_image(image)}
+        decoder_calls: dict[str, Callable[[], object]] = {
+            OFFICIAL[1]: lambda: predictor.predict(point, label, multimask_output=True)}
+        agreement_checks: dict[str, Callable[[], list[float]]] = {}
+        for name, target in targets.items():
+            server = stacks.enter_context(
+                local_stack.serve_locally(model_dir, WORK / "models_cpu" / target.name, target=target))
+            triton = triton_client(runner, server.grpc_url)
+            triton_grpc = triton_client(runner, server.grpc_url, TransportName.GRPC)
+            stacks.callback(lambda t=triton, g=triton_grpc: (runner.run(t.close()), runner.run(g.close())))
+            # What the embedder runs on a cache miss: preprocessing + the Triton encoder; interleaved with set_image.
+            encoder_calls[f"{name}:triton_encoder"] = (
+                lambda t=triton: runner.run(t.encode(processing.prepare_image(image, meta.image_size))))
+            embeddings = ServedEmbeddings(runner, triton)
+            stacks.callback(embeddings.close)
+            embedded = embeddings.get(image)
+            batch = processing.decoder_batches([prompt], embedded.original_size, embedded.input_size,
+                                               meta.low_res_mask_size)[0]
+            inline = runner.run(triton_grpc.stage(embedded.embedding))
+            decoder_calls.update({
+                f"{name}:triton_decoder_plus_postprocessing":
+                    lambda t=triton, e=embedded: runner.run(segmentation.segment(t, meta, e, [prompt])),
+                f"{name}:triton_decoder_bare": lambda t=triton, e=embedded, b=batch: runner.run(t.decode(e, b)),
+                f"{name}:triton_decoder_bare_embedding_inline_grpc":
+                    lambda g=triton_grpc, i=inline, b=batch: runner.run(g.decode(i, b)),
+            })
+
+            def agreement(t=triton, e=embedded) -> list[float]:  # same answer on both sides: equal work compared
+                masks, _, _ = predictor.predict(point, label, multimask_output=True)
+                ours = runner.run(segmentation.segment(t, meta, e, [prompt]))[0]
+                return [float((masks[k] == ours.masks[k]).mean()) for k in range(len(masks))]
+
+            agreement_checks[name] = agreement
+        encoders = interleaved_samples(encoder_calls, args.encoder_repeats, ENCODER_WARMUP)
+        decoders = interleaved_samples(decoder_calls, args.decoder_repeats, DECODER_WARMUP)
+        agreements = {name: check() for name, check in agreement_checks.items()}
+
+    def of(name: str, samples: dict[str, list[float]]) -> dict[str, list[float]]:
+        return {call.removeprefix(f"{name}:"): times for call, times in samples.items()
+                if call in OFFICIAL or call.startswith(f"{name}:")}
+
+    return ({name: (of(name, encoders), of(name, decoders), agreements[name]) for name in targets},
+            {"encoders": list(encoder_calls), "decoders": list(decoder_calls)})
 
 
 def main() -> None:
@@ -92,8 +118,9 @@ def main() -> None:
     meta = setup.meta
     fp32 = SERVING_TARGETS[ServingTargetName.CPU_ONNXRUNTIME]
     auto = cpu_choice.resolve(setup.model_dir, WORK)
-    encoders, decoders, agreement = measure(fp32, setup, args)
-    auto_measured = (encoders, decoders, agreement) if auto is fp32 else measure(auto, setup, args)
+    measured, calls = measure({"fp32": fp32} if auto is fp32 else {"fp32": fp32, "auto": auto}, setup, args)
+    encoders, decoders, agreement = measured["fp32"]
+    auto_measured = measured.get("auto", measured["fp32"])
     results = {name: summary(samples) for name, samples in {**encoders, **decoders}.items()}
     encoder_ratio = results["triton_encoder"]["median_ms"] / results["official_set_image"]["median_ms"]
     decoder_ratio = (results["triton_decoder_plus_postprocessing"]["median_ms"]
@@ -124,8 +151,8 @@ def main() -> None:
                    "nvidia-pytriton; `auto` below: this CPU's choice (samserve_build.cpu_choice)",
         "embedding_transport": "Triton system shared memory (default); inline gRPC timed for comparison",
         "results": results,
-        "sampling": {"encoders": sampling_record(list(encoders), args.encoder_repeats, ENCODER_WARMUP),
-                     "decoders": sampling_record(list(decoders), args.decoder_repeats, DECODER_WARMUP)},
+        "sampling": {"encoders": sampling_record(calls["encoders"], args.encoder_repeats, ENCODER_WARMUP),
+                     "decoders": sampling_record(calls["decoders"], args.decoder_repeats, DECODER_WARMUP)},
         "ratios": {"encoder": encoder_ratio, "decoder_path": decoder_ratio},
         "targets": {"encoder": ENCODER_TARGET, "decoder_path": DECODER_TARGET},
         "targets_met": {"encoder": encoder_ratio <= ENCODER_TARGET, "decoder_path": decoder_ratio <= DECODER_TARGET},

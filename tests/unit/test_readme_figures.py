@@ -537,6 +537,8 @@ def interact_figures() -> Figures:
         "every event: p50": [ms(one["latency"]), f"({ratios['all_events_p50_at_1_over_hot_segment_p50']:.2f}x)"],
         "p99 at 8 sessions": [ms(eight["latency"], "p99_ms"), f"{ratios['p99_over_p50_at_8']:.2f}x",
                               met(met_["p99_at_8_sessions"])],
+        "round by round from": [f"{ratios['p99_over_p50_at_8_per_round']['min']:.2f}x"],
+        "a round's p99 being about": [f"{ratios['p99_over_p50_at_8_per_round']['max']:.2f}x"],
         "At 32 sessions p50": [ms(many["latency"]), ms(many["latency"], "p99_ms")],
         "Segment calls take": [ms(levels["32"]["unary"]["latency"]), ms(levels["32"]["unary"]["latency"], "p99_ms")],
         "Superseded:": [f"{levels[n]['interact']['superseded_share'] * 100:.1f} %" for n in ("1", "8", "32")],
