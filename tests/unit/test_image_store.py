@@ -1,6 +1,6 @@
 """The image store on its own (a dict-backed fake Redis, no servers): tier-1 LRU by bytes, the bounds, the disabled
 tier, when Redis is written, Redis failures counted and never raised, records checked against their id; and the
-embedder taking an id alone through it (a fake encoder)."""
+embedder taking an id alone through it (a fake encoder), and refusing a too-thin image from its header."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from samserve.cache.embedding_cache import EmbeddingCache
 from samserve.cache.image_store import KEY_PREFIX, ImageStore
 from samserve.core import metrics
 from samserve.core.embedding import Embedding
-from samserve.core.errors import NotFound
+from samserve.core.errors import InvalidArgument, NotFound
 from samserve.vision import images
 from samserve.vision.processing import PreparedImage
 from samserve_dev.images import png_bytes, synthetic_image
@@ -200,5 +200,32 @@ def test_an_id_alone_computes_missing_embeddings_from_the_kept_bytes():
             async with second.embedded(ImageRef("0" * 64, max_pixels=10**6)):
                 pass
         assert encoder.calls == 2
+
+    asyncio.run(scenario())
+
+
+def test_an_image_too_thin_for_the_model_is_refused_from_its_header_before_decoding(monkeypatch):
+    decoded = []
+
+    def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
+        decoded.append(len(data))
+        return real_decode(data, max_pixels)
+
+    real_decode = images.decode_image
+    monkeypatch.setattr(images, "decode_image", decode_image)
+
+    async def scenario():
+        thin, encoder = embedder(ImageStore(l1_bytes=1 << 20, max_bytes=1 << 20))
+        # 2000 x 1 at the 32-pixel input: its short side would be 32 / 2000 px, 0 once rounded.
+        with pytest.raises(InvalidArgument, match=r"a 2000x1 image is too thin for the model"):
+            async with thin.embedded(ImageRef.from_bytes(png_bytes(synthetic_image(1, 2000, seed=0)), 10**6)):
+                pass
+        assert decoded == [] and encoder.calls == 0
+        # A crop is checked once cut: 200 x 1 of a 200 x 10 image (the whole image is not too thin).
+        with pytest.raises(InvalidArgument, match=r"a 200x1 image is too thin for the model"):
+            async with thin.embedded(ImageRef.from_bytes(png_bytes(synthetic_image(10, 200, seed=0)), 10**6),
+                                     (0, 0, 200, 1)):
+                pass
+        assert len(decoded) == 1 and encoder.calls == 0
 
     asyncio.run(scenario())
